@@ -1,0 +1,1 @@
+"""Click commands, one module per stage; each imports its heavy dependencies inside the command."""

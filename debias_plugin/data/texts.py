@@ -1,0 +1,73 @@
+"""Plain text corpora and WikiText for perplexity and fine-tuning."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from debias_plugin.data._io import csv_rows, jsonl_rows, read_text
+from debias_plugin.errors import DataError
+from debias_plugin.errors import DebiasError
+from debias_plugin.paths import DATA_DIR_ENV, data_file
+
+WIKITEXT_RELATIVE_PATH = "wikitext2/wiki.test.raw"
+WIKITEXT_HUB_DATASET = ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1")
+
+
+def load_texts(path: str | Path, column: str | None = None) -> list[str]:
+    """Texts from .txt (one per non-empty line), .csv/.tsv or .jsonl (the named column, default 'text')."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(path, "path", "an existing text, CSV or JSONL file", "no such file")
+    suffix = path.suffix.lower()
+    column = column or "text"
+    if suffix in (".csv", ".tsv"):
+        delimiter = "\t" if suffix == ".tsv" else ","
+        texts = [(line, row.get(column) or "") for line, row in csv_rows(path, [column], delimiter)]
+    elif suffix in (".jsonl", ".json"):
+        texts = []
+        for line, row in jsonl_rows(path):
+            if column not in row:
+                raise DataError(path, f"line {line}", f"a field '{column}'", f"fields {sorted(row)}")
+            texts.append((line, row[column]))
+    else:
+        texts = [(number, line) for number, line in enumerate(read_text(path).splitlines(), start=1)]
+        texts = [(number, line) for number, line in texts if line.strip()]
+    for line, text in texts:
+        if not isinstance(text, str):
+            raise DataError(path, f"line {line}, field '{column}'", "a string", type(text).__name__)
+    kept = [text.strip() for _, text in texts if text.strip()]
+    if not kept:
+        raise DataError(path, f"column '{column}'", "at least one non-empty text", "none")
+    return kept
+
+
+def split_wikitext_documents(raw: str) -> list[str]:
+    """Split raw WikiText into articles at top-level ' = Title = ' lines, as EleutherAI/wikitext_document_level does."""
+    documents, current = [], []
+    for line in raw.split("\n"):
+        normalised = line.replace("= = =", "===").replace("= =", "==").strip()
+        if normalised.startswith("= ") and normalised.endswith(" ="):
+            page = "\n".join(current)
+            if page.strip():
+                documents.append(page)
+            current = []
+        current.append(line)
+    documents.append("\n".join(current))
+    return documents
+
+
+def load_wikitext_documents(path: str | Path | None = None) -> list[str]:
+    """WikiText-2 test articles: explicit raw file > $DEBIAS_DATA_DIR > the hub's document-level dataset."""
+    if path or os.environ.get(DATA_DIR_ENV):
+        return split_wikitext_documents(read_text(data_file(path, WIKITEXT_RELATIVE_PATH, "WikiText-2")))
+    try:
+        import datasets
+
+        return list(datasets.load_dataset(*WIKITEXT_HUB_DATASET, split="test")["page"])
+    except Exception as err:  # offline or renamed: ask for a local file
+        raise DebiasError(
+            f"WikiText-2: no path given, ${DATA_DIR_ENV} is not set, and loading the hub dataset "
+            f"{WIKITEXT_HUB_DATASET[0]} failed ({type(err).__name__}). Pass the raw test file's path or set "
+            f"{DATA_DIR_ENV} to a folder holding {WIKITEXT_RELATIVE_PATH}."
+        ) from None

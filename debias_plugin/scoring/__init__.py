@@ -1,0 +1,1 @@
+"""Pure scoring functions (no lm-eval, no click), shared by the tasks, the CLI and the tests."""
