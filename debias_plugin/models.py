@@ -1,0 +1,70 @@
+"""Model folders: causal vs. masked from the config (never the path), and safe weight loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from debias_plugin.errors import DebiasError
+
+ModelKind = Literal["causal", "masked"]
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def model_kind(config) -> ModelKind:
+    """'causal' or 'masked', from the config's architectures, else from its model_type."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    for architecture in getattr(config, "architectures", None) or []:
+        if architecture.endswith("ForMaskedLM"):
+            return "masked"
+        if architecture.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal"
+    model_type = getattr(config, "model_type", None)
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return "masked"
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal"
+    raise DebiasError(
+        f"Model type '{model_type}' (architectures {getattr(config, 'architectures', None)}) is neither a causal "
+        "nor a masked language model that transformers knows; expected e.g. Llama, GPT-2, OPT, BERT, RoBERTa."
+    )
+
+
+def check_weights(model_dir: str | Path, allow_pickle: bool = False) -> None:
+    """Refuse a folder without weights, and a pickle-only folder unless the user opted in."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise DebiasError(f"{model_dir}: no config.json; expected a Hugging Face model folder.")
+    files = [path.name for path in model_dir.iterdir()]
+    if any(name.endswith(".safetensors") for name in files):
+        return
+    pickles = [name for name in files if name.endswith(_PICKLE_SUFFIXES)]
+    if not pickles:
+        raise DebiasError(f"{model_dir}: no weights found; expected *.safetensors files beside config.json.")
+    if not allow_pickle:
+        raise DebiasError(
+            f"{model_dir}: weights only as pickle ({', '.join(sorted(pickles))}), which can run arbitrary code "
+            "when loaded. Convert them to safetensors, or pass --allow-pickle if you trust this folder."
+        )
+
+
+def load_model(model_dir: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+               dtype=None):
+    """(model, tokenizer, kind) with the right Auto class for the config; safetensors unless opted out."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    check_weights(model_dir, allow_pickle)
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    kind = model_kind(config)
+    auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
+    model = auto.from_pretrained(
+        model_dir, dtype=dtype or torch.float32, use_safetensors=not allow_pickle or None,
+        trust_remote_code=trust_remote_code,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return model, tokenizer, kind
