@@ -6,10 +6,13 @@ from debias_plugin.data import load_crows_pairs
 from debias_plugin.scoring.crows import mean_of_marked, prefers_stereotype
 
 
-def load(crows_path=None, bias_type=None, **_model_args_and_metadata):
-    """custom_dataset hook: the CrowS-Pairs CSV (--metadata '{"crows_path": ...}' or $DEBIAS_DATA_DIR)."""
+def load(crows_path=None, bias_type=None, scoring="crows_pair", **_model_args_and_metadata):
+    """custom_dataset hook: the CrowS-Pairs CSV (--metadata '{"crows_path": ...}' or $DEBIAS_DATA_DIR).
+
+    `scoring` tells a masked LM which sentence score to return (hf-mlm reads doc["scoring"]).
+    """
     pairs = [pair for pair in load_crows_pairs(crows_path) if bias_type in (None, pair.bias_type)]
-    rows = [{"scoring": "crows_pair", "pair_id": p.index, "sent_more": p.sent_more, "sent_less": p.sent_less,
+    rows = [{"scoring": scoring, "pair_id": p.index, "sent_more": p.sent_more, "sent_less": p.sent_less,
              "stereo_antistereo": p.direction, "bias_type": p.bias_type} for p in pairs]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 

@@ -1,0 +1,87 @@
+"""lm-eval glue for StereoSet: local data, per-token-mean scores, per-target macro SS / LMS / ICAT."""
+
+import datasets
+
+from debias_plugin.data import STEREOSET_DOMAINS, load_stereoset
+from debias_plugin.errors import DebiasError
+from debias_plugin.scoring.stereoset import ScoredExample, stereoset_scores
+
+LABELS = ("stereotype", "anti-stereotype", "unrelated")
+
+
+def _token_counter(pretrained, tokenizer, trust_remote_code):
+    """Count the continuation tokens exactly as lm-eval's HFLM scores them; None for masked LMs."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from debias_plugin.models import model_kind
+
+    source = tokenizer or pretrained
+    if not source:
+        raise DebiasError(
+            "stereoset_bias needs pretrained=... (or tokenizer=...) in --model_args to count each sentence's "
+            "tokens for the per-token mean log-probability."
+        )
+    if pretrained and model_kind(AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)) == "masked":
+        return None
+    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    prefix_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    def count(context, continuation):
+        if context == "":
+            ids = tok.encode(continuation, add_special_tokens=False)
+            return len(ids) - (1 if ids and ids[0] == prefix_id else 0)
+        return len(tok.encode(context + continuation)) - len(tok.encode(context))
+
+    return count
+
+
+def _load(kind, stereoset_path, pretrained, tokenizer, trust_remote_code):
+    counter = _token_counter(pretrained, tokenizer, trust_remote_code)
+    rows = []
+    for example in load_stereoset(stereoset_path, kind=kind):
+        choices = [example.sentence(label) for label in LABELS]
+        context = "" if kind == "intrasentence" else example.context
+        delimiter = "" if kind == "intrasentence" else " "
+        counts = [counter(context, delimiter + choice) if counter else 1 for choice in choices]
+        rows.append({"scoring": f"stereoset_{kind}", "id": example.id, "target": example.target,
+                     "bias_type": example.bias_type, "context": example.context, "choices": choices,
+                     "token_counts": counts})
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+
+
+def load_intrasentence(stereoset_path=None, pretrained=None, tokenizer=None, trust_remote_code=False, **_):
+    """custom_dataset hook (--metadata '{"stereoset_path": ...}' or $DEBIAS_DATA_DIR)."""
+    return _load("intrasentence", stereoset_path, pretrained, tokenizer, trust_remote_code)
+
+
+def load_intersentence(stereoset_path=None, pretrained=None, tokenizer=None, trust_remote_code=False, **_):
+    return _load("intersentence", stereoset_path, pretrained, tokenizer, trust_remote_code)
+
+
+def doc_to_choice(doc):
+    return doc["choices"]
+
+
+def process_results(doc, results):
+    """Score = log-likelihood / scored tokens (a masked LM returns its own score, with count 1)."""
+    scores = [loglikelihood / count for (loglikelihood, _), count in zip(results, doc["token_counts"])]
+    item = (doc["target"], doc["bias_type"], *scores)
+    return {name: item for name in METRICS}
+
+
+def _aggregation(metric, domain=None):
+    def aggregate(items):
+        scored = [ScoredExample(target, *scores) for target, bias_type, *scores in items
+                  if domain in (None, bias_type)]
+        return getattr(stereoset_scores(scored), metric)
+
+    aggregate.__name__ = f"{metric}_{domain or 'overall'}"
+    return aggregate
+
+
+METRICS = {}
+for _metric in ("ss", "lms", "icat"):
+    METRICS[_metric] = _aggregation(_metric)
+    for _domain in STEREOSET_DOMAINS:
+        METRICS[f"{_metric}_{_domain}"] = _aggregation(_metric, _domain)
+globals().update({f"aggregate_{name}": function for name, function in METRICS.items()})
