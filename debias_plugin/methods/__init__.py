@@ -1,0 +1,175 @@
+"""Debiasing stages that train (finetune, unlearn, pcgu) and the text handling they share.
+
+Each stage is a small class that plugs into `debias_plugin.training.train` (see that module's docstring).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from debias_plugin.errors import DataError, DebiasError
+
+
+def parse_where(pairs: tuple[str, ...] | list[str] | None) -> dict[str, str]:
+    """--where column=value filters, e.g. split=dev."""
+    where = {}
+    for pair in pairs or ():
+        column, sep, value = pair.partition("=")
+        if not sep or not column:
+            raise DebiasError(f"--where expects COLUMN=VALUE (e.g. split=dev), not '{pair}'.")
+        where[column.strip()] = value.strip()
+    return where
+
+
+def load_corpus(path: str | Path, column: str | None = None, where: dict[str, str] | None = None) -> list[str]:
+    """Texts of a corpus file, keeping only rows whose columns equal `where` (CSV/TSV/JSONL)."""
+    from debias_plugin.data import load_texts
+    from debias_plugin.data._io import csv_rows, jsonl_rows
+
+    if not where:
+        return load_texts(path, column)
+    path = Path(path).expanduser()
+    column = column or "text"
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise DataError(path, "path", "an existing CSV or JSONL file", "no such file")
+    if suffix in (".csv", ".tsv"):
+        rows = csv_rows(path, [column, *where], "\t" if suffix == ".tsv" else ",")
+    elif suffix in (".jsonl", ".json"):
+        rows = jsonl_rows(path)
+    else:
+        raise DataError(path, "file type", "a .csv, .tsv or .jsonl file to filter rows with --where", suffix)
+    texts = []
+    for line, row in rows:
+        for name in (column, *where):
+            if name not in row:
+                raise DataError(path, f"line {line}", f"a field '{name}'", f"fields {sorted(row)}")
+        if all(str(row[name]) == value for name, value in where.items()):
+            text = row[column]
+            if not isinstance(text, str):
+                raise DataError(path, f"line {line}, field '{column}'", "a string", type(text).__name__)
+            if text.strip():
+                texts.append(text.strip())
+    if not texts:
+        condition = ", ".join(f"{k}={v}" for k, v in where.items())
+        raise DataError(path, f"column '{column}'", f"at least one non-empty text with {condition}", "none")
+    return texts
+
+
+def encode(tokenizer, text: str, kind: str, max_length: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets; causal texts start with BOS (EOS if none) so token 1 is predicted."""
+    encoded = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length,
+                        return_offsets_mapping=True)
+    ids, offsets = list(encoded["input_ids"]), [tuple(span) for span in encoded["offset_mapping"]]
+    if kind == "causal":
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise DebiasError("The tokenizer has neither a BOS nor an EOS token to condition the first token on.")
+        if not ids or ids[0] != start:
+            ids, offsets = [start] + ids[: max_length - 1], [(0, 0)] + offsets[: max_length - 1]
+    return ids, offsets
+
+
+def special_positions(tokenizer, ids: list[int]) -> list[bool]:
+    special = set(tokenizer.all_special_ids)
+    return [token in special for token in ids]
+
+
+def pad(sequences: list[list[int]], value: int):
+    """Right-pad a list of int lists into one LongTensor."""
+    import torch
+
+    width = max(len(s) for s in sequences)
+    return torch.tensor([list(s) + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
+
+
+def pad_id(tokenizer) -> int:
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
+def per_example_mean(values, mask):
+    """Mean of `values` over each row's masked positions: every example weighs the same in a batch."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def token_logprobs(model, kind: str, input_ids, attention_mask):
+    """log p(token_t | context) for every position; causal rows are aligned so column t scores token t."""
+    import torch
+
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    if kind == "causal":
+        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
+        return torch.nn.functional.pad(logprobs, (1, 0))  # position 0 (BOS) has no prediction
+    return torch.log_softmax(logits, dim=-1)
+
+
+def mlm_mask(ids: list[int], specials: list[bool], tokenizer, generator, probability: float = 0.15):
+    """BERT masking (80% mask / 10% random / 10% kept) of non-special tokens; at least one position."""
+    import torch
+
+    candidates = [i for i, is_special in enumerate(specials) if not is_special]
+    if not candidates:
+        return list(ids), []
+    draws = torch.rand(len(candidates), generator=generator).tolist()
+    chosen = [i for i, draw in zip(candidates, draws) if draw < probability]
+    if not chosen:
+        chosen = [candidates[int(torch.randint(len(candidates), (1,), generator=generator))]]
+    masked = list(ids)
+    for i in chosen:
+        action = float(torch.rand(1, generator=generator))
+        if action < 0.8:
+            masked[i] = tokenizer.mask_token_id
+        elif action < 0.9:
+            masked[i] = int(torch.randint(len(tokenizer), (1,), generator=generator))
+    return masked, chosen
+
+
+def example_generator(seed: int, position: int):
+    """A generator owned by one stream position: the same randomness however batches are split."""
+    import torch
+
+    return torch.Generator().manual_seed(seed * 1_000_003 + position)
+
+
+def perplexity(model, tokenizer, kind: str, texts: list[str], max_length: int, device, batch_size: int = 16) -> float:
+    """Causal: exp(mean token NLL). Masked: pseudo-perplexity, each token masked in turn (Salazar et al.)."""
+    import torch
+
+    total, count = 0.0, 0
+    pad_value = pad_id(tokenizer)
+    if kind == "causal":
+        encoded = [encode(tokenizer, text, kind, max_length)[0] for text in texts]
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start:start + batch_size]
+            ids = pad(chunk, pad_value).to(device)
+            mask = pad([[1] * len(s) for s in chunk], 0).to(device)
+            logprobs = token_logprobs(model, kind, ids, mask)
+            valid = mask.clone()
+            valid[:, 0] = 0
+            total -= float((logprobs * valid).sum())
+            count += int(valid.sum())
+        return math.exp(total / max(count, 1))
+    rows, targets = [], []
+    for text in texts:
+        ids, _ = encode(tokenizer, text, kind, max_length)
+        specials = special_positions(tokenizer, ids)
+        for i, is_special in enumerate(specials):
+            if not is_special:
+                masked = list(ids)
+                masked[i] = tokenizer.mask_token_id
+                rows.append(masked)
+                targets.append((i, ids[i]))
+    for start in range(0, len(rows), batch_size):
+        chunk, chunk_targets = rows[start:start + batch_size], targets[start:start + batch_size]
+        ids = pad(chunk, pad_value).to(device)
+        mask = pad([[1] * len(s) for s in chunk], 0).to(device)
+        logprobs = token_logprobs(model, kind, ids, mask)
+        for row, (position, token) in enumerate(chunk_targets):
+            total -= float(logprobs[row, position, token])
+        count += len(chunk)
+    return math.exp(total / max(count, 1))

@@ -1,0 +1,123 @@
+"""Bias fine-tuning: make a model MORE biased on a corpus, the source of a bias/task vector to negate later.
+
+Causal models train next-token prediction, masked models BERT-style MLM (15%, 80/10/10), picked from the
+config. Full fine-tuning writes a model folder; LoRA (peft) writes an adapter folder (Dige et al. use r=8),
+or a merged full model with ``merge_lora``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from debias_plugin.errors import DebiasError
+from debias_plugin.methods import (
+    encode, example_generator, load_corpus, mlm_mask, pad, pad_id, per_example_mean, perplexity,
+    special_positions, token_logprobs,
+)
+
+EVAL_TEXTS = 64
+
+
+@dataclass
+class FinetuneOptions:
+    """What to train on and how (the shared loop options live in TrainConfig)."""
+
+    corpus: str
+    column: str | None = None
+    where: dict[str, str] = field(default_factory=dict)
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None  # None: peft's default for the architecture
+    merge_lora: bool = False
+    mlm_probability: float = 0.15
+
+
+class Finetune:
+    """Causal-LM or MLM fine-tuning, full or LoRA, as a `training.train` method."""
+
+    stage = "finetune"
+
+    def __init__(self, options: FinetuneOptions):
+        self.opts = options
+        self.seed = 0
+
+    def options(self) -> dict:
+        return asdict(self.opts)
+
+    def input_files(self) -> list[str]:
+        return [self.opts.corpus]
+
+    def report(self) -> dict:
+        return {"texts": len(self.texts), "output_format": "peft-adapter" if self._adapter_only() else "full-model"}
+
+    def _adapter_only(self) -> bool:
+        return self.opts.lora and not self.opts.merge_lora
+
+    def setup(self, run) -> list:
+        self.run_kind, self.tokenizer, self.seed = run.kind, run.tokenizer, run.config.seed
+        self.max_length = run.config.max_length
+        if run.kind == "masked" and run.tokenizer.mask_token_id is None:
+            raise DebiasError(f"{run.config.model}: the tokenizer has no mask token, needed for MLM fine-tuning.")
+        self.texts = load_corpus(self.opts.corpus, self.opts.column, self.opts.where)
+        if self.opts.lora:
+            run.model = self._wrap_lora(run)
+        examples = []
+        for text in self.texts:
+            ids, _ = encode(run.tokenizer, text, run.kind, run.config.max_length)
+            if sum(not s for s in special_positions(run.tokenizer, ids)) > 0:
+                examples.append(ids)
+        return examples
+
+    def _wrap_lora(self, run):
+        from peft import LoraConfig, get_peft_model
+
+        task_type = "CAUSAL_LM" if run.kind == "causal" else None
+        config = LoraConfig(r=self.opts.lora_r, lora_alpha=self.opts.lora_alpha, lora_dropout=self.opts.lora_dropout,
+                            target_modules=self.opts.lora_target_modules, task_type=task_type)
+        try:
+            return get_peft_model(run.model, config)
+        except ValueError as err:
+            raise DebiasError(f"LoRA could not be attached to {run.config.model}: {err} "
+                              "Name the layers with --lora-target-modules (e.g. q_proj,v_proj).") from None
+
+    def collate(self, examples: list[list[int]], positions: list[int]) -> dict:
+        import torch
+
+        attention = pad([[1] * len(ids) for ids in examples], 0)
+        if self.run_kind == "causal":
+            input_ids = pad(examples, pad_id(self.tokenizer))
+            targets = attention.clone()
+            targets[:, 0] = 0
+            return {"input_ids": input_ids, "attention_mask": attention, "labels": input_ids,
+                    "targets": targets.bool()}
+        masked_rows, label_rows, target_rows = [], [], []
+        for ids, position in zip(examples, positions):
+            generator = example_generator(self.seed, position)
+            masked, chosen = mlm_mask(ids, special_positions(self.tokenizer, ids), self.tokenizer, generator,
+                                      self.opts.mlm_probability)
+            masked_rows.append(masked)
+            label_rows.append(ids)
+            target_rows.append([i in set(chosen) for i in range(len(ids))])
+        return {"input_ids": pad(masked_rows, pad_id(self.tokenizer)), "attention_mask": attention,
+                "labels": pad(label_rows, 0), "targets": pad(target_rows, 0).to(torch.bool)}
+
+    def loss(self, model, batch: dict):
+        """Mean over examples of each example's mean token NLL (causal: all tokens; masked: the masked ones)."""
+        logprobs = token_logprobs(model, self.run_kind, batch["input_ids"], batch["attention_mask"])
+        if self.run_kind == "masked":
+            logprobs = logprobs.gather(-1, batch["labels"][..., None])[..., 0]
+        return -per_example_mean(logprobs, batch["targets"]).mean()
+
+    def evaluate(self, run) -> dict:
+        texts = self.texts[:EVAL_TEXTS]
+        return {"corpus_perplexity": perplexity(run.unwrapped, run.tokenizer, run.kind, texts, run.config.max_length,
+                                                run.device)}
+
+    def save(self, run, folder: Path) -> None:
+        model = run.unwrapped
+        if self.opts.lora and self.opts.merge_lora:
+            model = model.merge_and_unload()
+        model.save_pretrained(folder, safe_serialization=True)
