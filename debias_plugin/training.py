@@ -32,7 +32,9 @@ Optional hooks:
 
 The global stream of examples is a fresh seeded permutation per epoch; step ``s`` uses stream positions
 ``[s*B, (s+1)*B)`` with ``B = batch_size``. That makes resuming a matter of restoring the step counter, and
-makes 1 and N processes see the same global batch. Checkpoints (every ``checkpoint_every`` steps) hold the
+makes 1 and N processes see the same global batch. Many processes: ``accelerate launch --multi_gpu
+--num_processes N debias ...`` (on a CPU-only machine too: the core then runs gloo DDP; accelerate's own
+``--cpu`` launcher starts a single process unless mpirun is configured), or ``torchrun --nproc_per_node N``. Checkpoints (every ``checkpoint_every`` steps) hold the
 weights (safetensors), optimizer, scheduler, per-process RNG states, history and method state, in
 ``<output>.checkpoints/``; a rerun with the same options resumes from the latest one. The final folder is
 written under a temporary name beside ``output`` and renamed into place.
@@ -244,7 +246,9 @@ class Trainer:
         from debias_plugin.models import load_model
 
         config = self.config
-        accelerator = Accelerator(mixed_precision=_PRECISIONS.get(config.precision, "no"))
+        # cpu=True when there is no accelerator, so torchrun-style launches become gloo DDP (MULTI_CPU).
+        accelerator = Accelerator(mixed_precision=_PRECISIONS.get(config.precision, "no"),
+                                  cpu=torch.accelerator.current_accelerator() is None)
         self._validate(accelerator.num_processes)
         set_seed(config.seed)
         if accelerator.device.type == "cpu":

@@ -1,0 +1,158 @@
+"""The shared training core: exact resume after a real kill, 1 vs 2 processes, accumulation, safe outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from debias_plugin.errors import DebiasError
+from debias_plugin.methods.finetune import Finetune, FinetuneOptions
+from debias_plugin.training import ABORT_ENV, MANIFEST_NAME, TrainConfig, train
+
+DEBIAS = str(Path(sys.executable).parent / "debias")
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "texts.txt"
+    lines = [f"The {w} said that the {v} was {a} today." for w in ("nurse", "doctor", "mother", "father")
+             for v in ("report", "meeting", "patient") for a in ("late", "fine", "early")]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def cli_args(model: Path, corpus: Path, output: Path, *extra: str) -> list[str]:
+    return ["finetune", "--model", str(model), "--output", str(output), "--corpus", str(corpus), "--steps", "4",
+            "--batch-size", "4", "--lr", "1e-3", "--max-length", "24", "--seed", "3", *extra]
+
+
+def _finetune(model, corpus, output, **overrides):
+    options = dict(steps=3, batch_size=4, lr=1e-3, max_length=24, dropout=False, seed=3)
+    config = TrainConfig(model=str(model), output=str(output), **{**options, **overrides})
+    return train(config, Finetune(FinetuneOptions(corpus=str(corpus))))
+
+
+def test_resume_after_kill_gives_the_same_weights(tiny_model, corpus, tmp_path):
+    """SIGKILL a CLI run after step 3 (checkpoint at 2), rerun: the weights of a run never interrupted."""
+    model = tiny_model("gpt2")
+    resumed = tmp_path / "resumed"
+    # dropout stays on, so the RNG states must be restored too
+    args = cli_args(model, corpus, resumed, "--checkpoint-every", "2")
+    killed = subprocess.run([DEBIAS, *args], capture_output=True, env={**os.environ, ABORT_ENV: "3"})
+    assert killed.returncode == -signal.SIGKILL
+    assert not resumed.exists()
+    assert (tmp_path / "resumed.checkpoints" / "latest").read_text() == "step-00000002"
+
+    from debias_plugin.cli import main
+
+    main(args)
+    straight = _finetune(model, corpus, tmp_path / "straight", steps=4, dropout=True)
+    assert max_difference(weights(straight), weights(resumed)) == 0.0
+    assert not (tmp_path / "resumed.checkpoints").exists()  # removed after success
+    resumed_manifest = json.loads((resumed / MANIFEST_NAME).read_text())
+    assert resumed_manifest["losses"] == json.loads((straight / MANIFEST_NAME).read_text())["losses"]
+
+
+def test_resume_refuses_a_checkpoint_of_other_options(tiny_model, corpus, tmp_path, capsys):
+    from debias_plugin.cli import main
+
+    model, output = tiny_model("gpt2"), tmp_path / "out"
+    _finetune(model, corpus, output, checkpoint_every=1, keep_checkpoints=True)
+    shutil.rmtree(output)
+    with pytest.raises(SystemExit) as exit_info:
+        main(cli_args(model, corpus, output, "--checkpoint-every", "1", "--lr", "5e-4"))
+    assert exit_info.value.code == 2 and "other options" in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_two_processes_match_one(tiny_model, corpus, tmp_path):
+    """2 processes (gloo DDP on CPU) each take half of the same global batch of 4 -> the 1-process weights."""
+    model = tiny_model("gpt2")
+    two = tmp_path / "two"
+    launched = subprocess.run(
+        [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", DEBIAS, *cli_args(model, corpus, two, "--no-dropout", "--steps", "3")],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert json.loads((two / MANIFEST_NAME).read_text())["processes"] == 2
+    one = _finetune(model, corpus, tmp_path / "one")
+    base = weights(model)
+    assert max(float((weights(one)[k] - base[k]).abs().max()) for k in base) > 1e-3  # it really trained
+    # Same data, same maths; only float summation order differs (mean of two half-batch means vs one mean).
+    assert max_difference(weights(one), weights(two)) < 1e-5
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_model, corpus, tmp_path):
+    model = tiny_model("gpt2")
+    whole = _finetune(model, corpus, tmp_path / "whole")
+    accumulated = _finetune(model, corpus, tmp_path / "accumulated", grad_accum=2)
+    assert max_difference(weights(whole), weights(accumulated)) < 1e-5
+
+
+def test_manifest_and_loading(tiny_model, corpus, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from debias_plugin.training import sha256_file
+
+    output = _finetune(tiny_model("gpt2"), corpus, tmp_path / "out")
+    manifest = json.loads((output / MANIFEST_NAME).read_text())
+    assert manifest["stage"] == "finetune"
+    assert manifest["options"]["lr"] == 1e-3 and manifest["options"]["method"]["corpus"] == str(corpus)
+    assert manifest["data"] == {str(corpus.resolve()): sha256_file(corpus)}
+    assert set(manifest["metrics"]) == {"start", "end"} and len(manifest["losses"]) == 3
+    assert {"torch", "transformers", "accelerate"} <= set(manifest["packages"])
+    AutoModelForCausalLM.from_pretrained(output)
+    AutoTokenizer.from_pretrained(output)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp folders or checkpoints left
+
+
+def test_refuses_non_empty_output_without_force(tiny_model, corpus, tmp_path, capsys):
+    from debias_plugin.cli import main
+
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        main(cli_args(tiny_model("gpt2"), corpus, output))
+    assert exit_info.value.code == 2 and "--force" in capsys.readouterr().err
+    assert (output / "keep.txt").read_text() == "mine"
+    _finetune(tiny_model("gpt2"), corpus, output, force=True)
+    assert not (output / "keep.txt").exists() and (output / MANIFEST_NAME).is_file()
+
+
+def test_bad_model_folders_leave_nothing_behind(tiny_model, corpus, tmp_path):
+    empty = tmp_path / "no_weights"
+    empty.mkdir()
+    (empty / "config.json").write_text((tiny_model("gpt2") / "config.json").read_text())
+    with pytest.raises(DebiasError, match="no weights"):
+        _finetune(empty, corpus, tmp_path / "out1")
+
+    pickled = tmp_path / "pickled"  # a pickle-only checkpoint: pytorch_model.bin beside config and tokenizer
+    pickled.mkdir()
+    for name in os.listdir(tiny_model("gpt2")):
+        if not name.endswith(".safetensors"):
+            (pickled / name).write_bytes((tiny_model("gpt2") / name).read_bytes())
+    torch.save(weights(tiny_model("gpt2")), pickled / "pytorch_model.bin")
+    with pytest.raises(DebiasError, match="--allow-pickle"):
+        _finetune(pickled, corpus, tmp_path / "out2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no_weights", "pickled"]
