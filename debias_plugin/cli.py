@@ -16,6 +16,8 @@ _COMMANDS = {
     "pcgu": ("debias_plugin.commands.pcgu:pcgu_command", "Partitioned contrastive gradient unlearning (PCGU)."),
     "finetune": ("debias_plugin.commands.finetune:finetune_command",
                  "Fine-tune a model on a biased corpus (full or LoRA): a bias vector's source."),
+    "negate": ("debias_plugin.commands.negate:negate_command",
+               "Subtract a bias vector (task arithmetic via mergekit): base - lambda * (biased - base)."),
     "unlearn": ("debias_plugin.commands.unlearn:unlearn_command",
                 "Unlearn chosen tokens by gradient ascent (Lu et al., masked-token unlearning)."),
 }

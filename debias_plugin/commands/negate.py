@@ -1,0 +1,33 @@
+"""`debias negate`: bias-vector negation through mergekit, a thin layer over debias_plugin.merge.negate."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("negate")
+@click.option("--base", required=True, help="The model before the bias fine-tune (Hugging Face folder, safetensors).")
+@click.option("--biased", default=None, help="The fully fine-tuned biased model (from `debias finetune`).")
+@click.option("--adapter", default=None, help="A LoRA adapter of the base instead (from `debias finetune --lora`).")
+@click.option("--lambda", "lambdas", multiple=True, required=True, metavar="L",
+              help="Negation strength L > 0: theta = base - L * (biased - base). Repeat for several; each goes "
+                   "to OUT/lambda_L.")
+@click.option("--out", required=True, help="Output model folder (a parent folder when several --lambda are given).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--template", default=None,
+              help="A mergekit YAML to render instead of the bundled merge_configs/negate.yml / negate_lora.yml.")
+@click.option("--max-shard-size", default="500MB", show_default=True,
+              help="Output shard size; mergekit holds one shard in memory while writing.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def negate_command(base, biased, adapter, lambdas, out, force, template, max_shard_size, quiet):
+    """Subtract a bias vector: theta = base - lambda * (biased - base), as a mergekit task_arithmetic merge.
+
+    Validates everything (lambda, architectures, tensor shapes from safetensors headers, the config's signs)
+    before writing, then streams the merge with mergekit and writes the rendered mergekit_config.yml and
+    debias_manifest.json into each output folder.
+    """
+    from debias_plugin.merge import negate
+
+    for folder in negate(base, biased=biased, adapter=adapter, lambdas=lambdas, out=out, force=force,
+                         template=template, shard_size=max_shard_size, progress=not quiet):
+        click.echo(folder)
