@@ -1,0 +1,130 @@
+"""Real-model bias-vector negation on SmolLM2-135M: LoRA bias fine-tune, negate at several lambdas, evaluate.
+
+Pipeline (each step is cached in --work, so an interrupted run resumes):
+  1. `debias finetune --lora` on RedditBias gender (female-targeted biased comments, column `comment`);
+  2. `debias negate --adapter ... --lambda L ...` -> one model folder per lambda;
+  3. lm-eval `crows_bias` (all 1508 pairs, per bias type) and `wikitext2_ppl` (first --wikitext-docs articles,
+     max_length 1024 -- the same slice for every row) on base, biased (base+adapter) and each negation.
+Base CrowS numbers are reused from /work/notes/base_smollm2_crows.json when the lead has written it.
+
+    nice -n 10 python benchmarks/real_negate_smollm2.py --work /tmp/negate_smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("DEBIAS_DATA_DIR", REPO.parent / "shared" / "data"))
+CORPUS = DATA / "reddit_bias" / "gender_reddit_comments_gender_female_biased_test_reduced.csv"
+BASE_CROWS_NOTE = Path("/work/notes/base_smollm2_crows.json")
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run a command niced, log its output, fail loudly; returns wall seconds."""
+    start = time.time()
+    with open(log, "w") as handle:
+        proc = subprocess.run(["nice", "-n", "10", *cmd], stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
+    if proc.returncode:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(cmd)}\nsee {log}")
+    return time.time() - start
+
+
+def lm_eval(model_args: str, task: str, out: Path, extra: list[str]) -> dict:
+    """lm-eval results dict for one task, cached in `out`."""
+    found = sorted(glob.glob(str(out / "**" / "results_*.json"), recursive=True))
+    if not found:
+        out.mkdir(parents=True, exist_ok=True)
+        cmd = ["lm_eval", "--model", "hf", "--model_args", model_args, "--tasks", task, "--include_path", "tasks",
+               "--device", "cpu", "--batch_size", "16", "--output_path", str(out), *extra]
+        seconds = run(cmd, out / "log.txt")
+        print(f"  {task} on {model_args}: {seconds:.0f} s", flush=True)
+        found = sorted(glob.glob(str(out / "**" / "results_*.json"), recursive=True))
+    return json.loads(Path(found[-1]).read_text())["results"]
+
+
+def crows_row(results: dict) -> dict:
+    return {name.removeprefix("crows_bias_") if name != "crows_bias" else "all": round(m["pct_stereotype,none"], 2)
+            for name, m in results.items() if name.startswith("crows_bias") and "pct_stereotype,none" in m}
+
+
+def base_crows(work: Path, base: Path) -> dict:
+    """The lead's base SmolLM2 CrowS results if present (same task, same model), else computed here."""
+    if BASE_CROWS_NOTE.is_file():
+        note = json.loads(BASE_CROWS_NOTE.read_text())
+        results = note.get("results", note)
+        row = crows_row(results)
+        if row:
+            print(f"  base crows_bias reused from {BASE_CROWS_NOTE}")
+            return row
+    return crows_row(lm_eval(f"pretrained={base},dtype=float32", "crows_bias", work / "eval" / "base_crows", []))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="/tmp/smollm2")
+    parser.add_argument("--work", default="/tmp/negate_smollm2")
+    parser.add_argument("--lambdas", default="0.5,1,2")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--wikitext-docs", type=int, default=3)
+    parser.add_argument("--out-json", default=str(REPO / "docs" / "results" / "issue6_real_negate.json"))
+    args = parser.parse_args()
+    work, base = Path(args.work), Path(args.base)
+    work.mkdir(parents=True, exist_ok=True)
+    lambdas = [x.strip() for x in args.lambdas.split(",")]
+    timings = {}
+
+    adapter = work / "adapter"
+    finetune_cmd = ["debias", "finetune", "--model", str(base), "--output", str(adapter), "--corpus", str(CORPUS),
+                    "--column", "comment", "--lora", "--steps", str(args.steps), "--lr", str(args.lr),
+                    "--batch-size", "8", "--max-length", "64", "--seed", "0"]
+    if not (adapter / "adapter_config.json").is_file():
+        print("1. LoRA bias fine-tune:", " ".join(finetune_cmd), flush=True)
+        timings["finetune_s"] = round(run(finetune_cmd, work / "finetune.log"), 1)
+
+    negated = work / "negated"
+    negate_cmd = ["debias", "negate", "--base", str(base), "--adapter", str(adapter), "--out", str(negated),
+                  "--quiet", *[arg for lam in lambdas for arg in ("--lambda", lam)]]
+    if not negated.is_dir():
+        print("2. negation:", " ".join(negate_cmd), flush=True)
+        timings["negate_s"] = round(run(negate_cmd, work / "negate.log"), 1)
+
+    ppl_extra = ["--limit", str(args.wikitext_docs)]
+    rows = {"base": f"pretrained={base},dtype=float32",
+            "biased (base+LoRA)": f"pretrained={base},peft={adapter},dtype=float32"}
+    folders = sorted(negated.glob("lambda_*")) or [negated]
+    for folder in folders:
+        rows[f"negated {folder.name.replace('_', ' = ')}"] = f"pretrained={folder},dtype=float32"
+    table = {}
+    print("3. evaluation", flush=True)
+    for label, model_args in rows.items():
+        key = label.split()[0] + "_" + label.split()[-1].replace("(", "").replace(")", "").replace("+", "")
+        crows = base_crows(work, base) if label == "base" else crows_row(
+            lm_eval(model_args, "crows_bias", work / "eval" / f"{key}_crows", []))
+        ppl = lm_eval(model_args + ",max_length=1024", "wikitext2_ppl", work / "eval" / f"{key}_ppl", ppl_extra)
+        table[label] = {"crows_pct_stereotype": crows,
+                        "wikitext2_word_perplexity": round(ppl["wikitext2_ppl"]["word_perplexity,none"], 3)}
+        print(f"  {label}: {table[label]}", flush=True)
+
+    report = {"base": str(base), "corpus": str(CORPUS), "finetune_command": " ".join(finetune_cmd),
+              "negate_command": " ".join(negate_cmd), "wikitext_docs": args.wikitext_docs,
+              "wikitext_max_length": 1024, "timings": timings, "rows": table}
+    Path(args.out_json).write_text(json.dumps(report, indent=2) + "\n")
+    types = sorted({t for row in table.values() for t in row["crows_pct_stereotype"]} - {"all"}) + ["all"]
+    print("\n| model | " + " | ".join(types) + " | wikitext2 word ppl |")
+    print("|---|" + "---|" * (len(types) + 1))
+    for label, row in table.items():
+        cells = [str(row["crows_pct_stereotype"].get(t, "")) for t in types]
+        print(f"| {label} | " + " | ".join(cells) + f" | {row['wikitext2_word_perplexity']} |")
+
+
+if __name__ == "__main__":
+    main()
