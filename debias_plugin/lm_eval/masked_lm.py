@@ -82,7 +82,8 @@ class MaskedLM(LM):
             log.warning("hf-mlm ignores model arguments it does not know: %s", ", ".join(sorted(unused)))
         if batch_size not in (None, 1, "1", "auto"):
             log.info("hf-mlm packs batches by batch_tokens=%s; --batch_size %s is not used.", batch_tokens, batch_size)
-        accelerator = Accelerator()
+        # cpu=True lets torchrun / `accelerate launch --multi_gpu` start data-parallel CPU processes (gloo)
+        accelerator = Accelerator(cpu=str(device or "").startswith("cpu") or not torch.cuda.is_available())
         if accelerator.num_processes > 1:
             self.accelerator = accelerator
             self._device = accelerator.device
