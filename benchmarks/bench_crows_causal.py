@@ -1,0 +1,124 @@
+"""crows_bias vs lm-eval's own crows_pairs_english logic: same CSV, same model object, one process.
+
+lm-eval's task reads its data from the hub; here its YAML and utils (doc_to_choice, process_results) are used
+unchanged over the local CSV read with the csv module. Prints both wall times, their ratio, both
+pct_stereotype values, whether every pair has the same outcome, and our per-type table.
+
+    python benchmarks/bench_crows_causal.py [--model DIR] [--limit N] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LM_EVAL_TASK_YAML = """\
+task: lm_eval_crows_pairs_english_local
+custom_dataset: !function local_utils.load
+dataset_path: local
+test_split: test
+output_type: multiple_choice
+doc_to_text: ""
+doc_to_target: 0
+doc_to_choice: !function local_utils.doc_to_choice
+target_delimiter: ""
+process_results: !function local_utils.process_results
+metric_list:
+  - metric: likelihood_diff
+    aggregation: mean
+    higher_is_better: false
+  - metric: pct_stereotype
+    aggregation: mean
+    higher_is_better: false
+metadata:
+  version: 1.0
+"""
+LM_EVAL_UTILS = """\
+import csv, os
+import datasets
+from lm_eval.tasks.crows_pairs.utils import doc_to_choice, process_results  # lm-eval's own logic, unchanged
+
+def load(limit=None, **_):
+    path = os.path.join(os.environ["DEBIAS_DATA_DIR"], "crows_pairs", "crows_pairs_anonymized.csv")
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = [{k: r[k] for k in ("sent_more", "sent_less", "stereo_antistereo", "bias_type")}
+                for r in csv.DictReader(handle)]
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
+"""
+
+
+def run(lm, task_manager, tasks, limit):
+    import lm_eval
+
+    start = time.perf_counter()
+    out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, limit=limit,
+                                  log_samples=True, bootstrap_iters=0)
+    return time.perf_counter() - start, out
+
+
+def outcomes(samples):
+    """doc index -> stereotyped? from logged samples."""
+    return {s["doc"].get("sent_more") + "||" + s["doc"].get("sent_less"): s["pct_stereotype"] > 0 for s in samples}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="model folder (default: the built-in SmolLM2-135M)")
+    parser.add_argument("--limit", type=int, default=None, help="pairs per task (default: all)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--json", default=None, help="write the per-type results here")
+    args = parser.parse_args()
+    os.environ.setdefault("DEBIAS_DATA_DIR", str(REPO.parent / "shared" / "data"))
+
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from debias_plugin.default_model import materialize_default_model
+
+    model_dir = args.model or str(materialize_default_model())
+    lm = HFLM(pretrained=model_dir, device="cpu", batch_size=args.batch_size, dtype="float32")
+    with tempfile.TemporaryDirectory() as reference_dir:
+        Path(reference_dir, "lm_eval_crows_local.yaml").write_text(LM_EVAL_TASK_YAML)
+        Path(reference_dir, "local_utils.py").write_text(LM_EVAL_UTILS)
+        task_manager = TaskManager(include_path=[str(REPO / "tasks"), reference_dir],
+                                   metadata={"pretrained": model_dir})
+        # crows_bias_overall: our task over all pairs, one task like lm-eval's; then the group (per type).
+        # A warm-up on a few pairs first, so neither side pays for first-call overheads.
+        run(lm, task_manager, ["crows_bias_overall", "lm_eval_crows_pairs_english_local"], 8)
+        ours_time, ours = run(lm, task_manager, ["crows_bias_overall"], args.limit)
+        theirs_time, theirs = run(lm, task_manager, ["lm_eval_crows_pairs_english_local"], args.limit)
+        per_type = run(lm, task_manager, ["crows_bias"], args.limit)[1]
+
+    ours_pct = ours["results"]["crows_bias_overall"]["pct_stereotype,none"]
+    theirs_pct = 100 * theirs["results"]["lm_eval_crows_pairs_english_local"]["pct_stereotype,none"]
+    ours_out = outcomes(ours["samples"]["crows_bias_overall"])
+    theirs_out = outcomes(theirs["samples"]["lm_eval_crows_pairs_english_local"])
+    same = ours_out == theirs_out
+    print(textwrap.dedent(f"""
+        model: {model_dir}   pairs: {len(ours_out)}
+        crows_bias_overall (ours)          {ours_time:8.1f} s   pct_stereotype {ours_pct:.2f}
+        crows_pairs_english logic (lm-eval){theirs_time:8.1f} s   pct_stereotype {theirs_pct:.2f}
+        time ratio ours / lm-eval          {ours_time / theirs_time:8.3f}   (target <= 1.1)
+        every pair has the same outcome:   {same}
+    """))
+    table = {name: {"pct_stereotype": r.get("pct_stereotype,none"), "pairs": len(per_type["samples"].get(name, []))}
+             for name, r in per_type["results"].items()}
+    table["crows_bias_overall"] = {k.split(",")[0]: v for k, v in ours["results"]["crows_bias_overall"].items()
+                                   if isinstance(v, float)}
+    for name, row in sorted(table.items()):
+        print(f"  {name:34s} {row.get('pct_stereotype', float('nan')):6.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": model_dir, "ours_seconds": ours_time,
+                                               "lm_eval_seconds": theirs_time, "same_outcomes": same,
+                                               "results": table}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

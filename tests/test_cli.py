@@ -1,0 +1,66 @@
+"""The CLI stays instant, prints errors as one paragraph without a traceback, and finds its bundled folders."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _debias(*args, **kwargs):
+    code = "from debias_plugin.cli import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, **kwargs)
+
+
+def test_help_lists_commands_without_heavy_imports():
+    code = ("import sys; from debias_plugin.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'lm_eval', 'mergekit', 'peft') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "eval" in result.stdout and "default-model" in result.stdout
+    assert "HEAVY []" in result.stdout
+
+
+def test_user_error_is_one_paragraph_without_traceback(tmp_path):
+    occupied = tmp_path / "model"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("keep me")
+    result = _debias("default-model", "--out", str(occupied))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert str(occupied) in result.stderr and "not a finished model folder" in result.stderr
+    assert (occupied / "notes.txt").read_text() == "keep me"
+
+
+def test_eval_forwards_to_lm_eval_with_our_tasks(tiny_model, tmp_path):
+    out = tmp_path / "results"
+    result = _debias("eval", "--model", "hf", "--model_args", f"pretrained={tiny_model('gpt2')}",
+                     "--tasks", "crows_bias_gender", "--limit", "4", "--output_path", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "crows_bias_gender" in result.stdout and "pct_stereotype" in result.stdout
+    assert list(out.rglob("results_*.json")), "lm-eval's results JSON was not written"
+
+
+def test_bundled_folders_found_from_checkout():
+    from debias_plugin.paths import merge_configs_dir, tasks_dir
+
+    assert (tasks_dir() / "crows_bias" / "crows_bias.yaml").is_file()
+    assert merge_configs_dir().is_dir()
+
+
+@pytest.mark.slow
+def test_wheel_bundles_tasks_and_merge_configs(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(REPO)], check=True)
+    (wheel,) = tmp_path.glob("debias_plugin-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "debias_plugin/tasks/crows_bias/crows_bias.yaml" in names
+    assert "debias_plugin/tasks/crows_bias/utils.py" in names
+    assert any(name.startswith("debias_plugin/merge_configs/") for name in names)
