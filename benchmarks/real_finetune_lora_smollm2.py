@@ -28,11 +28,13 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--adapter", default=None,
+                        help="Measure an adapter `debias finetune --lora` already wrote (its manifest has the options).")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model = base_model()
-    adapter = work / "lora_gender"
+    adapter = Path(args.adapter) if args.adapter else work / "lora_gender"
     wall = None
     if not (adapter / "debias_manifest.json").is_file():
         wall = run_timed([
@@ -48,8 +50,10 @@ def main() -> None:
     after_results, crows_wall = lm_eval(f"pretrained={model},peft={adapter}", "crows_bias_gender",
                                         work / "crows_lora_gender")
     after = crows_per_type(after_results)
-    print(f"\nfinetune wall time: {wall:.0f} s ({args.steps} steps, batch {args.batch_size}, lr {args.lr}, "
-          f"LoRA r=8 alpha=16 on peft's default modules); crows_bias_gender: {crows_wall:.0f} s")
+    opts = manifest["options"]
+    print(f"\nfinetune wall time: {wall:.0f} s ({opts['steps']} steps, batch {opts['batch_size']}, lr {opts['lr']}, "
+          f"max_length {opts['max_length']}, LoRA r={opts['method']['lora_r']} alpha={opts['method']['lora_alpha']}, "
+          f"modules {opts['method']['lora_target_modules'] or 'peft default'}); crows_bias_gender: {crows_wall:.0f} s")
     print(f"adapter files: {sizes}")
     print(f"corpus perplexity: {manifest['metrics']['start']['corpus_perplexity']:.2f} -> "
           f"{manifest['metrics']['end']['corpus_perplexity']:.2f}")

@@ -5,7 +5,7 @@ Runs, one after another (niced, results cached in --work so a rerun skips finish
    the forget set and test split as held-out, perplexity logged every --eval-every steps;
 2. lm-eval `crows_bias` (per type) and `wikitext2_ppl` on the base and the unlearned model;
 3. a PNG of the forget / held-out perplexity curves and a markdown table on stdout.
-Base-model CrowS numbers are reused from /work/notes/base_smollm2_crows.json when present.
+Base-model CrowS numbers are reused from the lead's /work/notes/base_smollm2_crows*.json when present.
 
     nice -n 10 python benchmarks/real_unlearn_smollm2.py --work /tmp/issue4_bench
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEBIAS_DATA_DIR", REPO.parent / "shared" / "data"))
-BASE_CROWS_NOTE = Path("/work/notes/base_smollm2_crows.json")
+BASE_CROWS_NOTES = [Path("/work/notes/base_smollm2_crows.json"), Path("/work/notes/base_smollm2_crows_bench.json")]
 CROWS_TYPES = ["race_color", "socioeconomic", "gender", "disability", "nationality", "sexual_orientation",
                "physical_appearance", "religion", "age"]
 
@@ -60,20 +60,25 @@ def lm_eval(model_args: str, tasks: str, out: Path, extra: list[str] = ()) -> tu
 
 
 def crows_per_type(results: dict) -> dict[str, float]:
-    table = {t: results[f"crows_bias_{t}"]["pct_stereotype,none"] for t in CROWS_TYPES if f"crows_bias_{t}" in results}
+    """type -> pct_stereotype from lm-eval results (or the lead's note: same names, key 'pct_stereotype')."""
+    def value(row: dict) -> float:
+        return row.get("pct_stereotype,none", row.get("pct_stereotype"))
+
+    table = {t: value(results[f"crows_bias_{t}"]) for t in CROWS_TYPES if f"crows_bias_{t}" in results}
     if "crows_bias" in results:
-        table["all"] = results["crows_bias"]["pct_stereotype,none"]
+        table["all"] = value(results["crows_bias"])
     return table
 
 
-def base_crows(model: str, work: Path) -> dict[str, float]:
-    if BASE_CROWS_NOTE.is_file():
-        note = json.loads(BASE_CROWS_NOTE.read_text())
-        note = note.get("results", note)
-        if isinstance(note, dict) and any(k.startswith("crows_bias") for k in note):
+def base_crows(model: str, work: Path, tasks: str = "crows_bias") -> dict[str, float]:
+    for path in BASE_CROWS_NOTES:
+        if path.is_file():
+            note = json.loads(path.read_text())
+            note = note.get("results", note)
+            print(f"base CrowS from {path}")
             return crows_per_type(note)
-        return {k: float(v) for k, v in note.items() if isinstance(v, (int, float))}
-    return crows_per_type(lm_eval(f"pretrained={model}", "crows_bias", work / "crows_base")[0])
+    suffix = "" if tasks == "crows_bias" else "_" + tasks.replace(",", "+")
+    return crows_per_type(lm_eval(f"pretrained={model}", tasks, work / f"crows_base{suffix}")[0])
 
 
 def plot_curves(history: list[dict], png: Path, title: str) -> None:
@@ -101,7 +106,11 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/issue4_bench")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--eval-texts", type=int, default=64, help="Texts per perplexity evaluation (0 = all).")
-    parser.add_argument("--wikitext-limit", type=int, default=4, help="WikiText-2 articles (lm-eval --limit; 0=all).")
+    parser.add_argument("--steps", type=int, default=50, help="Paper default 50; fewer only when CPU time is short.")
+    parser.add_argument("--crows-tasks", default="crows_bias",
+                        help="lm-eval tasks for CrowS (e.g. crows_bias_gender,crows_bias_race_color,crows_bias_religion).")
+    parser.add_argument("--wikitext-limit", type=int, default=4,
+                        help="WikiText-2 articles (lm-eval --limit; 0 = all, -1 = skip).")
     parser.add_argument("--png", default=str(REPO / "docs" / "results" / "issue4_unlearn_curves.png"))
     args = parser.parse_args()
     work = Path(args.work)
@@ -115,7 +124,7 @@ def main() -> None:
             str(Path(sys.executable).parent / "debias"), "unlearn",
             "--model", model, "--output", str(unlearned), "--force",
             "--corpus", str(dghs), "--where", "split=dev", "--heldout", str(dghs), "--heldout-where", "split=test",
-            "--domain", "gender", "--batch-size", "8", "--steps", "50", "--lr", "1e-5",
+            "--domain", "gender", "--batch-size", "8", "--steps", str(args.steps), "--lr", "1e-5",
             "--eval-every", str(args.eval_every), "--eval-texts", str(args.eval_texts),
         ])
     manifest = json.loads((unlearned / "debias_manifest.json").read_text())
@@ -123,12 +132,15 @@ def main() -> None:
     plot_curves(manifest["history"], Path(args.png),
                 f"SmolLM2-135M, gender unlearning on DGHS women ({manifest['report']['texts_with_targets']} texts)")
 
-    before = base_crows(model, work)
-    after_results, crows_wall = lm_eval(f"pretrained={unlearned}", "crows_bias", work / "crows_unlearned")
+    before = base_crows(model, work, args.crows_tasks)
+    crows_dir = "crows_unlearned" + ("" if args.crows_tasks == "crows_bias" else "_" + args.crows_tasks.replace(",", "+"))
+    after_results, crows_wall = lm_eval(f"pretrained={unlearned}", args.crows_tasks, work / crows_dir)
     after = crows_per_type(after_results)
-    limit = ["--limit", str(args.wikitext_limit)] if args.wikitext_limit else []
-    wiki_before, _ = lm_eval(f"pretrained={model}", "wikitext2_ppl", work / "wikitext_base", limit)
-    wiki_after, wiki_wall = lm_eval(f"pretrained={unlearned}", "wikitext2_ppl", work / "wikitext_unlearned", limit)
+    wiki_wall = 0.0
+    if args.wikitext_limit >= 0:
+        limit = ["--limit", str(args.wikitext_limit)] if args.wikitext_limit else []
+        wiki_before, _ = lm_eval(f"pretrained={model}", "wikitext2_ppl", work / "wikitext_base", limit)
+        wiki_after, wiki_wall = lm_eval(f"pretrained={unlearned}", "wikitext2_ppl", work / "wikitext_unlearned", limit)
 
     print(f"\nunlearn wall time: {unlearn_wall:.0f} s; crows_bias (one model): {crows_wall:.0f} s; "
           f"wikitext2_ppl ({args.wikitext_limit or 'all'} articles, one model): {wiki_wall:.0f} s")
@@ -138,7 +150,7 @@ def main() -> None:
         if name in before and name in after:
             print(f"| {name} | {before[name]:.2f} | {after[name]:.2f} | {after[name] - before[name]:+.2f} |")
     print("\n| metric | base | unlearned |\n| --- | ---: | ---: |")
-    for key in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+    for key in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none") if wiki_wall else ():
         print(f"| wikitext2 {key.split(',')[0]} | {wiki_before['wikitext2_ppl'][key]:.3f} | "
               f"{wiki_after['wikitext2_ppl'][key]:.3f} |")
     for key, value in manifest["metrics"]["start"].items():

@@ -247,8 +247,15 @@ class Trainer:
 
         config = self.config
         # cpu=True when there is no accelerator, so torchrun-style launches become gloo DDP (MULTI_CPU).
-        accelerator = Accelerator(mixed_precision=_PRECISIONS.get(config.precision, "no"),
-                                  cpu=torch.accelerator.current_accelerator() is None)
+        settings = dict(mixed_precision=_PRECISIONS.get(config.precision, "no"),
+                        cpu=torch.accelerator.current_accelerator() is None)
+        try:
+            accelerator = Accelerator(**settings)
+        except ValueError:  # an earlier train() in this process fixed another precision: start afresh
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=False)
+            accelerator = Accelerator(**settings)
         self._validate(accelerator.num_processes)
         set_seed(config.seed)
         if accelerator.device.type == "cpu":

@@ -156,3 +156,15 @@ def test_bad_model_folders_leave_nothing_behind(tiny_model, corpus, tmp_path):
     with pytest.raises(DebiasError, match="--allow-pickle"):
         _finetune(pickled, corpus, tmp_path / "out2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["no_weights", "pickled"]
+
+
+def test_bf16_mixed_precision_trains_float32_weights(tiny_model, corpus, tmp_path):
+    """bf16 autocast changes the arithmetic a little, not the saved dtype; fp32 again afterwards in one process."""
+    fp32 = json.loads((_finetune(tiny_model("gpt2"), corpus, tmp_path / "a", steps=2) / MANIFEST_NAME).read_text())
+    bf16_dir = _finetune(tiny_model("gpt2"), corpus, tmp_path / "b", steps=2, precision="bf16")
+    bf16 = json.loads((bf16_dir / MANIFEST_NAME).read_text())
+    assert bf16["losses"] != fp32["losses"]
+    assert bf16["losses"] == pytest.approx(fp32["losses"], rel=1e-2)
+    assert {tensor.dtype for tensor in weights(bf16_dir).values()} == {torch.float32}
+    again = json.loads((_finetune(tiny_model("gpt2"), corpus, tmp_path / "c", steps=2) / MANIFEST_NAME).read_text())
+    assert again["losses"] == fp32["losses"]

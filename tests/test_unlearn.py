@@ -202,6 +202,7 @@ def test_eval_every_logs_forget_and_heldout_perplexity(tiny_model, files, tmp_pa
         count += ids.shape[1] - 1
     assert manifest["history"][0]["heldout_perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
     assert manifest["report"]["texts_without_targets"] == 1 and manifest["report"]["texts"] == 37
+    assert {str((files / name).resolve()) for name in ("forget.txt", "heldout.txt", "words.txt")} == set(manifest["data"])
 
 
 def test_word_list_matching_nothing_is_an_error_and_writes_nothing(tiny_model, files, tmp_path):

@@ -65,8 +65,11 @@ def load_word_list(path: str | None, domains: list[str]) -> tuple[set[str], str]
     if path and Path(path).suffix.lower() == ".txt":
         words = {line.strip() for line in read_text(Path(path)).splitlines() if line.strip()}
         return words, str(path)
-    table = load_attribute_words(path)
-    source = str(path) if path else "bias_attribute_words.json"
+    from debias_plugin.data.words import ATTRIBUTE_WORDS_RELATIVE_PATH
+    from debias_plugin.paths import data_file
+
+    source = str(data_file(path, ATTRIBUTE_WORDS_RELATIVE_PATH, "Bias attribute words"))
+    table = load_attribute_words(source)
     words = set()
     for domain in domains:
         words |= domain_words(table, domain, source)
@@ -122,7 +125,7 @@ class Unlearn:
     def input_files(self) -> list[str]:
         files = [self.opts.corpus, self.opts.heldout, self.opts.retain]
         if self.opts.targets == "words":
-            files.append(self.word_source if Path(self.word_source).is_file() else None)
+            files.append(self.word_source)
         return [f for f in files if f]
 
     def report(self) -> dict:
@@ -155,8 +158,8 @@ class Unlearn:
         self.counts = {"texts": len(texts), "texts_with_targets": len(examples), "texts_without_targets": len(skipped),
                        "target_tokens": sum(sum(t) for _, t in examples),
                        "skipped_text_indices": skipped[:50], "most_matched": dict(matched.most_common(15))}
-        what = (f"the words of {self.word_source} ({', '.join(self.opts.domains)})" if pattern is not None
-                else "no [[...]] markup")
+        domains = "" if self.word_source.endswith(".txt") else f" ({', '.join(self.opts.domains)})"
+        what = f"the words of {self.word_source}{domains}" if pattern is not None else "no [[...]] markup"
         if not examples:
             found = "no match in any text" if pattern is not None else "no [[...]] markup in any text"
             raise DataError(self.opts.corpus, f"column '{self.opts.column or 'text'}'",
