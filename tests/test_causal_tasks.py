@@ -31,13 +31,20 @@ def _sentence_logprob(model, tokenizer, text: str, context: str = "") -> tuple[f
     return total, len(ids) - scored_from
 
 
+_CACHE = {}
+
+
 def _evaluate(model_dir, tasks, limit):
+    """Run lm-eval in-process; the task index and each model are built once per test session."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=str(model_dir), device="cpu", batch_size=16, dtype="float32")
-    manager = TaskManager(include_path=str(tasks_dir()), metadata={"pretrained": str(model_dir)})
+    key = str(model_dir)
+    if key not in _CACHE:
+        _CACHE[key] = (HFLM(pretrained=key, device="cpu", batch_size=16, dtype="float32"),
+                       TaskManager(include_path=str(tasks_dir()), metadata={"pretrained": key}))
+    lm, manager = _CACHE[key]
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=True,
                                    bootstrap_iters=0)
 
@@ -134,13 +141,16 @@ def test_wikitext2_ppl_matches_rolling_definition(tiny_model):
     total_ll, total_words = 0.0, 0
     for sample in out["samples"]["wikitext2_ppl"]:
         page = sample["doc"]["page"]
-        ids = tokenizer.encode(wikitext_detokenizer({"page": page}), add_special_tokens=False)
-        inputs = [tokenizer.bos_token_id] + ids
-        for start in range(0, len(ids), max_length):
-            window = inputs[start:start + max_length + 1]
+        inputs = [tokenizer.bos_token_id] + tokenizer.encode(wikitext_detokenizer({"page": page}),
+                                                             add_special_tokens=False)
+        # Predict tokens inputs[s+1 : e+1] in chunks of max_length; each chunk sees up to max_length inputs
+        # ending right before its last target (the final chunk borrows earlier tokens as context).
+        for start in range(0, len(inputs) - 1, max_length):
+            end = min(start + max_length, len(inputs) - 1)
+            first_input = max(0, end - max_length)
             with torch.no_grad():
-                logp = model(torch.tensor([window[:-1]])).logits[0].log_softmax(-1)
-            total_ll += sum(logp[i, window[i + 1]].item() for i in range(len(window) - 1))
+                logp = model(torch.tensor([inputs[first_input:end]])).logits[0].log_softmax(-1)
+            total_ll += sum(logp[i - first_input, inputs[i + 1]].item() for i in range(start, end))
         total_words += len(re.split(r"\s+", page))
     expected = math.exp(-total_ll / total_words)
     assert out["results"]["wikitext2_ppl"]["word_perplexity,none"] == pytest.approx(expected, rel=1e-4)
