@@ -87,7 +87,7 @@ def main():
     with tempfile.TemporaryDirectory() as reference_dir:
         Path(reference_dir, "lm_eval_crows_local.yaml").write_text(LM_EVAL_TASK_YAML)
         Path(reference_dir, "local_utils.py").write_text(LM_EVAL_UTILS)
-        task_manager = TaskManager(include_path=[str(REPO / "tasks"), reference_dir],
+        task_manager = TaskManager(include_path=[str(REPO / "tasks"), reference_dir], include_defaults=False,
                                    metadata={"pretrained": model_dir})
         # crows_bias_overall: our task over all pairs, one task like lm-eval's; then the group (per type).
         # A warm-up on a few pairs first, so neither side pays for first-call overheads.

@@ -43,7 +43,8 @@ def _evaluate(model_dir, tasks, limit):
     key = str(model_dir)
     if key not in _CACHE:
         _CACHE[key] = (HFLM(pretrained=key, device="cpu", batch_size=16, dtype="float32"),
-                       TaskManager(include_path=str(tasks_dir()), metadata={"pretrained": key}))
+                       TaskManager(include_path=str(tasks_dir()), include_defaults=False,
+                                   metadata={"pretrained": key}))
     lm, manager = _CACHE[key]
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=True,
                                    bootstrap_iters=0)
