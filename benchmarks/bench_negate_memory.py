@@ -1,8 +1,9 @@
 """Peak memory of `debias negate` (mergekit, one tensor at a time) vs loading both models in torch and subtracting.
 
 Each contender runs once in its own subprocess under /usr/bin/time -v ("Maximum resident set size"), on
-SmolLM2-135M (float32, ~540 MB) and a "biased" copy made by a cheap deterministic perturbation. A third
-subprocess only imports the same libraries, to show how much of each peak is the interpreter itself.
+SmolLM2-135M (float32, ~540 MB) and a "biased" copy made by a cheap deterministic perturbation. For
+reference, plain `mergekit-yaml` runs the same rendered config with its defaults (mmap reads, 5B shards),
+and one subprocess only imports the libraries, to show how much of each peak is the interpreter itself.
 
     nice -n 10 python benchmarks/bench_negate_memory.py [--base /tmp/smollm2]
 """
@@ -87,12 +88,16 @@ def main() -> None:
         torch_cmd = [sys.executable, "-c", TORCH_BASELINE, str(base), str(tmp / "biased"), str(tmp / "torch"),
                      str(LAMBDA)]
         baseline, baseline_s = peak_rss_mb(torch_cmd)
+        plain_cmd = [str(Path(sys.executable).parent / "mergekit-yaml"), str(tmp / "ours" / "mergekit_config.yml"),
+                     str(tmp / "plain"), "--quiet"]  # the same rendered config, mergekit's defaults (mmap, 5B shards)
+        plain, plain_s = peak_rss_mb(plain_cmd)
         imports, _ = peak_rss_mb([sys.executable, "-c", IMPORTS_ONLY])
         shards = len(list((tmp / "ours").glob("*.safetensors")))
     figures = {
         "model": str(base), "model_size_mb": round(model_mb, 1), "lambda": LAMBDA,
         "debias_negate_peak_rss_mb": round(ours, 1), "debias_negate_wall_s": round(ours_s, 1),
         "torch_both_models_peak_rss_mb": round(baseline, 1), "torch_wall_s": round(baseline_s, 1),
+        "mergekit_yaml_defaults_peak_rss_mb": round(plain, 1), "mergekit_yaml_wall_s": round(plain_s, 1),
         "imports_only_peak_rss_mb": round(imports, 1), "debias_negate_output_shards": shards,
         "ratio_debias_negate_to_model": round(ours / model_mb, 2),
         "ratio_torch_to_model": round(baseline / model_mb, 2),
@@ -104,6 +109,7 @@ def main() -> None:
     print(f"model (one copy, safetensors): {model_mb:8.1f} MB")
     print(f"debias negate peak RSS:        {ours:8.1f} MB  = {ours / model_mb:.2f} x model  ({ours_s:.0f} s)")
     print(f"torch, both models loaded:     {baseline:8.1f} MB  = {baseline / model_mb:.2f} x model  ({baseline_s:.0f} s)")
+    print(f"mergekit-yaml, its defaults:   {plain:8.1f} MB  = {plain / model_mb:.2f} x model  ({plain_s:.0f} s)")
     print(f"imports only (interpreter):    {imports:8.1f} MB")
     print(f"above the import baseline:     debias negate {(ours - imports) / model_mb:.2f} x model, "
           f"torch {(baseline - imports) / model_mb:.2f} x model")

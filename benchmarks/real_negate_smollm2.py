@@ -72,15 +72,16 @@ def main() -> None:
     parser.add_argument("--base", default="/tmp/smollm2")
     parser.add_argument("--work", default="/tmp/negate_smollm2")
     parser.add_argument("--lambdas", default="0.5,1,2")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--wikitext-docs", type=int, default=3)
     parser.add_argument("--out-json", default=str(REPO / "docs" / "results" / "issue6_real_negate.json"))
     args = parser.parse_args()
     work, base = Path(args.work), Path(args.base)
     work.mkdir(parents=True, exist_ok=True)
     lambdas = [x.strip() for x in args.lambdas.split(",")]
-    timings = {}
+    timings_file = work / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.is_file() else {}
 
     adapter = work / "adapter"
     finetune_cmd = ["debias", "finetune", "--model", str(base), "--output", str(adapter), "--corpus", str(CORPUS),
@@ -97,6 +98,7 @@ def main() -> None:
         print("2. negation:", " ".join(negate_cmd), flush=True)
         timings["negate_s"] = round(run(negate_cmd, work / "negate.log"), 1)
 
+    timings_file.write_text(json.dumps(timings))
     ppl_extra = ["--limit", str(args.wikitext_docs)]
     rows = {"base": f"pretrained={base},dtype=float32",
             "biased (base+LoRA)": f"pretrained={base},peft={adapter},dtype=float32"}
@@ -113,11 +115,10 @@ def main() -> None:
         table[label] = {"crows_pct_stereotype": crows,
                         "wikitext2_word_perplexity": round(ppl["wikitext2_ppl"]["word_perplexity,none"], 3)}
         print(f"  {label}: {table[label]}", flush=True)
-
-    report = {"base": str(base), "corpus": str(CORPUS), "finetune_command": " ".join(finetune_cmd),
-              "negate_command": " ".join(negate_cmd), "wikitext_docs": args.wikitext_docs,
-              "wikitext_max_length": 1024, "timings": timings, "rows": table}
-    Path(args.out_json).write_text(json.dumps(report, indent=2) + "\n")
+        report = {"base": str(base), "corpus": str(CORPUS), "finetune_command": " ".join(finetune_cmd),
+                  "negate_command": " ".join(negate_cmd), "wikitext_docs": args.wikitext_docs,
+                  "wikitext_max_length": 1024, "timings": timings, "rows": table}
+        Path(args.out_json).write_text(json.dumps(report, indent=2) + "\n")  # after every row: partial runs count
     types = sorted({t for row in table.values() for t in row["crows_pct_stereotype"]} - {"all"}) + ["all"]
     print("\n| model | " + " | ".join(types) + " | wikitext2 word ppl |")
     print("|---|" + "---|" * (len(types) + 1))

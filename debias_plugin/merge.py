@@ -450,51 +450,46 @@ def parse_size(value: str | int) -> int:
     return int(number * 1000 ** " KMGT".index(match.group(2) or " "))
 
 
-class _PlainReadLoader:
-    """Factory for a mergekit tensor loader that reads each tensor with read() instead of mmap.
+def plain_read_loader(model_dir: str):
+    """A mergekit tensor loader that reads each tensor with read() instead of mmap.
 
     safetensors' mmap keeps every touched page of an input file resident until the shard is closed, so a
     single-file model counts fully in the process's RSS; plain reads keep only the tensors in flight.
     """
+    import torch
+    from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
 
-    _DTYPES = None
+    dtypes = {code: getattr(torch, name) for code, name in _TORCH_DTYPES.items()}
 
-    @classmethod
-    def create(cls, model_dir: str):
-        import torch
-        from mergekit.io.lazy_tensor_loader import LazyTensorLoader, ShardedTensorIndex
+    class PlainReadLoader(LazyTensorLoader):
+        def __init__(self, path: str):
+            super().__init__(ShardedTensorIndex.from_disk(path), lazy_unpickle=False)
+            self.headers: dict[str, tuple[int, dict]] = {}
 
-        dtypes = {code: getattr(torch, name) for code, name in _TORCH_DTYPES.items()}
-
-        class PlainReadLoader(LazyTensorLoader):
-            def __init__(self, path: str):
-                super().__init__(ShardedTensorIndex.from_disk(path), lazy_unpickle=False)
-                self.headers: dict[str, tuple[int, dict]] = {}
-
-            def get_tensor(self, key, device="cpu", aliases=None, raise_on_missing=True):
-                paths = self.index.tensor_paths
-                if key not in paths:
-                    key = next((alias for alias in aliases or () if alias in paths), key)
-                if key not in paths:
-                    if raise_on_missing:
-                        raise KeyError(key)
-                    return None
-                file = os.path.join(self.index.base_path, paths[key])
-                with open(file, "rb") as handle:
-                    if file not in self.headers:
-                        size = struct.unpack("<Q", handle.read(8))[0]
-                        self.headers[file] = (8 + size, json.loads(handle.read(size)))
-                    offset, header = self.headers[file]
-                    entry = header[key]
-                    start, end = entry["data_offsets"]
-                    tensor = torch.empty(entry["shape"], dtype=dtypes[entry["dtype"]])
+        def get_tensor(self, key, device="cpu", aliases=None, raise_on_missing=True):
+            paths = self.index.tensor_paths
+            if key not in paths:
+                key = next((alias for alias in aliases or () if alias in paths), key)
+            if key not in paths:
+                if raise_on_missing:
+                    raise KeyError(key)
+                return None
+            file = os.path.join(self.index.base_path, paths[key])
+            with open(file, "rb") as handle:
+                if file not in self.headers:
+                    size = struct.unpack("<Q", handle.read(8))[0]
+                    self.headers[file] = (8 + size, json.loads(handle.read(size)))
+                offset, header = self.headers[file]
+                entry = header[key]
+                start, end = entry["data_offsets"]
+                tensor = torch.empty(entry["shape"], dtype=dtypes[entry["dtype"]])
+                if tensor.numel():
                     handle.seek(offset + start)
-                    view = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else b""
-                    if tensor.numel() and handle.readinto(view) != end - start:
-                        raise DebiasError(f"{file}: truncated tensor {key}.")
-                return tensor.to(device)
+                    if handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - start:
+                        raise DebiasError(f"{file}: tensor {key} is truncated.")
+            return tensor.to(device)
 
-        return PlainReadLoader(model_dir)
+    return PlainReadLoader(model_dir)
 
 
 def run_mergekit(config: dict, out_dir: Path, config_text: str, *, shard_size: int, progress: bool) -> None:
@@ -514,7 +509,7 @@ def run_mergekit(config: dict, out_dir: Path, config_text: str, *, shard_size: i
     try:
         if registered:
             for reference in references:
-                cache.loaders[reference] = _PlainReadLoader.create(reference.model.path)
+                cache.loaders[reference] = plain_read_loader(reference.model.path)
         run_merge(merge_config, str(out_dir), options=options, config_source=config_text)
     finally:
         if registered:
