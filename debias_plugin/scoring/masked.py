@@ -105,7 +105,7 @@ class MaskedScorer:
                             if i is not None), 0)
         self.uncased = is_uncased(tokenizer)
         self.max_length = max_length or model_max_length(model, tokenizer)
-        self.token_budget = max(token_budget, self.max_length)
+        self.token_budget = token_budget  # a single longer input still gets its own batch
         self.max_batch_size = max_batch_size
         self.progress = progress
 
