@@ -5,7 +5,7 @@ Runs, one after another (niced, results cached in --work so a rerun skips finish
    the forget set and test split as held-out, perplexity logged every --eval-every steps;
 2. lm-eval `crows_bias` (per type) and `wikitext2_ppl` on the base and the unlearned model;
 3. a PNG of the forget / held-out perplexity curves and a markdown table on stdout.
-Base-model CrowS numbers are reused from the lead's /work/notes/base_smollm2_crows*.json when present.
+Base-model CrowS numbers are reused from the lead's /work/notes/base_smollm2* results when present.
 
     nice -n 10 python benchmarks/real_unlearn_smollm2.py --work /tmp/issue4_bench
 """
@@ -71,7 +71,8 @@ def crows_per_type(results: dict) -> dict[str, float]:
 
 
 def base_crows(model: str, work: Path, tasks: str = "crows_bias") -> dict[str, float]:
-    for path in BASE_CROWS_NOTES:
+    lead_runs = sorted(glob.glob("/work/notes/base_smollm2/**/results_*.json", recursive=True))
+    for path in [*BASE_CROWS_NOTES, *map(Path, lead_runs[-1:])]:
         if path.is_file():
             note = json.loads(path.read_text())
             note = note.get("results", note)

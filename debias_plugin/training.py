@@ -20,6 +20,8 @@ Optional hooks:
 ``update(run, batch) -> float`` own the update step instead of ``loss`` (PCGU: per-sequence gradients and a
                                 masked update). Called once per step with this process's share of the global
                                 batch (``batch_size / world_size`` examples); returns the loss to display.
+                                With several processes, backward through ``run.model`` (DDP) averages
+                                gradients over processes; through ``run.unwrapped`` it does not.
                                 Set ``uses_optimizer = False`` to skip creating the AdamW optimizer.
 ``evaluate(run) -> dict``       metrics at start and end (manifest) and every ``eval_every`` steps (history);
                                 called on every process with ``run.unwrapped`` in eval mode, under no_grad.
@@ -344,7 +346,7 @@ class Trainer:
             self.method.load_state_dict(state["method"])
         self.history, self.losses = state["history"], state["losses"]
         run.step = state["step"]
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(torch.load(rng_file, weights_only=True))
         if run.is_main:
             print(f"Resuming {self.method.stage} from {folder} (step {run.step}).")
 

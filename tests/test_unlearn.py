@@ -231,3 +231,11 @@ def test_bad_input_gives_a_clear_error_and_no_output(tiny_model, files, tmp_path
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt", "roberta", "albert", "distilbert"])
+def test_every_tiny_architecture_gets_targets_and_a_finite_loss(tiny_model, files, kind):
+    run, examples = prepared(tiny_model(kind), method := Unlearn(options(files)))
+    assert len(examples) == 36 and all(any(targets) for _, targets in examples)
+    with torch.no_grad():
+        assert math.isfinite(float(method.loss(run.model, method.collate(examples[:2], [0, 1]))))
