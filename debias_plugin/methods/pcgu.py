@@ -22,8 +22,9 @@ Selection: cos(g_adv_p, g_dis_p) per partition p (gradients summed over the simi
 DDP, all-reduced first, so N processes select exactly what one process selects on the whole batch);
 the k lowest are updated; ties go to the lower partition index (stable sort), so the choice is
 deterministic. `rank_by="flexibility"` (the paper's open question 1) ranks by cos_p * f_p with
-f_p = ||u_p|| / max(||theta_p||, 1e-12): the relative size of the step u that the partition would take,
-so that a disagreeing partition which a step would change a lot (relative to its weights) ranks first.
+f_p = ||u_p|| / (||theta_p|| + 1e-3 * sqrt(n_p)), n_p the partition's size: the size of the step u
+relative to the weights it changes (the floor, an RMS of 1e-3 per weight, keeps all-zero weights from
+dominating), so among disagreeing partitions those a step would change most, relatively, rank first.
 
 Update (plain SGD, as the official code: its momentum option never reaches the optimizer): theta_p -=
 lr * u_p on the selected partitions, with u = g_adv ("advantaged": lower the advantaged sequence,
@@ -45,6 +46,7 @@ DIRECTIONS = ("advantaged", "disadvantaged", "both")
 OBJECTIVES = ("auto", "logit", "logprob")
 RANKINGS = ("similarity", "flexibility")
 _UNUSED_SCORE = math.inf  # a parameter without gradient is never selected (the official code used 5)
+_FLEXIBILITY_FLOOR = 1e-3  # per-weight RMS floor: all-zero weights (fresh biases) must not rank infinitely high
 
 
 # -- partitions ----------------------------------------------------------------------------------------
@@ -138,8 +140,9 @@ def partition_scores(layout, grads_adv, grads_dis, rank_by: str = "similarity",
         score = F.cosine_similarity(part.view(grad_adv), part.view(grad_dis), dim=-1)
         if rank_by == "flexibility":
             step = torch.linalg.vector_norm(part.view(update_direction(grad_adv, grad_dis, direction)), dim=-1)
-            weight = torch.linalg.vector_norm(part.view(part.param.detach()), dim=-1)
-            score = score * (step / weight.clamp_min(1e-12))
+            weights = part.view(part.param.detach())
+            floor = _FLEXIBILITY_FLOOR * math.sqrt(weights.shape[-1])
+            score = score * (step / (torch.linalg.vector_norm(weights, dim=-1) + floor))
         scores.append(score.float())
     return torch.cat(scores)
 
@@ -162,19 +165,44 @@ def apply_masked_update(layout, updates, selected: torch.Tensor, lr: float) -> N
 
 
 # -- objectives and gradients --------------------------------------------------------------------------
+def logits_at(model, input_ids, attention_mask, positions) -> torch.Tensor:
+    """Logits [n, V] at the True `positions` only (row-major order).
+
+    A pre-hook on the output layer (get_output_embeddings) hands it just those hidden states, so the
+    vocabulary projection costs n x V instead of B x T x V; models whose head input is not [B, T, H]
+    fall back to indexing the full logits.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+    def keep_positions(module, args):
+        hidden = args[0]
+        if hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(positions.shape):
+            return (hidden[positions], *args[1:])
+        return None
+
+    handle = head.register_forward_pre_hook(keep_positions) if head is not None else None
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    return logits[positions] if logits.dim() == 3 else logits
+
+
 def sequence_objectives(model, batch: dict, side: str, kind: str, objective: str) -> torch.Tensor:
     """Per-sequence objective [B]: target logits / log-probs (masked) or target-span log-prob (causal)."""
     input_ids, target = batch[f"{side}_input_ids"], batch[f"{side}_target_mask"]
-    logits = model(input_ids=input_ids, attention_mask=batch[f"{side}_attention_mask"]).logits
-    if kind == "causal":
-        target = target[:, 1:]
-        picked, tokens = logits[:, :-1][target], input_ids[:, 1:][target]
+    if kind == "causal":  # position t-1 predicts target token t
+        positions = torch.zeros_like(target)
+        positions[:, :-1] = target[:, 1:]
+        tokens = input_ids[:, 1:][target[:, 1:]]
     else:
-        picked, tokens = logits[target], batch[f"{side}_target_ids"][target]
+        positions, tokens = target, batch[f"{side}_target_ids"][target]
+    picked = logits_at(model, input_ids, batch[f"{side}_attention_mask"], positions)
     if kind == "causal" or objective == "logprob":
         picked = torch.log_softmax(picked.float(), dim=-1)
     values = picked.gather(1, tokens.unsqueeze(1)).squeeze(1)
-    rows = target.nonzero()[:, 0]
+    rows = positions.nonzero()[:, 0]
     return torch.zeros(input_ids.shape[0], dtype=values.dtype, device=values.device).index_add(0, rows, values)
 
 

@@ -1,0 +1,273 @@
+"""PCGU: the vectorized step against a per-partition loop written like the official code, plus DDP and the CLI."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from debias_plugin.data.pairs import BiasPair, load_winogender_pairs
+from debias_plugin.errors import DebiasError
+from debias_plugin.methods.pcgu import (
+    collate_pairs, encode_pair, partition_layout, pcgu_step, resolve_k, sequence_objectives, target_spans,
+)
+from debias_plugin.models import load_model
+
+
+# -- the reference: one partition at a time, CPU copies, as in CharlesYu2000/PCGU-UnlearningBias -------------
+def loop_partition(model, aggregation: str) -> list[tuple[str, tuple | None]]:
+    """(param name, index) per partition: rows for input aggregation (columns for Conv1D's [in, out])."""
+    conv1d = {f"{name}.weight" for name, module in model.named_modules() if type(module).__name__ == "Conv1D"}
+    partition = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.dim() == 1:
+            partition.append((name, None))
+            continue
+        along_last_axis = (aggregation == "input") != (name in conv1d)
+        if along_last_axis:
+            for index in itertools.product(*(range(n) for n in param.shape[:-1])):
+                partition.append((name, index))
+        else:
+            for lead in itertools.product(*(range(n) for n in param.shape[:-2])):
+                for column in range(param.shape[-1]):
+                    partition.append((name, (*lead, slice(None), column)))
+    return partition
+
+
+def loop_gradients(model, kind: str, encoded, side: str, objective: str) -> dict:
+    """Sum over sequences, one unpadded sequence at a time, of d objective / d theta (copied to CPU)."""
+    total = None
+    for pair in encoded:
+        example = getattr(pair, side)
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=torch.tensor([example.input_ids])).logits[0]
+        value = 0.0
+        for position, token in zip(example.target_positions, example.target_ids):
+            if kind == "causal":
+                value = value + torch.log_softmax(logits[position - 1], dim=-1)[token]
+            elif objective == "logprob":
+                value = value + torch.log_softmax(logits[position], dim=-1)[token]
+            else:
+                value = value + logits[position, token]
+        value.backward()
+        grads = {name: None if p.grad is None else p.grad.detach().cpu().clone()
+                 for name, p in model.named_parameters()}
+        if total is None:
+            total = grads
+        else:
+            for name, grad in grads.items():
+                if grad is not None:
+                    total[name] = grad if total[name] is None else total[name] + grad
+    model.zero_grad(set_to_none=True)
+    return total
+
+
+def loop_step(model, kind, encoded, *, aggregation, k, lr, objective, direction, rank_by):
+    """Similarities partition by partition, k lowest by (similarity, index), update partition by partition."""
+    grads_adv = loop_gradients(model, kind, encoded, "advantaged", objective)
+    grads_dis = loop_gradients(model, kind, encoded, "disadvantaged", objective)
+    params = dict(model.named_parameters())
+
+    def step_of(adv, dis):
+        """The official code's new_grad_calc, applied to one partition's slices."""
+        if direction == "advantaged":
+            return adv
+        return -dis if direction == "disadvantaged" else adv - dis
+
+    partition = loop_partition(model, aggregation)
+    scores, sizes = [], []
+    for name, index in partition:
+        adv, dis = grads_adv[name], grads_dis[name]
+        if adv is None or dis is None:
+            scores.append(5.0)  # the official code's "never pick" value
+            sizes.append(0.0)
+            continue
+        weight = params[name].detach().cpu()
+        if index is not None:
+            adv, dis, weight = adv[index], dis[index], weight[index]
+        score = F.cosine_similarity(adv, dis, dim=-1)
+        sizes.append(min(float(adv.norm()), float(dis.norm())))
+        if rank_by == "flexibility":
+            score = score * step_of(adv, dis).norm() / (weight.norm() + 1e-3 * adv.numel() ** 0.5)
+        scores.append(float(score))
+    chosen = sorted(range(len(scores)), key=lambda i: (scores[i], i))[:k]
+    with torch.no_grad():
+        for i in chosen:
+            name, index = partition[i]
+            if index is None:
+                params[name] -= lr * step_of(grads_adv[name], grads_dis[name])
+            else:
+                params[name][index] -= lr * step_of(grads_adv[name][index], grads_dis[name][index])
+    return chosen, scores, sizes, partition
+
+
+# -- fixtures -------------------------------------------------------------------------------------------
+def _encoded(folder, kind_expected: str, count: int = 8):
+    model, tokenizer, kind = load_model(folder)
+    assert kind == kind_expected
+    pairs = load_winogender_pairs()[:: 240 // count][:count]
+    encoded = [encode_pair(p, tokenizer, kind) for p in pairs]
+    assert all(e is not None for e in encoded)
+    return model, tokenizer, kind, encoded
+
+
+CASES = [
+    ("bert", "masked", dict(aggregation="input", direction="advantaged", rank_by="similarity", objective="logit")),
+    ("bert", "masked", dict(aggregation="output", direction="both", rank_by="flexibility", objective="logprob")),
+    ("gpt2", "causal", dict(aggregation="input", direction="advantaged", rank_by="similarity", objective="logprob")),
+    ("gpt2", "causal", dict(aggregation="output", direction="disadvantaged", rank_by="flexibility",
+                            objective="logprob")),
+]
+
+
+@pytest.mark.parametrize("model_type, kind, options", CASES, ids=lambda c: str(c) if isinstance(c, str) else None)
+def test_vectorized_step_equals_per_partition_loop(tiny_model, data_dir, model_type, kind, options):
+    model, tokenizer, kind, encoded = _encoded(tiny_model(model_type), kind)
+    reference_model = copy.deepcopy(model)
+    layout = partition_layout(model, options["aggregation"])
+    total = sum(part.count for part in layout)
+    k = resolve_k(0.03, total)
+    lr = 1e-3
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    batch = collate_pairs(encoded, tokenizer.pad_token_id)
+    halves = [{key: value[:5] for key, value in batch.items()}, {key: value[5:] for key, value in batch.items()}]
+    step_options = {key: value for key, value in options.items() if key != "aggregation"}
+    result = pcgu_step(model, layout, halves, kind=kind, k=k, lr=lr, **step_options)
+    chosen, scores, sizes, partition = loop_step(reference_model, kind, encoded, k=k, lr=lr, **options)
+
+    assert len(partition) == total
+    # Gradients at rounding-noise level (e.g. attention key biases, which softmax makes exactly
+    # irrelevant) have arbitrary directions; every other partition's score must agree.
+    meaningful = torch.tensor(sizes) > 1e-5
+    assert meaningful.sum() > 100
+    torch.testing.assert_close(result.scores[meaningful], torch.tensor(scores)[meaningful], atol=2e-5, rtol=1e-4)
+    sorted_scores = sorted(scores)
+    assert sorted_scores[k] - sorted_scores[k - 1] > 1e-6 or sorted_scores[k] == sorted_scores[k - 1] == 0.0
+    assert sorted(result.selected.tolist()) == sorted(chosen)
+    assert result.selected.tolist() == chosen  # same order too: ascending score, ties by index
+
+    moved = 0
+    reference = dict(reference_model.named_parameters())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param, reference[name], atol=1e-7, rtol=1e-5)
+        moved += int(((param - before[name]).abs() > 1e-7).any())
+    assert moved >= 2, "the step should have changed some tensors"
+
+
+def test_partition_axes_follow_units_not_storage():
+    from transformers.pytorch_utils import Conv1D
+
+    model = torch.nn.ModuleDict({"linear": torch.nn.Linear(3, 5), "conv": Conv1D(5, 3),
+                                 "emb": torch.nn.Embedding(7, 4)})
+    counts = {p.name: (p.mode, p.count) for p in partition_layout(model, "input")}
+    assert counts["linear.weight"] == ("rows", 5)  # [out=5, in=3]: one partition per output unit
+    assert counts["conv.weight"] == ("columns", 5)  # [in=3, out=5]: the same units, stored transposed
+    assert counts["emb.weight"] == ("rows", 7)
+    assert counts["linear.bias"] == ("whole", 1)
+    outputs = {p.name: (p.mode, p.count) for p in partition_layout(model, "output")}
+    assert outputs["linear.weight"] == ("columns", 3) and outputs["conv.weight"] == ("rows", 3)
+
+
+def test_target_spans_and_masking(tiny_model, data_dir):
+    assert target_spans([1, 2, 3, 4], [1, 9, 9, 4]) == (range(1, 3), range(1, 3))
+    assert target_spans([1, 2, 4], [1, 2, 3, 4]) == (range(2, 2), range(2, 3))
+    pair = BiasPair("The nurse said she would help.", "The nurse said he would help.", "nurse", "test")
+    _, tokenizer, _ = load_model(tiny_model("bert"))
+    encoded = encode_pair(pair, tokenizer, "masked")
+    assert encoded.advantaged.target_ids == tokenizer.convert_tokens_to_ids(["she"])
+    position = encoded.advantaged.target_positions[0]
+    assert encoded.advantaged.input_ids[position] == tokenizer.mask_token_id
+    assert tokenizer.mask_token_id not in encoded.advantaged.input_ids[:position]
+    _, gpt_tokenizer, _ = load_model(tiny_model("gpt2"))
+    causal = encode_pair(pair, gpt_tokenizer, "causal")
+    assert causal.advantaged.input_ids[0] == gpt_tokenizer.bos_token_id
+    assert gpt_tokenizer.decode(causal.advantaged.target_ids).strip() == "she"
+    assert encode_pair(BiasPair("He runs.", "He runs fast.", "", ""), gpt_tokenizer, "causal") is None
+
+
+def test_step_lowers_the_advantaged_objective(tiny_model, data_dir):
+    model, tokenizer, kind, encoded = _encoded(tiny_model("gpt2"), "causal")
+    batch = collate_pairs(encoded, tokenizer.pad_token_id)
+    layout = partition_layout(model)
+    with torch.no_grad():
+        before = sequence_objectives(model, batch, "adv", kind, "logprob").sum()
+    pcgu_step(model, layout, [batch], kind=kind, k=resolve_k(0.2, sum(p.count for p in layout)), lr=1e-2)
+    with torch.no_grad():
+        after = sequence_objectives(model, batch, "adv", kind, "logprob").sum()
+    assert after < before - 1e-4
+
+
+def test_k_and_option_errors():
+    assert resolve_k(0.5, 10) == 5 and resolve_k(3, 10) == 3 and resolve_k(30, 10) == 10
+    for bad in (0, 1.5, -2):
+        with pytest.raises(DebiasError, match="--k"):
+            resolve_k(bad, 10)
+    from debias_plugin.methods.pcgu import PCGUOptions
+
+    with pytest.raises(DebiasError, match="--direction"):
+        PCGUOptions(direction="sideways").validate()
+
+
+def test_cli_errors_are_one_paragraph(tmp_path, tiny_model, data_dir, capsys):
+    from debias_plugin.cli import main
+
+    bad_pairs = tmp_path / "pairs.csv"
+    bad_pairs.write_text("advantaged,disadvantaged\nHe runs.,She runs.\nHe sat.,\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pcgu", "--model", str(tiny_model("gpt2")), "--output", str(tmp_path / "out"),
+              "--pairs", str(bad_pairs), "--steps", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "pairs.csv, line 3, field 'disadvantaged'" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pcgu", "--model", str(tiny_model("gpt2")), "--output", str(tmp_path / "out"), "--k", "2.5"])
+    assert exit_info.value.code != 0
+    assert not (tmp_path / "out").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path, tiny_model, data_dir):
+    """2 processes (accelerate, gloo DDP on CPU) select and update exactly what one process does.
+
+    `accelerate launch --cpu --num_processes 2` starts a single process (its simple launcher); on a
+    machine without GPUs `--multi_gpu` is what starts 2 CPU processes with a gloo process group.
+    """
+    from safetensors.torch import load_file
+
+    model = tiny_model("gpt2")
+    common = ["pcgu", "--model", str(model), "--steps", "2", "--batch-size", "8", "--k", "0.05", "--no-dropout",
+              "--lr", "1e-3", "--seed", "3"]
+    debias = str(Path(sys.executable).with_name("debias"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two_processes = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes",
+                     "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                     "--main_process_port", str(_free_port()), debias]
+    for processes, launcher in ((1, [debias]), (2, two_processes)):
+        out = subprocess.run(launcher + common + ["--output", str(tmp_path / f"out{processes}")], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    one, two = (load_file(tmp_path / f"out{n}" / "model.safetensors") for n in (1, 2))
+    base = load_file(Path(model) / "model.safetensors")
+    assert any(not torch.equal(one[name], base[name]) for name in one)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=1e-7, rtol=1e-6)
+    reports = [json.loads((tmp_path / f"out{n}" / "debias_manifest.json").read_text()) for n in (1, 2)]
+    assert reports[1]["processes"] == 2
+    assert reports[0]["report"]["selections_by_tensor_top15"] == reports[1]["report"]["selections_by_tensor_top15"]
