@@ -99,7 +99,9 @@ def test_two_processes_match_one(tiny_model, corpus, tmp_path):
     base = weights(model)
     assert max(float((weights(one)[k] - base[k]).abs().max()) for k in base) > 1e-3  # it really trained
     # Same data, same maths; only float summation order differs (mean of two half-batch means vs one mean).
-    assert max_difference(weights(one), weights(two)) < 1e-5
+    difference = max_difference(weights(one), weights(two))
+    print(f"max |1-process - 2-process| weight difference: {difference:.3g}")
+    assert difference < 2e-5  # measured 3e-6 here; Adam steps are 1e-3
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_model, corpus, tmp_path):
