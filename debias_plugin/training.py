@@ -268,14 +268,14 @@ class Trainer:
         examples = list(self.method.setup(run))
         if not examples:
             raise DebiasError(f"{self.method.stage}: no training examples (the corpus gave nothing to train on).")
-        trainable = [p for p in run.model.parameters() if p.requires_grad]
+        run.model = accelerator.prepare(run.model)  # on the device (and DDP-wrapped) before the optimizer sees it
         if getattr(self.method, "uses_optimizer", True):
             from transformers import get_scheduler
 
+            trainable = [p for p in run.unwrapped.parameters() if p.requires_grad]
             run.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
             run.scheduler = get_scheduler(config.scheduler, run.optimizer, num_warmup_steps=config.warmup_steps,
                                           num_training_steps=config.steps)
-        run.model = accelerator.prepare(run.model)
         return run, examples
 
     # -- checkpoints --------------------------------------------------------------------------------------
