@@ -25,6 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("DEBIAS_DATA_DIR", REPO.parent / "shared" / "data"))
 CORPUS = DATA / "reddit_bias" / "gender_reddit_comments_gender_female_biased_test_reduced.csv"
 BASE_CROWS_NOTE = Path("/work/notes/base_smollm2_crows.json")
+os.environ.setdefault("DEBIAS_DATA_DIR", str(DATA))  # the tasks read the local files (lm-eval subprocesses too)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -57,12 +60,14 @@ def crows_row(results: dict) -> dict:
 
 def base_crows(work: Path, base: Path) -> dict:
     """The lead's base SmolLM2 CrowS results if present (same task, same model), else computed here."""
-    if BASE_CROWS_NOTE.is_file():
-        note = json.loads(BASE_CROWS_NOTE.read_text())
-        results = note.get("results", note)
-        row = crows_row(results)
+    notes = [BASE_CROWS_NOTE] if BASE_CROWS_NOTE.is_file() else []
+    notes += sorted(BASE_CROWS_NOTE.parent.glob("base_smollm2/**/results_*.json"))
+    for note_path in notes:
+        note = json.loads(note_path.read_text())
+        same_model = (note.get("config") or {}).get("model_args", {}).get("pretrained") in (None, str(base))
+        row = crows_row(note.get("results", note)) if same_model else {}
         if row:
-            print(f"  base crows_bias reused from {BASE_CROWS_NOTE}")
+            print(f"  base crows_bias reused from {note_path}")
             return row
     return crows_row(lm_eval(f"pretrained={base},dtype=float32", "crows_bias", work / "eval" / "base_crows", []))
 
@@ -108,7 +113,7 @@ def main() -> None:
     table = {}
     print("3. evaluation", flush=True)
     for label, model_args in rows.items():
-        key = label.split()[0] + "_" + label.split()[-1].replace("(", "").replace(")", "").replace("+", "")
+        key = "".join(c if c.isalnum() or c == "." else "_" for c in label).strip("_")
         crows = base_crows(work, base) if label == "base" else crows_row(
             lm_eval(model_args, "crows_bias", work / "eval" / f"{key}_crows", []))
         ppl = lm_eval(model_args + ",max_length=1024", "wikitext2_ppl", work / "eval" / f"{key}_ppl", ppl_extra)
