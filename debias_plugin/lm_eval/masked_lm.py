@@ -71,7 +71,7 @@ class MaskedLM(LM):
     """lm-eval model for masked LMs; batch size is a padded-token budget (`batch_tokens`), not a request count."""
 
     def __init__(self, pretrained: str, device: str | None = None, dtype: str = "float32",
-                 batch_tokens: int | str = 8192, max_batch_size: int | str | None = None,
+                 batch_tokens: int | str | None = None, max_batch_size: int | str | None = None,
                  max_length: int | str | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
                  batch_size=None, **unused):
         super().__init__()
@@ -95,6 +95,8 @@ class MaskedLM(LM):
                                           allow_pickle=_flag(allow_pickle))
         self.model = model.to(self._device)
         self.tokenizer = tokenizer
+        if batch_tokens is None:  # small batches stay in CPU caches; a GPU wants large ones
+            batch_tokens = 2048 if self._device.type == "cpu" else 32768
         self.scorer = MaskedScorer(
             self.model, tokenizer, token_budget=int(batch_tokens),
             max_batch_size=int(max_batch_size) if max_batch_size else None,

@@ -93,7 +93,7 @@ def model_max_length(model, tokenizer) -> int:
 class MaskedScorer:
     """Batched masked-LM scoring for one model; `token_budget` caps the padded tokens of one forward pass."""
 
-    def __init__(self, model, tokenizer, *, token_budget: int = 8192, max_batch_size: int | None = None,
+    def __init__(self, model, tokenizer, *, token_budget: int = 2048, max_batch_size: int | None = None,
                  max_length: int | None = None, progress: bool = False):
         if tokenizer.mask_token_id is None:
             raise DebiasError(f"Tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no mask token; masked-LM "

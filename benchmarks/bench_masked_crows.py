@@ -1,0 +1,140 @@
+"""Full CrowS-Pairs with the batched masked scorer (hf-mlm's engine) vs. the one-forward-per-masked-token reference.
+
+Same process, same seeded tiny-but-not-trivial BERT (4 layers, hidden 256), one run. Prints both wall times,
+the speed-up, whether every pair's rounded scores and win are identical, and each phase's peak memory.
+
+Peak memory: a background thread samples the process RSS (psutil) every 2 ms; a phase's peak is the
+highest sample during it, reported also as the rise over the RSS at the phase's start. glibc's
+malloc_trim(0) runs between phases so freed memory is returned and the second phase starts from a
+comparable baseline. (tracemalloc would miss torch's C++ allocations.)
+
+    nice -n 10 python benchmarks/bench_masked_crows.py [--limit N] [--threads 1] [--batch-tokens 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import importlib.util
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DEBIAS_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+
+
+class PeakRss:
+    """Highest resident set size seen while the `with` block runs (sampled by a thread)."""
+
+    def __init__(self, interval: float = 0.002):
+        import psutil
+
+        self.process, self.interval = psutil.Process(), interval
+
+    def __enter__(self):
+        self.start = self.peak = self.process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.process.memory_info().rss)
+
+
+def release_freed_memory():
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def load_reference():
+    """The per-token reference (Nangia et al.'s metric.py logic) lives in the tests; reuse it verbatim."""
+    spec = importlib.util.spec_from_file_location("masked_reference", ROOT / "tests" / "test_masked_scoring.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.reference_crows_pair
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=int, default=None, help="first N pairs only (default: all 1508)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for both phases")
+    parser.add_argument("--batch-tokens", type=int, default=2048, help="padded-token budget per forward")
+    args = parser.parse_args()
+
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from debias_plugin.data import load_crows_pairs
+    from debias_plugin.scoring.masked import MaskedScorer
+    from debias_plugin.testing import build_tiny_model
+
+    torch.set_num_threads(args.threads)
+    reference_crows_pair = load_reference()
+    pairs = [(p.sent_more, p.sent_less) for p in load_crows_pairs()][: args.limit]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = build_tiny_model("bert", Path(tmp) / "bert", layers=4, hidden=256, seed=0)
+        model = AutoModelForMaskedLM.from_pretrained(folder).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: BERT 4 layers, hidden 256, vocab {model.config.vocab_size}, {n_params / 1e6:.1f}M params; "
+          f"{len(pairs)} pairs; torch threads {torch.get_num_threads()}; batch_tokens {args.batch_tokens}")
+
+    scorer = MaskedScorer(model, tokenizer, token_budget=args.batch_tokens, progress=True)
+    release_freed_memory()
+    with PeakRss() as batched_memory:
+        start = time.perf_counter()
+        batched = scorer.crows_scores(pairs)
+        batched_seconds = time.perf_counter() - start
+
+    release_freed_memory()
+    with PeakRss() as reference_memory:
+        start = time.perf_counter()
+        reference = [reference_crows_pair(model, tokenizer, more, less, scorer.uncased)
+                     for more, less in tqdm(pairs, desc="reference (one forward per masked token)")]
+        reference_seconds = time.perf_counter() - start
+
+    max_diff = max(abs(a - b) for pair_a, pair_b in zip(batched, reference) for a, b in zip(pair_a, pair_b))
+    rounded_same = sum(
+        (round(a[0], 3), round(a[1], 3)) == (round(b[0], 3), round(b[1], 3)) for a, b in zip(batched, reference)
+    )
+    wins_same = sum(
+        (round(a[0], 3) > round(a[1], 3)) == (round(b[0], 3) > round(b[1], 3)) for a, b in zip(batched, reference)
+    )
+    pct = 100.0 * sum(round(a, 3) > round(b, 3) for a, b in batched) / len(batched)
+    mib = 1024 * 1024
+    print(f"masked forwards (reference): {sum(1 for _ in _count_masks(scorer, pairs))}")
+    print(f"batched scorer:   {batched_seconds:8.1f} s   peak RSS {batched_memory.peak / mib:7.0f} MiB "
+          f"(+{(batched_memory.peak - batched_memory.start) / mib:.0f} MiB over phase start)")
+    print(f"per-token loop:   {reference_seconds:8.1f} s   peak RSS {reference_memory.peak / mib:7.0f} MiB "
+          f"(+{(reference_memory.peak - reference_memory.start) / mib:.0f} MiB over phase start)")
+    print(f"speed-up:         {reference_seconds / batched_seconds:8.1f} x")
+    print(f"max |score diff| before rounding: {max_diff:.2e}")
+    print(f"pairs with identical rounded scores: {rounded_same}/{len(pairs)}; identical wins: {wins_same}/{len(pairs)}; "
+          f"all identical: {rounded_same == wins_same == len(pairs)}")
+    print(f"pct_stereotype (random tiny model): {pct:.2f}")
+
+
+def _count_masks(scorer, pairs):
+    from debias_plugin.scoring.masked import shared_token_positions
+
+    for more, less in pairs:
+        shared, _ = shared_token_positions(scorer.encode(more), scorer.encode(less))
+        yield from range(2 * max(0, len(shared) - 2))
+
+
+if __name__ == "__main__":
+    main()
