@@ -118,14 +118,14 @@ class Unlearn:
         self.opts = options
         self.counts: dict = {}
         self.reference = None
+        self.word_source = None
 
     def options(self) -> dict:
         return asdict(self.opts)
 
     def input_files(self) -> list[str]:
         files = [self.opts.corpus, self.opts.heldout, self.opts.retain]
-        if self.opts.targets == "words":
-            files.append(self.word_source)
+        files.append(self.word_source)
         return [f for f in files if f]
 
     def report(self) -> dict:
@@ -158,8 +158,11 @@ class Unlearn:
         self.counts = {"texts": len(texts), "texts_with_targets": len(examples), "texts_without_targets": len(skipped),
                        "target_tokens": sum(sum(t) for _, t in examples),
                        "skipped_text_indices": skipped[:50], "most_matched": dict(matched.most_common(15))}
-        domains = "" if self.word_source.endswith(".txt") else f" ({', '.join(self.opts.domains)})"
-        what = f"the words of {self.word_source}{domains}" if pattern is not None else "no [[...]] markup"
+        if pattern is None:
+            what = "[[...]] markup"
+        else:
+            domains = "" if self.word_source.endswith(".txt") else f" ({', '.join(self.opts.domains)})"
+            what = f"the words of {self.word_source}{domains}"
         if not examples:
             found = "no match in any text" if pattern is not None else "no [[...]] markup in any text"
             raise DataError(self.opts.corpus, f"column '{self.opts.column or 'text'}'",
