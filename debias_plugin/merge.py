@@ -34,11 +34,12 @@ ADAPTER_PLACEHOLDER = "/path/to/bias_adapter"
 INFER_ARCHITECTURE = "debias-plugin/infer-from-tensor-names"
 MANIFEST_NAME = "debias_manifest.json"
 CONFIG_NAME = "mergekit_config.yml"
-DEFAULT_SHARD_SIZE = "500MB"
+DEFAULT_SHARD_SIZE = "auto"  # model size / 8, clamped to 100 MB .. 1 GB: mergekit holds one shard in memory
 # method -> (normalize default, uses a sign election); both from mergekit 0.1.5's registry.
 _METHODS = {"task_arithmetic": (False, False), "ties": (True, True)}
 _TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                  "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
@@ -436,10 +437,12 @@ def _yaml_text(config: dict, header: str) -> str:
     return "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + body
 
 
-def parse_size(value: str | int) -> int:
-    """'500MB', '2GB', '1e9' or an int -> bytes (mergekit's shard size compares bytes)."""
+def parse_size(value: str | int, model_bytes: int = 0) -> int:
+    """'auto', '500MB', '2GB', '1e9' or an int -> bytes (mergekit's shard size compares bytes)."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
+    if str(value).strip().lower() == "auto":
+        return int(min(1e9, max(1e8, model_bytes / 8)))
     match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)I?B?\s*", str(value).upper())
     try:
         number = float(match.group(1)) if match else None
@@ -610,9 +613,11 @@ def negate(base: str | Path, *, lambdas: Iterable, out: str | Path, biased: str 
             raise DebiasError(f"{path}: mergekit reads '+' as BASE+ADAPTER and '@' as a revision; "
                               "rename or symlink the folder to a path without them.")
     _check_output_path(out, [base, source], force)
-    shard_bytes = parse_size(shard_size)
+    parse_size(shard_size)  # fail early on a malformed size
 
     base_tensors = model_tensors(base)
+    shard_bytes = parse_size(shard_size, sum(math.prod(info.shape) * _DTYPE_BYTES.get(info.dtype, 4)
+                                             for info in base_tensors.values()))
     if adapter is None:
         check_same_model(base, source, base_tensors, model_tensors(source))
     else:

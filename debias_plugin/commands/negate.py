@@ -16,8 +16,9 @@ import click
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--template", default=None,
               help="A mergekit YAML to render instead of the bundled merge_configs/negate.yml / negate_lora.yml.")
-@click.option("--max-shard-size", default="500MB", show_default=True,
-              help="Output shard size; mergekit holds one shard in memory while writing.")
+@click.option("--max-shard-size", default="auto", show_default=True,
+              help="Output shard size, e.g. 500MB or 2GB; mergekit holds one shard in memory while writing. "
+                   "auto = model size / 8, between 100 MB and 1 GB.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def negate_command(base, biased, adapter, lambdas, out, force, template, max_shard_size, quiet):
     """Subtract a bias vector: theta = base - lambda * (biased - base), as a mergekit task_arithmetic merge.
