@@ -345,3 +345,15 @@ def test_negate_multi_yml_subtracts_the_ties_merge_and_documents_signs(tiny_mode
     name = "model.layers.0.mlp.down_proj.weight"
     merged = ties_reference(base_state[name], [m[name] for m in models], density=0.2)
     torch.testing.assert_close(got[name], base_state[name] + merged, rtol=0, atol=1e-6)
+
+
+def test_shard_size_parsing():
+    from debias_plugin.merge import parse_size
+
+    assert parse_size("500MB") == 500_000_000 and parse_size("2GB") == 2_000_000_000 and parse_size(7) == 7
+    assert parse_size("auto", 540_000_000) == 100_000_000  # small model: the 100 MB floor
+    assert parse_size("auto", 4_000_000_000) == 500_000_000  # model size / 8
+    assert parse_size("auto", 70_000_000_000) == 1_000_000_000  # 1 GB cap
+    for bad in ("x", "-1MB", "0"):
+        with pytest.raises(DebiasError, match="shard size"):
+            parse_size(bad)
