@@ -149,10 +149,11 @@ def test_vectorized_step_equals_per_partition_loop(tiny_model, data_dir, model_t
 
     assert len(partition) == total
     # Gradients at rounding-noise level (e.g. attention key biases, which softmax makes exactly
-    # irrelevant) have arbitrary directions; every other partition's score must agree.
+    # irrelevant) have arbitrary directions; every other partition's score must agree up to float32
+    # reductions in another order (partitions up to 30522 long: columns of the word embeddings).
     meaningful = torch.tensor(sizes) > 1e-5
     assert meaningful.sum() > 100
-    torch.testing.assert_close(result.scores[meaningful], torch.tensor(scores)[meaningful], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(result.scores[meaningful], torch.tensor(scores)[meaningful], atol=1e-3, rtol=1e-3)
     sorted_scores = sorted(scores)
     assert sorted_scores[k] - sorted_scores[k - 1] > 1e-6 or sorted_scores[k] == sorted_scores[k - 1] == 0.0
     assert sorted(result.selected.tolist()) == sorted(chosen)

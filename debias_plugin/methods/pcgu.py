@@ -37,7 +37,6 @@ import math
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from debias_plugin.errors import DebiasError
 
@@ -129,6 +128,14 @@ def update_direction(grad_adv, grad_dis, direction: str):
     return grad_adv - grad_dis
 
 
+def cosine_rows(first: torch.Tensor, second: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Row-wise cosine similarity as F.cosine_similarity defines it (norms clamped at eps), without its
+    normalised copies of both inputs: one fused dot product and two norms."""
+    dots = torch.einsum("ij,ij->i", first, second)
+    norms = torch.linalg.vector_norm(first, dim=-1).clamp_min(eps) * torch.linalg.vector_norm(second, dim=-1).clamp_min(eps)
+    return dots / norms
+
+
 def partition_scores(layout, grads_adv, grads_dis, rank_by: str = "similarity",
                      direction: str = "advantaged") -> torch.Tensor:
     """One score per partition (lower = more contrastive), concatenated over all tensors."""
@@ -137,7 +144,7 @@ def partition_scores(layout, grads_adv, grads_dis, rank_by: str = "similarity",
         if grad_adv is None or grad_dis is None:
             scores.append(torch.full((part.count,), _UNUSED_SCORE, device=part.param.device))
             continue
-        score = F.cosine_similarity(part.view(grad_adv), part.view(grad_dis), dim=-1)
+        score = cosine_rows(part.view(grad_adv), part.view(grad_dis))
         if rank_by == "flexibility":
             step = torch.linalg.vector_norm(part.view(update_direction(grad_adv, grad_dis, direction)), dim=-1)
             weights = part.view(part.param.detach())
