@@ -7,9 +7,9 @@ import datasets
 from debias_plugin.data import load_wikitext_documents
 
 
-def load(wikitext_path=None, **_model_args_and_metadata):
-    """custom_dataset hook: the 62 test articles (--metadata '{"wikitext_path": ...}' or $DEBIAS_DATA_DIR)."""
-    pages = load_wikitext_documents(wikitext_path)
+def load(wikitext_path=None, articles=None, **_model_args_and_metadata):
+    """custom_dataset hook: the 62 test articles, or the first `articles` (--metadata '{"wikitext_path": ...}')."""
+    pages = load_wikitext_documents(wikitext_path)[:articles]
     return datasets.DatasetDict({"test": datasets.Dataset.from_dict({"page": pages})})
 
 
