@@ -244,8 +244,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(tmp_path, tiny_model, data_dir):
-    """2 processes (accelerate, gloo DDP on CPU) select and update exactly what one process does.
+def test_two_processes_equal_one_and_resume(tmp_path, tiny_model, data_dir):
+    """2 processes (accelerate, gloo DDP on CPU) select and update exactly what one process does,
+    and a killed-then-resumed single-process run ends where the uninterrupted run does.
 
     `accelerate launch --cpu --num_processes 2` starts a single process (its simple launcher); on a
     machine without GPUs `--multi_gpu` is what starts 2 CPU processes with a gloo process group.
@@ -260,10 +261,17 @@ def test_two_processes_equal_one(tmp_path, tiny_model, data_dir):
     two_processes = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes",
                      "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                      "--main_process_port", str(_free_port()), debias]
-    for processes, launcher in ((1, [debias]), (2, two_processes)):
-        out = subprocess.run(launcher + common + ["--output", str(tmp_path / f"out{processes}")], env=env,
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-3000:]
+    # One process, killed after step 1 (checkpoint every step), then resumed: must equal two processes.
+    one_process = [debias, *common, "--output", str(tmp_path / "out1"), "--checkpoint-every", "1"]
+    killed = subprocess.run(one_process, env={**env, "DEBIAS_ABORT_AFTER_STEP": "1"}, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode != 0 and not (tmp_path / "out1").exists()
+    resumed = subprocess.run(one_process, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming pcgu" in resumed.stdout + resumed.stderr
+    out = subprocess.run(two_processes + common + ["--output", str(tmp_path / "out2")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
     one, two = (load_file(tmp_path / f"out{n}" / "model.safetensors") for n in (1, 2))
     base = load_file(Path(model) / "model.safetensors")
     assert any(not torch.equal(one[name], base[name]) for name in one)
