@@ -143,3 +143,16 @@ def test_resolution_order(tmp_path, monkeypatch, data_dir):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DebiasError, match="downloading crows_pairs_anonymized.csv from the hub dataset"):
         load_crows_pairs()
+
+
+def test_wikitext_quick_variant_takes_the_first_articles(data_dir):
+    import importlib.util
+
+    from debias_plugin.paths import tasks_dir
+
+    spec = importlib.util.spec_from_file_location("wikitext_utils", tasks_dir() / "wikitext2_ppl" / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    quick = utils.load(articles=6)["test"]["page"]
+    assert quick == load_wikitext_documents()[:6]
+    assert len(utils.load()["test"]) == 62
