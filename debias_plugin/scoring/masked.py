@@ -127,29 +127,34 @@ class MaskedScorer:
         with torch.inference_mode():
             for batch in tqdm(batches, desc=description, unit="batch", disable=not self.progress):
                 width = len(batch[0])
-                input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-                attention = torch.zeros((len(batch), width), dtype=torch.long)
+                padded = any(len(ids) != width for ids in batch)
+                input_ids = torch.tensor([list(ids) + [self.pad_id] * (width - len(ids)) for ids in batch])
+                attention = (torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in batch])
+                             if padded else None)  # no mask: the faster attention path, as an unbatched call
                 flat, targets, keys = [], [], []
                 for row, ids in enumerate(batch):
-                    input_ids[row, : len(ids)] = torch.tensor(ids)
-                    attention[row, : len(ids)] = 1
                     for position, target in wanted[ids]:
                         flat.append(row * width + position)
                         targets.append(target)
                         keys.append((ids, position, target))
-                logits = self._logits_at(input_ids.to(device), attention.to(device), torch.tensor(flat, device=device))
+                logits = self._logits_at(input_ids.to(device), None if attention is None else attention.to(device),
+                                         torch.tensor(flat, device=device))
                 scores = logits.float().log_softmax(-1).gather(1, torch.tensor(targets, device=device)[:, None])
                 results.update(zip(keys, scores[:, 0].tolist()))
         return [results[query] for query in queries]
 
     def _pack(self, inputs: list[tuple[int, ...]]) -> Iterable[list[tuple[int, ...]]]:
-        """Length-sorted inputs into batches whose padded size stays under the token budget."""
+        """Length-sorted inputs into batches under the token budget; a shorter input joins a batch (as padding)
+        only while that batch is under half the budget, so most batches need no padding and no attention mask."""
         batch: list[tuple[int, ...]] = []
         for ids in inputs:
-            full = self.max_batch_size is not None and len(batch) >= self.max_batch_size
-            if batch and (full or (len(batch) + 1) * len(batch[0]) > self.token_budget):
-                yield batch
-                batch = []
+            if batch:
+                width = len(batch[0])
+                fits = (len(batch) + 1) * width <= self.token_budget and (
+                    self.max_batch_size is None or len(batch) < self.max_batch_size)
+                if not fits or (len(ids) != width and 2 * len(batch) * width >= self.token_budget):
+                    yield batch
+                    batch = []
             batch.append(ids)
         if batch:
             yield batch
