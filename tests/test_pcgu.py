@@ -235,6 +235,9 @@ def test_cli_errors_are_one_paragraph(tmp_path, tiny_model, data_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["pcgu", "--model", str(tiny_model("gpt2")), "--output", str(tmp_path / "out"), "--k", "2.5"])
     assert exit_info.value.code != 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pcgu", "--model", str(tiny_model("gpt2")), "--output", str(tmp_path / "out"), "--grad-accum", "2"])
+    assert exit_info.value.code == 2 and "--grad-accum" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
 

@@ -17,6 +17,19 @@ def _k_value(ctx, param, value: str) -> float:
     return number
 
 
+def reject_unused_options(config) -> None:
+    """PCGU owns its update (masked plain SGD in fp32): refuse shared flags it would silently ignore."""
+    from debias_plugin.errors import DebiasError
+
+    unused = {"--grad-accum": config.grad_accum != 1, "--weight-decay": config.weight_decay != 0,
+              "--scheduler": config.scheduler != "constant", "--warmup-steps": config.warmup_steps != 0,
+              "--max-grad-norm": config.max_grad_norm != 0, "--precision": config.precision != "fp32"}
+    named = [flag for flag, is_set in unused.items() if is_set]
+    if named:
+        raise DebiasError(f"debias pcgu does not use {', '.join(named)}: its update is plain SGD on the selected "
+                          "partitions, in fp32. Use --similarity-batches to sum gradients over several batches.")
+
+
 @click.command("pcgu")
 @click_training_options
 @click.option("--pairs", default="winogender", show_default=True,
@@ -46,6 +59,7 @@ def pcgu_command(pairs, groups, k, aggregation, direction, objective, rank_by, s
     from debias_plugin.training import config_from_options
 
     config, _ = config_from_options(shared)
+    reject_unused_options(config)
     options = PCGUOptions(pairs=pairs, groups=list(groups), k=k, aggregation=aggregation, direction=direction,
                           objective=objective, rank_by=rank_by, batch_size=config.batch_size,
                           similarity_batches=similarity_batches)

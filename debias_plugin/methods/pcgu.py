@@ -119,7 +119,7 @@ def resolve_k(k: float, total: int) -> int:
 # -- similarity, selection, update ---------------------------------------------------------------------
 def update_direction(grad_adv, grad_dis, direction: str):
     """The gradient SGD descends along: lower advantaged, raise disadvantaged, or both."""
-    if grad_adv is None:
+    if grad_adv is None or grad_dis is None:
         return None
     if direction == "advantaged":
         return grad_adv
@@ -132,8 +132,8 @@ def cosine_rows(first: torch.Tensor, second: torch.Tensor, eps: float = 1e-8) ->
     """Row-wise cosine similarity as F.cosine_similarity defines it (norms clamped at eps), without its
     normalised copies of both inputs: one fused dot product and two norms."""
     dots = torch.einsum("ij,ij->i", first, second)
-    norms = torch.linalg.vector_norm(first, dim=-1).clamp_min(eps) * torch.linalg.vector_norm(second, dim=-1).clamp_min(eps)
-    return dots / norms
+    first_norms = torch.linalg.vector_norm(first, dim=-1).clamp_min(eps)
+    return dots / (first_norms * torch.linalg.vector_norm(second, dim=-1).clamp_min(eps))
 
 
 def partition_scores(layout, grads_adv, grads_dis, rank_by: str = "similarity",
