@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -409,6 +410,9 @@ class PCGUMethod:
         pairs = self._pairs if self._pairs is not None else load_pairs(self.opts.pairs, self.opts.groups or None)
         if run.is_main:
             self.overlap = warn_on_evaluation_overlap(pairs)
+        self.files = sorted({pair.origin.rsplit(", ", 1)[0] for pair in pairs})
+        stats = [Path(f).with_name("occupations-stats.tsv") for f in self.files if f.endswith("all_sentences.tsv")]
+        self.files += [str(f) for f in stats if f.is_file()]
         self.kind = run.kind
         self.objective = self.opts.objective
         if self.objective == "auto":
@@ -479,9 +483,7 @@ class PCGUMethod:
         self.steps_done = int(state["steps_done"])
 
     def input_files(self) -> list:
-        from pathlib import Path
-
-        return [self.opts.pairs] if Path(self.opts.pairs).is_file() else []
+        return [f for f in getattr(self, "files", []) if Path(f).is_file()]
 
 
 def run_pcgu(config, options: PCGUOptions, pairs=None):
