@@ -247,6 +247,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_and_resume(tmp_path, tiny_model, data_dir):
     """2 processes (accelerate, gloo DDP on CPU) select and update exactly what one process does,
     and a killed-then-resumed single-process run ends where the uninterrupted run does.
