@@ -112,6 +112,7 @@ def main() -> None:
                         help="lm-eval tasks for CrowS (e.g. crows_bias_gender,crows_bias_race_color,crows_bias_religion).")
     parser.add_argument("--wikitext-limit", type=int, default=4,
                         help="WikiText-2 articles (lm-eval --limit; 0 = all, -1 = skip).")
+    parser.add_argument("--wikitext-max-length", type=int, default=1024, help="Rolling-window length (model_args).")
     parser.add_argument("--png", default=str(REPO / "docs" / "results" / "issue4_unlearn_curves.png"))
     args = parser.parse_args()
     work = Path(args.work)
@@ -140,8 +141,10 @@ def main() -> None:
     wiki_wall = 0.0
     if args.wikitext_limit >= 0:
         limit = ["--limit", str(args.wikitext_limit)] if args.wikitext_limit else []
-        wiki_before, _ = lm_eval(f"pretrained={model}", "wikitext2_ppl", work / "wikitext_base", limit)
-        wiki_after, wiki_wall = lm_eval(f"pretrained={unlearned}", "wikitext2_ppl", work / "wikitext_unlearned", limit)
+        window = f",dtype=float32,max_length={args.wikitext_max_length}"
+        wiki_before, _ = lm_eval(f"pretrained={model}{window}", "wikitext2_ppl", work / "wikitext_base", limit)
+        wiki_after, wiki_wall = lm_eval(f"pretrained={unlearned}{window}", "wikitext2_ppl", work / "wikitext_unlearned",
+                                        limit)
 
     print(f"\nunlearn wall time: {unlearn_wall:.0f} s; crows_bias (one model): {crows_wall:.0f} s; "
           f"wikitext2_ppl ({args.wikitext_limit or 'all'} articles, one model): {wiki_wall:.0f} s")
