@@ -72,6 +72,32 @@ def base_crows(work: Path, base: Path) -> dict:
     return crows_row(lm_eval(f"pretrained={base},dtype=float32", "crows_bias", work / "eval" / "base_crows", []))
 
 
+def random_direction_model(base: Path, adapter: Path, out: Path, seed: int = 0) -> None:
+    """Control: base + a random rank-r direction with the LoRA bias vector's norm, tensor by tensor."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    r = json.loads((adapter / "adapter_config.json").read_text())["r"]
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload().state_dict()
+    control = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in control.named_parameters():
+            tau = merged[name] - base_state[name]
+            if tau.abs().max() == 0:
+                continue
+            rows, cols = tau.shape
+            direction = torch.randn(rows, r, generator=generator) @ torch.randn(r, cols, generator=generator)
+            parameter.add_(direction * (tau.norm() / direction.norm()))
+    control.save_pretrained(out, safe_serialization=True)
+    for path in base.iterdir():
+        if path.suffix != ".safetensors" and path.name != "config.json" and path.is_file():
+            (out / path.name).write_bytes(path.read_bytes())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="/tmp/smollm2")
@@ -80,6 +106,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--wikitext-docs", type=int, default=3)
+    parser.add_argument("--random-control", action="store_true",
+                        help="Also negate a random rank-r direction of the same per-tensor norm (lambda 1).")
     parser.add_argument("--out-json", default=str(REPO / "docs" / "results" / "issue6_real_negate.json"))
     args = parser.parse_args()
     work, base = Path(args.work), Path(args.base)
@@ -104,12 +132,23 @@ def main() -> None:
         timings["negate_s"] = round(run(negate_cmd, work / "negate.log"), 1)
 
     timings_file.write_text(json.dumps(timings))
+    control_cmd = None
+    if args.random_control:
+        control = work / "random_direction_model"
+        if not (control / "config.json").is_file():
+            random_direction_model(base, adapter, control)
+        control_cmd = ["debias", "negate", "--base", str(base), "--biased", str(control), "--lambda", "1",
+                       "--out", str(work / "negated_random"), "--quiet"]
+        if not (work / "negated_random").is_dir():
+            timings["negate_random_s"] = round(run(control_cmd, work / "negate_random.log"), 1)
     ppl_extra = ["--limit", str(args.wikitext_docs)]
     rows = {"base": f"pretrained={base},dtype=float32",
             "biased (base+LoRA)": f"pretrained={base},peft={adapter},dtype=float32"}
     folders = sorted(negated.glob("lambda_*")) or [negated]
     for folder in folders:
         rows[f"negated {folder.name.replace('_', ' = ')}"] = f"pretrained={folder},dtype=float32"
+    if control_cmd:
+        rows["control: random direction negated, lambda = 1"] = f"pretrained={work / 'negated_random'},dtype=float32"
     table = {}
     print("3. evaluation", flush=True)
     for label, model_args in rows.items():
@@ -121,7 +160,8 @@ def main() -> None:
                         "wikitext2_word_perplexity": round(ppl["wikitext2_ppl"]["word_perplexity,none"], 3)}
         print(f"  {label}: {table[label]}", flush=True)
         report = {"base": str(base), "corpus": str(CORPUS), "finetune_command": " ".join(finetune_cmd),
-                  "negate_command": " ".join(negate_cmd), "wikitext_docs": args.wikitext_docs,
+                  "negate_command": " ".join(negate_cmd), "control_negate_command": " ".join(control_cmd or []),
+                  "wikitext_docs": args.wikitext_docs,
                   "wikitext_max_length": 1024, "timings": timings, "rows": table}
         Path(args.out_json).write_text(json.dumps(report, indent=2) + "\n")  # after every row: partial runs count
     types = sorted({t for row in table.values() for t in row["crows_pct_stereotype"]} - {"all"}) + ["all"]
