@@ -13,7 +13,6 @@ _COMMANDS = {
     "default-model": ("debias_plugin.commands.evaluate:default_model_command",
                       "Write the built-in SmolLM2-135M as a safetensors folder."),
     "pcgu": ("debias_plugin.commands.pcgu:pcgu_command", "Partitioned contrastive gradient unlearning (PCGU)."),
-    "pcgu": ("debias_plugin.commands.pcgu:pcgu_command", "Partitioned contrastive gradient unlearning (PCGU)."),
     "finetune": ("debias_plugin.commands.finetune:finetune_command",
                  "Fine-tune a model on a biased corpus (full or LoRA): a bias vector's source."),
     "negate": ("debias_plugin.commands.negate:negate_command",
