@@ -64,8 +64,8 @@ def run(lm, task_manager, tasks, limit):
 
 
 def outcomes(samples):
-    """doc index -> stereotyped? from logged samples."""
-    return {s["doc"].get("sent_more") + "||" + s["doc"].get("sent_less"): s["pct_stereotype"] > 0 for s in samples}
+    """doc position -> stereotyped? from logged samples (the CSV holds one pair twice, so not keyed by text)."""
+    return {s["doc_id"]: s["pct_stereotype"] > 0 for s in samples}
 
 
 def main():
