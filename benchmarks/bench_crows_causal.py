@@ -10,7 +10,6 @@ pct_stereotype values, whether every pair has the same outcome, and our per-type
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import tempfile

@@ -156,3 +156,18 @@ def test_wikitext_quick_variant_takes_the_first_articles(data_dir):
     quick = utils.load(articles=6)["test"]["page"]
     assert quick == load_wikitext_documents()[:6]
     assert len(utils.load()["test"]) == 62
+
+
+def test_texts_filtered_by_column_values(data_dir, tmp_path):
+    dghs = data_dir / "dghs" / "dghs_women.csv"
+    assert len(load_texts(dghs, "text", {"split": "dev"})) == 215
+    assert len(load_texts(dghs, "text", {"split": "test"})) == 231
+    with pytest.raises(DataError, match=r"dghs_women\.csv, column 'text': expected at least one non-empty text "
+                                        r"with split=train"):
+        load_texts(dghs, "text", {"split": "train"})
+    with pytest.raises(DataError, match=r"line 1 \(header\): expected column\(s\) 'text', 'round'"):
+        load_texts(dghs, "text", {"round": "1"})
+    plain = tmp_path / "corpus.txt"
+    plain.write_text("one\ntwo\n")
+    with pytest.raises(DataError, match=r"corpus\.txt, file type: expected a \.csv, \.tsv or \.jsonl file"):
+        load_texts(plain, where={"split": "dev"})

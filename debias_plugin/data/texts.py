@@ -14,32 +14,42 @@ WIKITEXT_RELATIVE_PATH = "wikitext2/wiki.test.raw"
 WIKITEXT_HUB_DATASET = ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1")
 
 
-def load_texts(path: str | Path, column: str | None = None) -> list[str]:
-    """Texts from .txt (one per non-empty line), .csv/.tsv or .jsonl (the named column, default 'text')."""
+def load_texts(path: str | Path, column: str | None = None, where: dict[str, str] | None = None) -> list[str]:
+    """Texts from .txt (one per non-empty line), .csv/.tsv or .jsonl (the named column, default 'text').
+
+    `where` keeps only the rows whose columns equal the given values (e.g. {"split": "dev"}); tabular files only.
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(path, "path", "an existing text, CSV or JSONL file", "no such file")
     suffix = path.suffix.lower()
     column = column or "text"
+    where = where or {}
+    fields = [column, *where]
     if suffix in (".csv", ".tsv"):
-        delimiter = "\t" if suffix == ".tsv" else ","
-        texts = [(line, row.get(column) or "") for line, row in csv_rows(path, [column], delimiter)]
+        rows = csv_rows(path, fields, "\t" if suffix == ".tsv" else ",")
     elif suffix in (".jsonl", ".json"):
-        texts = []
-        for line, row in jsonl_rows(path):
-            if column not in row:
-                raise DataError(path, f"line {line}", f"a field '{column}'", f"fields {sorted(row)}")
-            texts.append((line, row[column]))
+        rows = jsonl_rows(path)
+    elif where:
+        raise DataError(path, "file type", "a .csv, .tsv or .jsonl file to filter rows with --where", suffix)
     else:
-        texts = [(number, line) for number, line in enumerate(read_text(path).splitlines(), start=1)]
-        texts = [(number, line) for number, line in texts if line.strip()]
-    for line, text in texts:
+        rows = ((number, {column: line}) for number, line in enumerate(read_text(path).splitlines(), start=1))
+    texts = []
+    for line, row in rows:
+        for name in fields:
+            if name not in row:
+                raise DataError(path, f"line {line}", f"a field '{name}'", f"fields {sorted(row)}")
+        if any(str(row[name]) != value for name, value in where.items()):
+            continue
+        text = row[column] if row[column] is not None else ""
         if not isinstance(text, str):
             raise DataError(path, f"line {line}, field '{column}'", "a string", type(text).__name__)
-    kept = [text.strip() for _, text in texts if text.strip()]
-    if not kept:
-        raise DataError(path, f"column '{column}'", "at least one non-empty text", "none")
-    return kept
+        if text.strip():
+            texts.append(text.strip())
+    if not texts:
+        condition = " with " + ", ".join(f"{k}={v}" for k, v in where.items()) if where else ""
+        raise DataError(path, f"column '{column}'", f"at least one non-empty text{condition}", "none")
+    return texts
 
 
 def split_wikitext_documents(raw: str) -> list[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from debias_plugin.errors import DataError, DebiasError
+from debias_plugin.errors import DebiasError
 
 
 def parse_where(pairs: tuple[str, ...] | list[str] | None) -> dict[str, str]:
@@ -25,36 +25,8 @@ def parse_where(pairs: tuple[str, ...] | list[str] | None) -> dict[str, str]:
 def load_corpus(path: str | Path, column: str | None = None, where: dict[str, str] | None = None) -> list[str]:
     """Texts of a corpus file, keeping only rows whose columns equal `where` (CSV/TSV/JSONL)."""
     from debias_plugin.data import load_texts
-    from debias_plugin.data._io import csv_rows, jsonl_rows
 
-    if not where:
-        return load_texts(path, column)
-    path = Path(path).expanduser()
-    column = column or "text"
-    suffix = path.suffix.lower()
-    if not path.is_file():
-        raise DataError(path, "path", "an existing CSV or JSONL file", "no such file")
-    if suffix in (".csv", ".tsv"):
-        rows = csv_rows(path, [column, *where], "\t" if suffix == ".tsv" else ",")
-    elif suffix in (".jsonl", ".json"):
-        rows = jsonl_rows(path)
-    else:
-        raise DataError(path, "file type", "a .csv, .tsv or .jsonl file to filter rows with --where", suffix)
-    texts = []
-    for line, row in rows:
-        for name in (column, *where):
-            if name not in row:
-                raise DataError(path, f"line {line}", f"a field '{name}'", f"fields {sorted(row)}")
-        if all(str(row[name]) == value for name, value in where.items()):
-            text = row[column]
-            if not isinstance(text, str):
-                raise DataError(path, f"line {line}, field '{column}'", "a string", type(text).__name__)
-            if text.strip():
-                texts.append(text.strip())
-    if not texts:
-        condition = ", ".join(f"{k}={v}" for k, v in where.items())
-        raise DataError(path, f"column '{column}'", f"at least one non-empty text with {condition}", "none")
-    return texts
+    return load_texts(path, column, where)
 
 
 def encode(tokenizer, text: str, kind: str, max_length: int) -> tuple[list[int], list[tuple[int, int]]]:
@@ -138,8 +110,6 @@ def example_generator(seed: int, position: int):
 
 def perplexity(model, tokenizer, kind: str, texts: list[str], max_length: int, device, batch_size: int = 16) -> float:
     """Causal: exp(mean token NLL). Masked: pseudo-perplexity, each token masked in turn (Salazar et al.)."""
-    import torch
-
     total, count = 0.0, 0
     pad_value = pad_id(tokenizer)
     if kind == "causal":

@@ -263,8 +263,6 @@ class Unlearn:
 
     # -- metrics (the paper's Figure 1) -----------------------------------------------------------------
     def evaluate(self, run) -> dict:
-        import torch
-
         limit = self.opts.eval_texts or None
         model, device = run.unwrapped, run.device
         metrics = {"forget_perplexity": perplexity(model, run.tokenizer, run.kind, self.plain_texts[:limit],
