@@ -25,6 +25,7 @@ import yaml
 
 from debias_plugin.errors import DataError, DebiasError
 from debias_plugin.models import check_weights
+from debias_plugin.paths import merge_configs_dir, publish_folder
 
 NEGATION_FORMULA = "theta = base - lambda * (biased - base)"
 BASE_PLACEHOLDER = "/path/to/base_model"
@@ -345,8 +346,6 @@ def load_template(path: str | Path) -> dict:
 
 
 def default_template(adapter: bool) -> Path:
-    from debias_plugin.paths import merge_configs_dir
-
     return merge_configs_dir() / ("negate_lora.yml" if adapter else "negate.yml")
 
 
@@ -566,20 +565,6 @@ def _check_output_path(out: Path, inputs: list[Path], force: bool) -> None:
         raise DebiasError(f"the parent folder of --out ({out.parent}) does not exist.")
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Move the finished folder into place; an existing output (allowed by --force) is replaced."""
-    if out.exists() or out.is_symlink():
-        trash = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
-        out.rename(trash)
-        staging.rename(out)
-        if trash.is_dir() and not trash.is_symlink():
-            shutil.rmtree(trash)
-        else:
-            trash.unlink()
-    else:
-        staging.rename(out)
-
-
 def lambda_folder(lam: float) -> str:
     return f"lambda_{lam:g}"
 
@@ -649,7 +634,7 @@ def negate(base: str | Path, *, lambdas: Iterable, out: str | Path, biased: str 
             _negate_one(plan, folder, base=base, bias_path=bias_path, source=source, adapter=adapter is not None,
                         mode=mode, out_dtype=out_dtype, base_tensors=base_tensors, template=template_path,
                         shard_size=shard_bytes, progress=progress)
-        _publish(staging, out)
+        publish_folder(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

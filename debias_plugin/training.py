@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from debias_plugin.errors import DebiasError
+from debias_plugin.paths import publish_folder
 
 MANIFEST_NAME = "debias_manifest.json"
 ABORT_ENV = "DEBIAS_ABORT_AFTER_STEP"
@@ -459,11 +460,7 @@ class Trainer:
             run.tokenizer.save_pretrained(staging)
             (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
             check_output_folder(self.output, self.config.force)
-            if self.output.exists():
-                retired = self.output.parent / f".{self.output.name}.old-{os.getpid()}"
-                self.output.rename(retired)
-                shutil.rmtree(retired)
-            staging.rename(self.output)
+            publish_folder(staging, self.output)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         if not self.config.keep_checkpoints:
