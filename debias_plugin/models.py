@@ -68,3 +68,26 @@ def load_model(model_dir: str | Path, *, allow_pickle: bool = False, trust_remot
     )
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     return model, tokenizer, kind
+
+
+def logits_at(model, input_ids, attention_mask, flat_positions):
+    """Logits [n, V] at flattened (row * width + position) indices; the vocabulary projection runs only there.
+
+    A pre-hook on the output layer (get_output_embeddings) hands it just those hidden states, so the projection
+    costs n x V instead of B x T x V; a head whose input is not [B, T, H] gets the full states and is indexed after.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+    def keep_queried_rows(_module, args):
+        hidden = args[0]
+        if hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(input_ids.shape):
+            return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_positions), *args[1:])
+        return None
+
+    handle = head.register_forward_pre_hook(keep_queried_rows) if head is not None else None
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        if handle is not None:
+            handle.remove()
+    return logits.reshape(-1, logits.shape[-1]).index_select(0, flat_positions) if logits.dim() == 3 else logits

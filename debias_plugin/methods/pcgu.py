@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from debias_plugin.errors import DebiasError
+from debias_plugin.models import logits_at
 
 AGGREGATIONS = ("input", "output")
 DIRECTIONS = ("advantaged", "disadvantaged", "both")
@@ -173,30 +174,6 @@ def apply_masked_update(layout, updates, selected: torch.Tensor, lr: float) -> N
 
 
 # -- objectives and gradients --------------------------------------------------------------------------
-def logits_at(model, input_ids, attention_mask, positions) -> torch.Tensor:
-    """Logits [n, V] at the True `positions` only (row-major order).
-
-    A pre-hook on the output layer (get_output_embeddings) hands it just those hidden states, so the
-    vocabulary projection costs n x V instead of B x T x V; models whose head input is not [B, T, H]
-    fall back to indexing the full logits.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-
-    def keep_positions(module, args):
-        hidden = args[0]
-        if hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(positions.shape):
-            return (hidden[positions], *args[1:])
-        return None
-
-    handle = head.register_forward_pre_hook(keep_positions) if head is not None else None
-    try:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    finally:
-        if handle is not None:
-            handle.remove()
-    return logits[positions] if logits.dim() == 3 else logits
-
-
 def sequence_objectives(model, batch: dict, side: str, kind: str, objective: str) -> torch.Tensor:
     """Per-sequence objective [B]: target logits / log-probs (masked) or target-span log-prob (causal)."""
     input_ids, target = batch[f"{side}_input_ids"], batch[f"{side}_target_mask"]
@@ -206,7 +183,7 @@ def sequence_objectives(model, batch: dict, side: str, kind: str, objective: str
         tokens = input_ids[:, 1:][target[:, 1:]]
     else:
         positions, tokens = target, batch[f"{side}_target_ids"][target]
-    picked = logits_at(model, input_ids, batch[f"{side}_attention_mask"], positions)
+    picked = logits_at(model, input_ids, batch[f"{side}_attention_mask"], positions.flatten().nonzero()[:, 0])
     if kind == "causal" or objective == "logprob":
         picked = torch.log_softmax(picked.float(), dim=-1)
     values = picked.gather(1, tokens.unsqueeze(1)).squeeze(1)

@@ -15,6 +15,7 @@ import string
 from typing import Iterable, Sequence
 
 from debias_plugin.errors import DebiasError
+from debias_plugin.models import logits_at
 
 BLANK = "BLANK"
 Query = tuple[tuple[int, ...], int, int]  # (input ids, position, target id)
@@ -137,8 +138,8 @@ class MaskedScorer:
                         flat.append(row * width + position)
                         targets.append(target)
                         keys.append((ids, position, target))
-                logits = self._logits_at(input_ids.to(device), None if attention is None else attention.to(device),
-                                         torch.tensor(flat, device=device))
+                logits = logits_at(self.model, input_ids.to(device),
+                                   None if attention is None else attention.to(device), torch.tensor(flat, device=device))
                 scores = logits.float().log_softmax(-1).gather(1, torch.tensor(targets, device=device)[:, None])
                 results.update(zip(keys, scores[:, 0].tolist()))
         return [results[query] for query in queries]
@@ -158,25 +159,6 @@ class MaskedScorer:
             batch.append(ids)
         if batch:
             yield batch
-
-    def _logits_at(self, input_ids, attention, flat_positions):
-        """Logits at the flattened (row * width + position) indices; the vocabulary projection runs only there."""
-        head = self.model.get_output_embeddings()
-        if head is not None:
-
-            def keep_queried_rows(_module, args):
-                hidden = args[0]
-                return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_positions), *args[1:])
-
-            handle = head.register_forward_pre_hook(keep_queried_rows)
-            try:
-                logits = self.model(input_ids=input_ids, attention_mask=attention).logits
-            finally:
-                handle.remove()
-            if logits.dim() == 2 and logits.shape[0] == flat_positions.numel():
-                return logits
-        logits = self.model(input_ids=input_ids, attention_mask=attention).logits
-        return logits.reshape(-1, logits.shape[-1]).index_select(0, flat_positions)
 
     # ---- inputs -------------------------------------------------------------------------------------
 
