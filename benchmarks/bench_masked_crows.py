@@ -9,7 +9,10 @@ highest sample during it, reported also as the rise over the RSS at the phase's 
 malloc_trim(0) runs between phases so freed memory is returned and the second phase starts from a
 comparable baseline. (tracemalloc would miss torch's C++ allocations.)
 
-    nice -n 10 python benchmarks/bench_masked_crows.py [--limit N] [--threads 1] [--batch-tokens 2048]
+    nice -n 10 python benchmarks/bench_masked_crows.py [--limit N] [--threads 1] [--batch-tokens 2048] [--device cuda]
+
+On a GPU both phases run there (the reference as metric.py would: one forward per masked token on the
+device); peak memory is then also reported as torch.cuda.max_memory_allocated per phase.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import importlib.util
+import json
 import os
 import tempfile
 import threading
@@ -73,6 +77,8 @@ def main():
     parser.add_argument("--limit", type=int, default=None, help="first N pairs only (default: all 1508)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both phases")
     parser.add_argument("--batch-tokens", type=int, default=2048, help="padded-token budget per forward")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     import torch
@@ -88,18 +94,37 @@ def main():
     pairs = [(p.sent_more, p.sent_less) for p in load_crows_pairs()][: args.limit]
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_tiny_model("bert", Path(tmp) / "bert", layers=4, hidden=256, seed=0)
-        model = AutoModelForMaskedLM.from_pretrained(folder).eval()
+        model = AutoModelForMaskedLM.from_pretrained(folder).eval().to(args.device)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     n_params = sum(p.numel() for p in model.parameters())
+    on_gpu = model.device.type == "cuda"
+    device_name = torch.cuda.get_device_name(model.device) if on_gpu else f"cpu, {torch.get_num_threads()} torch threads"
     print(f"model: BERT 4 layers, hidden 256, vocab {model.config.vocab_size}, {n_params / 1e6:.1f}M params; "
-          f"{len(pairs)} pairs; torch threads {torch.get_num_threads()}; batch_tokens {args.batch_tokens}")
+          f"{len(pairs)} pairs; device {device_name}; batch_tokens {args.batch_tokens}")
+
+    def gpu_peak_mib(reset: bool = False) -> float:
+        if not on_gpu:
+            return 0.0
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        if reset:
+            torch.cuda.reset_peak_memory_stats()
+        return peak
+
+    if on_gpu:  # warm up kernels / cuBLAS handles outside the timed phases, for both sides
+        scorer_warm = MaskedScorer(model, tokenizer, token_budget=args.batch_tokens)
+        scorer_warm.crows_scores(pairs[:8])
+        for more, less in pairs[:2]:
+            reference_crows_pair(model, tokenizer, more, less, scorer_warm.uncased)
 
     scorer = MaskedScorer(model, tokenizer, token_budget=args.batch_tokens, progress=True)
     release_freed_memory()
+    gpu_peak_mib(reset=True)
     with PeakRss() as batched_memory:
         start = time.perf_counter()
         batched = scorer.crows_scores(pairs)
         batched_seconds = time.perf_counter() - start
+    batched_gpu_mib = gpu_peak_mib(reset=True)
 
     release_freed_memory()
     with PeakRss() as reference_memory:
@@ -107,6 +132,7 @@ def main():
         reference = [reference_crows_pair(model, tokenizer, more, less, scorer.uncased)
                      for more, less in tqdm(pairs, desc="reference (one forward per masked token)")]
         reference_seconds = time.perf_counter() - start
+    reference_gpu_mib = gpu_peak_mib(reset=True)
 
     # the machine's load drifts during the long reference phase: time the batched scorer again after it
     # and compare the reference against the mean of the two batched timings
@@ -125,7 +151,8 @@ def main():
     )
     pct = 100.0 * sum(round(a, 3) > round(b, 3) for a, b in batched) / len(batched)
     mib = 1024 * 1024
-    print(f"masked forwards (reference): {sum(1 for _ in _count_masks(scorer, pairs))}")
+    n_forwards = sum(1 for _ in _count_masks(scorer, pairs))
+    print(f"masked forwards (reference): {n_forwards}")
     batched_mean = (batched_seconds + batched_seconds_after) / 2
     print(f"batched scorer:   {batched_seconds:8.1f} s before, {batched_seconds_after:.1f} s after the reference "
           f"(mean {batched_mean:.1f} s)")
@@ -138,7 +165,19 @@ def main():
     print(f"max |score diff| before rounding: {max_diff:.2e}")
     print(f"pairs with identical rounded scores: {rounded_same}/{len(pairs)}; identical wins: {wins_same}/{len(pairs)}; "
           f"all identical: {rounded_same == wins_same == len(pairs)}")
+    if on_gpu:
+        print(f"GPU peak allocated: batched {batched_gpu_mib:.0f} MiB, per-token loop {reference_gpu_mib:.0f} MiB")
     print(f"pct_stereotype (random tiny model): {pct:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "pairs": len(pairs), "device": device_name, "batch_tokens": args.batch_tokens,
+            "masked_forwards_reference": n_forwards,
+            "batched_seconds": [batched_seconds, batched_seconds_after], "reference_seconds": reference_seconds,
+            "speedup_vs_mean_batched": reference_seconds / batched_mean,
+            "peak_rss_mib": {"batched": batched_memory.peak / mib, "reference": reference_memory.peak / mib},
+            "gpu_peak_allocated_mib": {"batched": batched_gpu_mib, "reference": reference_gpu_mib} if on_gpu else None,
+            "max_abs_score_diff": max_diff, "identical_rounded_scores": rounded_same, "identical_wins": wins_same,
+        }, indent=2) + "\n")
 
 
 def _count_masks(scorer, pairs):

@@ -6,7 +6,10 @@ partition in a Python loop, `torch.stack` + `topk`, `.item()` per index, a per-p
 and `optimizer.step()` (SGD). Both sides run interleaved in one process (shared-CPU noise hits both);
 peak memory is the max RSS of a child process doing one step of each kind.
 
-    nice -n 10 python benchmarks/bench_pcgu_step.py --json docs/results/issue5_step.json
+    nice -n 10 python benchmarks/bench_pcgu_step.py --json docs/results/issue5_step.json [--device cuda]
+
+With --device cuda both steps run on the GPU (the official code's `.cpu()` gradient copies included, as it
+does on a GPU); times are taken after torch.cuda.synchronize(), and peak GPU memory is reported too.
 """
 
 from __future__ import annotations
@@ -52,13 +55,19 @@ def official_grads(model):
     return {name: None if p.grad is None else p.grad.detach().cpu().clone() for name, p in model.named_parameters()}
 
 
+def synchronized_clock() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def official_step(model, optimizer, partition, batch, k, timings):
-    started = time.perf_counter()
+    started = synchronized_clock()
     official_backprop(model, *batch["dis"])
     grads_dis = official_grads(model)
     official_backprop(model, *batch["adv"])
     grads_adv = official_grads(model)
-    middle = time.perf_counter()
+    middle = synchronized_clock()
     sims = []
     for name, index in partition:  # compute_similarities
         g1, g2 = grads_dis[name], grads_adv[name]
@@ -78,33 +87,34 @@ def official_step(model, optimizer, partition, batch, k, timings):
         else:
             params[name].grad[index] = grads_adv[name][index]
     optimizer.step()
-    ended = time.perf_counter()
+    ended = synchronized_clock()
     timings.append((ended - started, ended - middle))
     return sorted(int(i) for i in top[1][:50])
 
 
 def ours_step(model, layout, batch, k, lr, timings):
-    started = time.perf_counter()
+    started = synchronized_clock()
     grads = pair_gradients(model, layout, [batch], "masked", "logit")
-    middle = time.perf_counter()
+    middle = synchronized_clock()
     scores = partition_scores(layout, grads.advantaged, grads.disadvantaged)
     selected = select_partitions(scores, k)
     updates = [update_direction(a, d, "advantaged") for a, d in zip(grads.advantaged, grads.disadvantaged)]
     apply_masked_update(layout, updates, selected, lr)
-    ended = time.perf_counter()
+    ended = synchronized_clock()
     timings.append((ended - started, ended - middle))
     return sorted(selected[:50].tolist())
 
 
-def prepare(model_dir, batch_size):
+def prepare(model_dir, batch_size, device="cpu"):
     model, tokenizer, kind = load_model(model_dir)
+    model.to(device)
     model.train()  # the official script trains in train mode; dropout off keeps both sides comparable
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     pairs = load_winogender_pairs()[:batch_size]
     encoded = [encode_pair(p, tokenizer, kind) for p in pairs]
-    batch = collate_pairs(encoded, tokenizer.pad_token_id)
+    batch = {key: value.to(device) for key, value in collate_pairs(encoded, tokenizer.pad_token_id).items()}
     official = {}
     for side, name in (("adv", "adv"), ("dis", "dis")):
         target = batch[f"{side}_target_mask"]
@@ -124,7 +134,7 @@ def child(args) -> None:
     import ctypes
     import threading
 
-    model, batch, official = prepare(args.model_dir, args.batch_size)
+    model, batch, official = prepare(args.model_dir, args.batch_size, args.device)
     layout = partition_layout(model)
     k = resolve_k(args.k, sum(p.count for p in layout))
     partition = loop_partition(model, "input") if args.child == "loop" else None
@@ -145,8 +155,12 @@ def child(args) -> None:
         ours_step(model, layout, batch, k, args.lr, [])
     running[0] = False
     sampler.join()
+    gpu = {}
+    if args.device != "cpu":
+        torch.cuda.synchronize()
+        gpu = {"gpu_peak_allocated_mb": torch.cuda.max_memory_allocated() / 2**20}
     print(json.dumps({"rss_before_step_mb": before, "peak_rss_mb": max(peak[0], _rss_mb()),
-                      "max_rss_process_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "max_rss_process_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, **gpu}))
 
 
 def main() -> None:
@@ -158,6 +172,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--child", choices=["ours", "loop"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -168,8 +183,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_model("bert", Path(tmp) / "bert", layers=args.layers, hidden=args.hidden)
-        ours_model, batch, official = prepare(model_dir, args.batch_size)
-        loop_model, _, _ = prepare(model_dir, args.batch_size)
+        ours_model, batch, official = prepare(model_dir, args.batch_size, args.device)
+        loop_model, _, _ = prepare(model_dir, args.batch_size, args.device)
         layout = partition_layout(ours_model)
         total = sum(p.count for p in layout)
         k = resolve_k(args.k, total)
@@ -185,7 +200,8 @@ def main() -> None:
         memory = {}
         for kind in ("ours", "loop"):
             out = subprocess.run([sys.executable, __file__, "--child", kind, "--model-dir", str(model_dir),
-                                  "--batch-size", str(args.batch_size), "--k", str(args.k), "--lr", str(args.lr)],
+                                  "--batch-size", str(args.batch_size), "--k", str(args.k), "--lr", str(args.lr),
+                                  "--device", args.device],
                                  capture_output=True, text=True, check=True)
             memory[kind] = json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -196,7 +212,8 @@ def main() -> None:
     result = {
         "model": f"BERT {args.layers} layers, hidden {args.hidden}, vocab 30522 (build_tiny_model)",
         "batch_pairs": args.batch_size, "partitions": total, "k": k, "repeats": args.repeats,
-        "torch_threads": torch.get_num_threads(), "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu",
         "first_50_selected_identical": first_ours == first_loop,
         "step_seconds": {"vectorized": step_ours, "per_partition_loop": step_loop},
         "step_speedup": step_loop / step_ours,
@@ -207,9 +224,11 @@ def main() -> None:
         "rss_before_step_mb": {kind: round(m["rss_before_step_mb"], 1) for kind, m in memory.items()},
         "step_extra_rss_mb": {kind: round(m["peak_rss_mb"] - m["rss_before_step_mb"], 1)
                               for kind, m in memory.items()},
+        "gpu_peak_allocated_mb": ({kind: round(m["gpu_peak_allocated_mb"], 1) for kind, m in memory.items()}
+                                  if args.device != "cpu" else None),
     }
     print(f"{result['model']}; batch {args.batch_size} pairs; {total} partitions, k = {k}; "
-          f"median of {args.repeats} interleaved steps, {torch.get_num_threads()} threads")
+          f"median of {args.repeats} interleaved steps; device {result['device']}, {torch.get_num_threads()} threads")
     print(f"  full step      : vectorized {step_ours * 1e3:8.1f} ms | loop {step_loop * 1e3:8.1f} ms | "
           f"{result['step_speedup']:.1f}x")
     print(f"  partition phase: vectorized {part_ours * 1e3:8.1f} ms | loop {part_loop * 1e3:8.1f} ms | "
@@ -219,6 +238,9 @@ def main() -> None:
     print(f"  peak RSS during one step (fresh process): vectorized {result['peak_rss_mb']['ours']} MB | "
           f"loop {result['peak_rss_mb']['loop']} MB; above the pre-step RSS: vectorized "
           f"{result['step_extra_rss_mb']['ours']} MB | loop {result['step_extra_rss_mb']['loop']} MB")
+    if result["gpu_peak_allocated_mb"]:
+        print(f"  peak GPU memory allocated in one step: vectorized {result['gpu_peak_allocated_mb']['ours']} MB | "
+              f"loop {result['gpu_peak_allocated_mb']['loop']} MB")
     print(f"  same first 50 selected partitions: {result['first_50_selected_identical']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

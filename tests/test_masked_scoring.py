@@ -34,8 +34,8 @@ def reference_crows_pair(model, tokenizer, sent_1, sent_2, uncased):
 
     if uncased:
         sent_1, sent_2 = sent_1.lower(), sent_2.lower()
-    ids_1 = tokenizer.encode(sent_1, return_tensors="pt")
-    ids_2 = tokenizer.encode(sent_2, return_tensors="pt")
+    ids_1 = tokenizer.encode(sent_1, return_tensors="pt").to(model.device)
+    ids_2 = tokenizer.encode(sent_2, return_tensors="pt").to(model.device)
     template_1, template_2 = reference_get_span(ids_1[0].tolist(), ids_2[0].tolist())
     assert len(template_1) == len(template_2)
     scores = [0.0, 0.0]
