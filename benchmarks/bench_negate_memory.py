@@ -106,11 +106,11 @@ def main() -> None:
         "command": " ".join(ours_cmd[:1] + ["negate", "--base", str(base), "--biased", "BIASED", "--lambda",
                                             str(LAMBDA), "--out", "OUT", "--quiet"]),
     }
-    print(f"model (one copy, safetensors): {model_mb:8.1f} MB")
-    print(f"debias negate peak RSS:        {ours:8.1f} MB  = {ours / model_mb:.2f} x model  ({ours_s:.0f} s)")
-    print(f"torch, both models loaded:     {baseline:8.1f} MB  = {baseline / model_mb:.2f} x model  ({baseline_s:.0f} s)")
-    print(f"mergekit-yaml, its defaults:   {plain:8.1f} MB  = {plain / model_mb:.2f} x model  ({plain_s:.0f} s)")
-    print(f"imports only (interpreter):    {imports:8.1f} MB")
+    print(f"model (one copy, safetensors): {model_mb:8.1f} MiB")
+    print(f"debias negate peak RSS:        {ours:8.1f} MiB = {ours / model_mb:.2f} x model  ({ours_s:.0f} s)")
+    print(f"torch, both models loaded:     {baseline:8.1f} MiB = {baseline / model_mb:.2f} x model  ({baseline_s:.0f} s)")
+    print(f"mergekit-yaml, its defaults:   {plain:8.1f} MiB = {plain / model_mb:.2f} x model  ({plain_s:.0f} s)")
+    print(f"imports only (interpreter):    {imports:8.1f} MiB")
     print(f"above the import baseline:     debias negate {(ours - imports) / model_mb:.2f} x model, "
           f"torch {(baseline - imports) / model_mb:.2f} x model")
     if args.json:

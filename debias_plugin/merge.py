@@ -8,6 +8,7 @@ safetensors headers, never the tensors). The merge then streams one tensor at a 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -36,6 +37,7 @@ INFER_ARCHITECTURE = "debias-plugin/infer-from-tensor-names"
 MANIFEST_NAME = "debias_manifest.json"
 CONFIG_NAME = "mergekit_config.yml"
 DEFAULT_SHARD_SIZE = "auto"  # model size / 8, clamped to 100 MB .. 1 GB: mergekit holds one shard in memory
+CHUNK_ELEMENTS = 1 << 18  # task_arithmetic on a larger tensor runs in row blocks of about this many elements
 # method -> (normalize default, uses a sign election); both from mergekit 0.1.5's registry.
 _METHODS = {"task_arithmetic": (False, False), "ties": (True, True)}
 _TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
@@ -494,6 +496,41 @@ def plain_read_loader(model_dir: str):
     return PlainReadLoader(model_dir)
 
 
+@contextlib.contextmanager
+def row_chunked_task_arithmetic(max_elements: int):
+    """Run mergekit's task_arithmetic on big tensors in row blocks while the `with` block lasts.
+
+    Its merge_group keeps base, the other inputs, a stacked delta, the mixed delta and the result alive at
+    once: five copies of an embedding matrix. Without sparsification the method is elementwise, so row
+    blocks give bit-identical results while only base, inputs and the result are whole tensors. Methods
+    that sparsify (TIES, DARE: a top-k or a random draw over the whole tensor) are left as they are.
+    """
+    import torch
+    from mergekit.merge_methods.base import TensorEntry, TensorGroup
+    from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
+
+    whole_tensor_merge = GeneralizedTaskArithmeticMerge.merge_group
+
+    def merge_group(self, group, /, **parameters):
+        base = group.base.tensor if group.base is not None else None
+        if (getattr(self, "sparsification_method", True) is not None or base is None or base.dim() == 0
+                or base.numel() <= max_elements or not group.non_base):
+            return whole_tensor_merge(self, group, **parameters)
+        rows = max(1, max_elements // max(1, base[0].numel()))
+        result = torch.empty_like(base)
+        for start in range(0, base.shape[0], rows):
+            block = TensorGroup(entries=tuple(TensorEntry(e.id, e.tensor[start:start + rows], e.is_base)
+                                              for e in group.entries), metadata=group.metadata)
+            result[start:start + rows] = whole_tensor_merge(self, block, **parameters)
+        return result
+
+    GeneralizedTaskArithmeticMerge.merge_group = merge_group
+    try:
+        yield
+    finally:
+        GeneralizedTaskArithmeticMerge.merge_group = whole_tensor_merge
+
+
 def run_mergekit(config: dict, out_dir: Path, config_text: str, *, shard_size: int, progress: bool) -> None:
     """Run mergekit's own run_merge on a validated config, streaming tensors one at a time."""
     from mergekit.config import MergeConfiguration
@@ -512,7 +549,8 @@ def run_mergekit(config: dict, out_dir: Path, config_text: str, *, shard_size: i
         if registered:
             for reference in references:
                 cache.loaders[reference] = plain_read_loader(reference.model.path)
-        run_merge(merge_config, str(out_dir), options=options, config_source=config_text)
+        with row_chunked_task_arithmetic(CHUNK_ELEMENTS):
+            run_merge(merge_config, str(out_dir), options=options, config_source=config_text)
     finally:
         if registered:
             for reference in references:

@@ -104,6 +104,23 @@ def test_negation_from_full_model_is_exact(kind, tiny_model, work):
         assert result.lm_head.weight.data_ptr() == result.transformer.wte.weight.data_ptr()
 
 
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_row_chunked_merge_is_bit_identical_to_whole_tensors(kind, tiny_model, work, monkeypatch):
+    """The memory-saving row blocks (on for big tensors) change no bit, tied embeddings included."""
+    import debias_plugin.merge as merge
+
+    base = tiny_model(kind)
+    biased = perturbed_copy(kind, base, work / f"{kind}_biased", seed=1)
+    outputs = {}
+    for label, chunk in (("whole", 1 << 40), ("chunked", 100)):
+        monkeypatch.setattr(merge, "CHUNK_ELEMENTS", chunk)
+        outputs[label] = state(load(kind, negate(base, biased=biased, lambdas=[0.7],
+                                                 out=work / f"{kind}_{label}", progress=False)[0]))
+    assert set(outputs["whole"]) == set(outputs["chunked"])
+    for name, tensor in outputs["whole"].items():
+        assert torch.equal(tensor, outputs["chunked"][name]), name
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_negation_from_lora_adapter_is_exact_for_each_lambda(kind, tiny_model, work):
     from peft import PeftModel
