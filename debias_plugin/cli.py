@@ -46,10 +46,23 @@ def cli():
     """Measure and remove social bias in language models (lm-eval, mergekit, peft, transformers)."""
 
 
+def _show_messages() -> None:
+    """Our library logs (resume notices, skipped rows) go to stderr as plain lines when run from the CLI."""
+    import logging
+
+    logger = logging.getLogger("debias_plugin")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user-facing errors become one paragraph on stderr and exit code 2, never a traceback."""
     from debias_plugin.errors import DebiasError
 
+    _show_messages()
     try:
         exit_code = cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:

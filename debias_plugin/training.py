@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -62,6 +63,8 @@ from typing import Any, Protocol
 
 from debias_plugin.errors import DebiasError
 from debias_plugin.paths import publish_folder
+
+logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "debias_manifest.json"
 ABORT_ENV = "DEBIAS_ABORT_AFTER_STEP"
@@ -349,7 +352,7 @@ class Trainer:
         run.step = state["step"]
         _set_rng_state(torch.load(rng_file, weights_only=True))
         if run.is_main:
-            print(f"Resuming {self.method.stage} from {folder} (step {run.step}).")
+            logger.info("Resuming %s from %s (step %d).", self.method.stage, folder, run.step)
 
     # -- loop ---------------------------------------------------------------------------------------------
     def _evaluate(self, run: Run) -> dict:

@@ -19,8 +19,8 @@ KL(original || current) of next-token / masked-token distributions on the retain
 from __future__ import annotations
 
 import copy
+import logging
 import re
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from debias_plugin.methods import (
 )
 from debias_plugin.training import StreamOrder
 
+logger = logging.getLogger(__name__)
 MARKUP = re.compile(r"\[\[(.+?)\]\]")
 REGULARISERS = ("none", "gd", "kl")
 
@@ -168,8 +169,8 @@ class Unlearn:
             raise DataError(self.opts.corpus, f"column '{self.opts.column or 'text'}'",
                             f"texts containing target tokens ({what})", f"{found} of {len(texts)}")
         if skipped and run.is_main:
-            print(f"unlearn: {len(skipped)} of {len(texts)} texts have no target token ({what}) and are not "
-                  "trained on; see 'report' in the manifest.", file=sys.stderr)
+            logger.warning("unlearn: %d of %d texts have no target token (%s) and are not trained on; see 'report' "
+                           "in the manifest.", len(skipped), len(texts), what)
         return examples
 
     def setup(self, run) -> list:
