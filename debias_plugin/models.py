@@ -52,20 +52,42 @@ def check_weights(model_dir: str | Path, allow_pickle: bool = False) -> None:
         )
 
 
+_HEAD_SUFFIXES = {"masked": ("ForMaskedLM", "ForPreTraining"), "causal": ("ForCausalLM", "LMHeadModel")}
+
+
 def load_model(model_dir: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False,
                dtype=None):
-    """(model, tokenizer, kind) with the right Auto class for the config; safetensors unless opted out."""
+    """(model, tokenizer, kind) with the right Auto class for the config; safetensors unless opted out.
+
+    A checkpoint without its language-model head is refused: from_pretrained would give it a random one.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     check_weights(model_dir, allow_pickle)
     config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     kind = model_kind(config)
+    head_name = "masked-LM" if kind == "masked" else "causal-LM"
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(name.endswith(_HEAD_SUFFIXES[kind]) for name in architectures):
+        raise DebiasError(f"{model_dir}: config.json declares {architectures}, a model without a {head_name} head, "
+                          f"so there are no token predictions to score or train. Expected e.g. "
+                          f"{'BertForMaskedLM' if kind == 'masked' else 'LlamaForCausalLM'}.")
     auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
-    model = auto.from_pretrained(
-        model_dir, dtype=dtype or torch.float32, use_safetensors=not allow_pickle or None,
-        trust_remote_code=trust_remote_code,
-    )
+    try:
+        model, info = auto.from_pretrained(
+            model_dir, dtype=dtype or torch.float32, use_safetensors=not allow_pickle or None,
+            trust_remote_code=trust_remote_code, output_loading_info=True,
+        )
+    except ValueError as err:  # transformers: unrecognized configuration class for the Auto class
+        raise DebiasError(f"{model_dir}: architecture {config.model_type!r} has no {head_name} class in "
+                          f"transformers ({err}).") from err
+    head = model.get_output_embeddings()
+    head_names = {name for name, module in model.named_modules() if module is head and head is not None}
+    missing = [key for key in info.get("missing_keys", []) if any(key.startswith(name) for name in head_names)]
+    if missing:
+        raise DebiasError(f"{model_dir}: the weights have no {head_name} head ({', '.join(sorted(missing))} "
+                          "missing); it would be randomly initialised. Expected a checkpoint saved with its head.")
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     return model, tokenizer, kind
 

@@ -122,3 +122,22 @@ def test_reddit_bias_column_and_missing_column(tiny_model, data_dir, tmp_path, c
     main([*args, "--column", "comment"])
     manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
     assert manifest["report"]["texts"] == 253
+
+
+def test_checkpoint_without_its_lm_head_is_refused(tiny_model, tmp_path):
+    """Training a randomly initialised head would be silent nonsense: load_model names the missing weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from debias_plugin.errors import DebiasError
+    from debias_plugin.models import load_model
+
+    folder = tmp_path / "headless_llama"
+    shutil.copytree(tiny_model("llama"), folder)  # untied: lm_head.weight is stored on its own
+    weights = load_file(folder / "model.safetensors")
+    assert "lm_head.weight" in weights
+    save_file({k: v for k, v in weights.items() if k != "lm_head.weight"}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(DebiasError, match=r"no causal-LM head \(lm_head.weight missing\)"):
+        load_model(folder)

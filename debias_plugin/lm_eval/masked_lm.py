@@ -26,41 +26,23 @@ CROWS = "crows_pair"
 CROWS_AUL = "crows_pair_aul"
 STEREOSET_INTRA = "stereoset_intrasentence"
 STEREOSET_INTER = "stereoset_intersentence"
-_HEAD_ARCHITECTURES = ("ForMaskedLM", "ForPreTraining")
 
 
 def load_masked_lm(pretrained: str, *, dtype: str = "float32", trust_remote_code: bool = False,
                    allow_pickle: bool = False):
     """(model, tokenizer) of a folder that really holds a masked-LM head; anything else is a DebiasError."""
     import torch
-    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoConfig
 
-    from debias_plugin.models import check_weights, model_kind
+    from debias_plugin.models import check_weights, load_model, model_kind
 
     check_weights(pretrained, allow_pickle)
     config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
     if model_kind(config) != "masked":
         raise DebiasError(f"{pretrained}: a causal LM ({config.model_type}); hf-mlm scores masked LMs only. "
                           "Use --model hf for causal models.")
-    architectures = getattr(config, "architectures", None) or []
-    if architectures and not any(name.endswith(_HEAD_ARCHITECTURES) for name in architectures):
-        raise DebiasError(f"{pretrained}: config.json declares {architectures}, a model without a masked-LM head, "
-                          "so there are no token predictions to score. Expected e.g. BertForMaskedLM.")
-    try:
-        model, info = AutoModelForMaskedLM.from_pretrained(
-            pretrained, dtype=getattr(torch, dtype), use_safetensors=not allow_pickle or None,
-            trust_remote_code=trust_remote_code, output_loading_info=True,
-        )
-    except ValueError as err:  # transformers: unrecognized configuration class for AutoModelForMaskedLM
-        raise DebiasError(f"{pretrained}: architecture {config.model_type!r} has no masked-LM class in "
-                          f"transformers ({err}).") from err
-    head = model.get_output_embeddings()
-    head_names = {name for name, module in model.named_modules() if module is head}
-    missing = [key for key in info.get("missing_keys", []) if any(key.startswith(name) for name in head_names)]
-    if missing:
-        raise DebiasError(f"{pretrained}: the weights have no masked-LM head ({', '.join(sorted(missing))} missing); "
-                          "it would be randomly initialised. Expected a *ForMaskedLM checkpoint.")
-    tokenizer = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+    model, tokenizer, _ = load_model(pretrained, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                     dtype=getattr(torch, dtype))
     if tokenizer.mask_token_id is None:
         raise DebiasError(f"{pretrained}: the tokenizer has no mask token; hf-mlm needs one to mask tokens.")
     return model.eval(), tokenizer
