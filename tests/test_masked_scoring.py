@@ -229,6 +229,25 @@ def test_pll_equals_per_token_reference(kind, tiny_model, tokenizer_texts):
     assert long_pll == pytest.approx(expected, abs=1e-3)
 
 
+def test_training_pseudo_perplexity_equals_per_token_reference(tiny_model):
+    """The fine-tune/unlearn eval curves (methods.perplexity) report exp(-sum PLL / tokens) over the texts."""
+    import math
+
+    from debias_plugin.methods import perplexity
+
+    model, tokenizer = _load(tiny_model("bert"))
+    model.config_mask_id = tokenizer.mask_token_id
+    texts = ["The quick brown fox jumps over the lazy dog.", "She is a nurse.", "He works as an engineer today."]
+    total = count = 0
+    for text in texts:
+        encoding = tokenizer(text, return_special_tokens_mask=True)
+        positions = [p for p, special in enumerate(encoding["special_tokens_mask"]) if not special]
+        total += reference_pll(model, encoding["input_ids"], positions)
+        count += len(positions)
+    got = perplexity(model, tokenizer, "masked", texts, max_length=64, device="cpu", batch_size=4)
+    assert got == pytest.approx(math.exp(-total / count), rel=1e-5)
+
+
 # ---- the engine: dedup, packing, memory cap, errors ------------------------------------------------------------
 
 def test_engine_deduplicates_and_respects_token_budget(tiny_model):

@@ -109,7 +109,7 @@ def example_generator(seed: int, position: int):
 
 
 def perplexity(model, tokenizer, kind: str, texts: list[str], max_length: int, device, batch_size: int = 16) -> float:
-    """Causal: exp(mean token NLL). Masked: pseudo-perplexity, each token masked in turn (Salazar et al.)."""
+    """Causal: exp(mean token NLL) of texts truncated to max_length. Masked: pseudo-perplexity (Salazar et al.)."""
     total, count = 0.0, 0
     pad_value = pad_id(tokenizer)
     if kind == "causal":
@@ -124,22 +124,7 @@ def perplexity(model, tokenizer, kind: str, texts: list[str], max_length: int, d
             total -= float((logprobs * valid).sum())
             count += int(valid.sum())
         return math.exp(total / max(count, 1))
-    rows, targets = [], []
-    for text in texts:
-        ids, _ = encode(tokenizer, text, kind, max_length)
-        specials = special_positions(tokenizer, ids)
-        for i, is_special in enumerate(specials):
-            if not is_special:
-                masked = list(ids)
-                masked[i] = tokenizer.mask_token_id
-                rows.append(masked)
-                targets.append((i, ids[i]))
-    for start in range(0, len(rows), batch_size):
-        chunk, chunk_targets = rows[start:start + batch_size], targets[start:start + batch_size]
-        ids = pad(chunk, pad_value).to(device)
-        mask = pad([[1] * len(s) for s in chunk], 0).to(device)
-        logprobs = token_logprobs(model, kind, ids, mask)
-        for row, (position, token) in enumerate(chunk_targets):
-            total -= float(logprobs[row, position, token])
-        count += len(chunk)
-    return math.exp(total / max(count, 1))
+    from debias_plugin.scoring.masked import MaskedScorer  # texts longer than max_length: scored in windows
+
+    return MaskedScorer(model, tokenizer, token_budget=batch_size * max_length, max_length=max_length
+                        ).pseudo_perplexity(texts)

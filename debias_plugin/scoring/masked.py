@@ -241,6 +241,15 @@ class MaskedScorer:
 
     def pseudo_log_likelihoods(self, texts: Sequence[str]) -> list[float]:
         """PLL: sum over tokens of log p(token | all other tokens), each masked in turn; long texts in windows."""
+        return [total for total, _ in self._pll(texts)]
+
+    def pseudo_perplexity(self, texts: Sequence[str]) -> float:
+        """PPPL over a corpus: exp(-(sum of PLLs) / (tokens scored)), as Salazar et al. define it."""
+        results = self._pll(texts)
+        return math.exp(-math.fsum(total for total, _ in results) / max(1, sum(n for _, n in results)))
+
+    def _pll(self, texts: Sequence[str]) -> list[tuple[float, int]]:
+        """(PLL, number of tokens scored) per text."""
         plans, queries = [], []
         for text in texts:
             encoding = self.tokenizer(self.prepare(text), return_special_tokens_mask=True, verbose=False)
@@ -258,4 +267,4 @@ class MaskedScorer:
                 queries += [self._masked(window, len(leading) + t - w_start) for t in range(s_start, s_end)]
             plans.append((start_count, len(queries) - start_count))
         scores = self.log_probs(queries, "PLL tokens")
-        return [math.fsum(scores[start:start + n]) for start, n in plans]
+        return [(math.fsum(scores[start:start + n]), n) for start, n in plans]
