@@ -3,7 +3,8 @@
 theta_debiased = theta_base - lambda * (theta_biased - theta_base) is mergekit's ``task_arithmetic`` with one
 model at weight -lambda and ``normalize: false`` (mergekit #213). Everything that can be checked is checked
 before the first byte is written: lambda, the config's signs, architectures and tensor shapes (read from
-safetensors headers, never the tensors). The merge then streams one tensor at a time through mergekit.
+safetensors headers, never the tensors). The merge then streams one tensor at a time through mergekit, read
+with plain reads and, for tensors as big as an embedding matrix, combined in row blocks.
 """
 
 from __future__ import annotations
