@@ -1,6 +1,8 @@
 """Full CrowS-Pairs with the batched masked scorer (hf-mlm's engine) vs. the one-forward-per-masked-token reference.
 
-Same process, same seeded tiny-but-not-trivial BERT (4 layers, hidden 256), one run. Prints the wall
+Same process, same seeded tiny-but-not-trivial BERT, one run: by default the shape of Google's BERT-Mini
+(4 layers, hidden 256, 4 heads, feed-forward 1024, random weights); `--heads 16 --intermediate 512` is
+build_tiny_model's default shape, measured in the first session. Prints the wall
 times (batched timed before and after the reference, as the machine's load drifts), the speed-up,
 whether every pair's rounded scores and win are identical, and each phase's peak memory.
 
@@ -78,6 +80,8 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both phases")
     parser.add_argument("--batch-tokens", type=int, default=2048, help="padded-token budget per forward")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads (default: BERT-Mini's 4)")
+    parser.add_argument("--intermediate", type=int, default=1024, help="feed-forward width (default: BERT-Mini's)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args()
 
@@ -93,13 +97,15 @@ def main():
     reference_crows_pair = load_reference()
     pairs = [(p.sent_more, p.sent_less) for p in load_crows_pairs()][: args.limit]
     with tempfile.TemporaryDirectory() as tmp:
-        folder = build_tiny_model("bert", Path(tmp) / "bert", layers=4, hidden=256, seed=0)
+        folder = build_tiny_model("bert", Path(tmp) / "bert", layers=4, hidden=256, seed=0, heads=args.heads,
+                                  intermediate=args.intermediate)
         model = AutoModelForMaskedLM.from_pretrained(folder).eval().to(args.device)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     n_params = sum(p.numel() for p in model.parameters())
     on_gpu = model.device.type == "cuda"
     device_name = torch.cuda.get_device_name(model.device) if on_gpu else f"cpu, {torch.get_num_threads()} torch threads"
-    print(f"model: BERT 4 layers, hidden 256, vocab {model.config.vocab_size}, {n_params / 1e6:.1f}M params; "
+    print(f"model: BERT 4 layers, hidden 256, {args.heads} heads, feed-forward {args.intermediate}, "
+          f"vocab {model.config.vocab_size}, {n_params / 1e6:.1f}M params; "
           f"{len(pairs)} pairs; device {device_name}; batch_tokens {args.batch_tokens}")
 
     def gpu_peak_mib(reset: bool = False) -> float:
@@ -171,6 +177,7 @@ def main():
     if args.json:
         args.json.write_text(json.dumps({
             "pairs": len(pairs), "device": device_name, "batch_tokens": args.batch_tokens,
+            "model": f"BERT 4 layers, hidden 256, {args.heads} heads, feed-forward {args.intermediate}",
             "masked_forwards_reference": n_forwards,
             "batched_seconds": [batched_seconds, batched_seconds_after], "reference_seconds": reference_seconds,
             "speedup_vs_mean_batched": reference_seconds / batched_mean,

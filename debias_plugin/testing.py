@@ -38,44 +38,51 @@ def bpe_tokenizer(texts: list[str], vocab_size: int = 800, masked: bool = False)
     )
 
 
-def _config(kind: str, vocab_size: int, tokenizer, layers: int, hidden: int):
+def _config(kind: str, vocab_size: int, tokenizer, layers: int, hidden: int, heads: int | None = None,
+            intermediate: int | None = None):
     from transformers import (
         AlbertConfig, BertConfig, DistilBertConfig, GPT2Config, LlamaConfig, OPTConfig, RobertaConfig,
     )
 
-    heads = max(2, hidden // 16)
+    heads = heads or max(2, hidden // 16)
+    ffn = intermediate or 2 * hidden
     ids = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id or tokenizer.cls_token_id,
                eos_token_id=tokenizer.eos_token_id or tokenizer.sep_token_id)
     if kind == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_positions=512, **ids)
+        return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=heads, n_inner=intermediate,
+                          n_positions=512, **ids)
     if kind == "llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn,
                            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
                            max_position_embeddings=512, tie_word_embeddings=False, **ids)
     if kind == "opt":
-        return OPTConfig(vocab_size=vocab_size, hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers,
+        return OPTConfig(vocab_size=vocab_size, hidden_size=hidden, ffn_dim=ffn, num_hidden_layers=layers,
                          num_attention_heads=heads, max_position_embeddings=512, word_embed_proj_dim=hidden, **ids)
     if kind == "bert":
-        return BertConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+        return BertConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn,
                           num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=512,
                           pad_token_id=tokenizer.pad_token_id)
     if kind == "roberta":
-        return RobertaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+        return RobertaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn,
                              num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=514,
                              **ids)
     if kind == "albert":
         return AlbertConfig(vocab_size=vocab_size, embedding_size=max(16, hidden // 2), hidden_size=hidden,
-                            intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                            intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
                             max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
     if kind == "distilbert":
-        return DistilBertConfig(vocab_size=vocab_size, dim=hidden, hidden_dim=2 * hidden, n_layers=layers,
+        return DistilBertConfig(vocab_size=vocab_size, dim=hidden, hidden_dim=ffn, n_layers=layers,
                                 n_heads=heads, max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id)
     raise ValueError(f"unknown tiny model kind {kind!r}; expected one of {CAUSAL_KINDS + MASKED_KINDS}")
 
 
 def build_tiny_model(kind: str, out_dir: str | Path, texts: list[str] | None = None, *, layers: int = 2,
-                     hidden: int = 64, seed: int = 0) -> Path:
-    """Save a seeded random `kind` model (safetensors) and a matching tokenizer to `out_dir`."""
+                     hidden: int = 64, seed: int = 0, heads: int | None = None,
+                     intermediate: int | None = None) -> Path:
+    """Save a seeded random `kind` model (safetensors) and a matching tokenizer to `out_dir`.
+
+    Heads default to hidden / 16 and the feed-forward width to 2 x hidden (small and fast for tests).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
@@ -86,7 +93,7 @@ def build_tiny_model(kind: str, out_dir: str | Path, texts: list[str] | None = N
         if not texts:
             raise ValueError(f"a {kind} tiny model needs texts to train its BPE tokenizer")
         tokenizer = bpe_tokenizer(texts, masked=kind == "roberta")
-    config = _config(kind, len(tokenizer), tokenizer, layers, hidden)
+    config = _config(kind, len(tokenizer), tokenizer, layers, hidden, heads, intermediate)
     torch.manual_seed(seed)
     auto = AutoModelForCausalLM if kind in CAUSAL_KINDS else AutoModelForMaskedLM
     model = auto.from_config(config)
