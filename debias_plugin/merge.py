@@ -60,6 +60,11 @@ class TensorInfo:
 
 def read_safetensors_header(path: str | Path) -> dict[str, dict]:
     """Names, dtypes, shapes and offsets of a .safetensors file, reading only its JSON header."""
+    return read_safetensors_layout(path)[1]
+
+
+def read_safetensors_layout(path: str | Path) -> tuple[int, dict[str, dict]]:
+    """(byte offset where tensor data starts, header without __metadata__) of a .safetensors file."""
     path = Path(path)
     try:
         with open(path, "rb") as handle:
@@ -77,7 +82,7 @@ def read_safetensors_header(path: str | Path) -> dict[str, dict]:
     if not isinstance(header, dict):
         raise DataError(path, "header", "a JSON object", type(header).__name__)
     header.pop("__metadata__", None)
-    return header
+    return 8 + size, header
 
 
 def model_tensors(model_dir: str | Path) -> dict[str, TensorInfo]:
@@ -480,15 +485,14 @@ def plain_read_loader(model_dir: str):
                     raise KeyError(key)
                 return None
             file = os.path.join(self.index.base_path, paths[key])
-            with open(file, "rb") as handle:
-                if file not in self.headers:
-                    size = struct.unpack("<Q", handle.read(8))[0]
-                    self.headers[file] = (8 + size, json.loads(handle.read(size)))
-                offset, header = self.headers[file]
-                entry = header[key]
-                start, end = entry["data_offsets"]
-                tensor = torch.empty(entry["shape"], dtype=dtypes[entry["dtype"]])
-                if tensor.numel():
+            if file not in self.headers:
+                self.headers[file] = read_safetensors_layout(file)
+            offset, header = self.headers[file]
+            entry = header[key]
+            start, end = entry["data_offsets"]
+            tensor = torch.empty(entry["shape"], dtype=dtypes[entry["dtype"]])
+            if tensor.numel():
+                with open(file, "rb") as handle:
                     handle.seek(offset + start)
                     if handle.readinto(memoryview(tensor.view(-1).view(torch.uint8).numpy())) != end - start:
                         raise DebiasError(f"{file}: tensor {key} is truncated.")
