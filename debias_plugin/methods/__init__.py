@@ -6,7 +6,6 @@ Each stage is a small class that plugs into `debias_plugin.training.train` (see 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from debias_plugin.errors import DebiasError
 
@@ -20,13 +19,6 @@ def parse_where(pairs: tuple[str, ...] | list[str] | None) -> dict[str, str]:
             raise DebiasError(f"--where expects COLUMN=VALUE (e.g. split=dev), not '{pair}'.")
         where[column.strip()] = value.strip()
     return where
-
-
-def load_corpus(path: str | Path, column: str | None = None, where: dict[str, str] | None = None) -> list[str]:
-    """Texts of a corpus file, keeping only rows whose columns equal `where` (CSV/TSV/JSONL)."""
-    from debias_plugin.data import load_texts
-
-    return load_texts(path, column, where)
 
 
 def encode(tokenizer, text: str, kind: str, max_length: int) -> tuple[list[int], list[tuple[int, int]]]:
@@ -110,9 +102,8 @@ def example_generator(seed: int, position: int):
 
 def perplexity(model, tokenizer, kind: str, texts: list[str], max_length: int, device, batch_size: int = 16) -> float:
     """Causal: exp(mean token NLL) of texts truncated to max_length. Masked: pseudo-perplexity (Salazar et al.)."""
-    total, count = 0.0, 0
-    pad_value = pad_id(tokenizer)
     if kind == "causal":
+        total, count, pad_value = 0.0, 0, pad_id(tokenizer)
         encoded = [encode(tokenizer, text, kind, max_length)[0] for text in texts]
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start:start + batch_size]

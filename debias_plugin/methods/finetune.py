@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from debias_plugin.data import load_texts
 from debias_plugin.errors import DebiasError
 from debias_plugin.methods import (
-    encode, example_generator, load_corpus, mlm_mask, pad, pad_id, per_example_mean, perplexity,
+    encode, example_generator, mlm_mask, pad, pad_id, per_example_mean, perplexity,
     special_positions, token_logprobs,
 )
 
@@ -61,7 +62,7 @@ class Finetune:
         self.max_length = run.config.max_length
         if run.kind == "masked" and run.tokenizer.mask_token_id is None:
             raise DebiasError(f"{run.config.model}: the tokenizer has no mask token, needed for MLM fine-tuning.")
-        self.texts = load_corpus(self.opts.corpus, self.opts.column, self.opts.where)
+        self.texts = load_texts(self.opts.corpus, self.opts.column, self.opts.where)
         if self.opts.lora:
             run.model = self._wrap_lora(run)
         examples = []
@@ -100,7 +101,8 @@ class Finetune:
                                       self.opts.mlm_probability)
             masked_rows.append(masked)
             label_rows.append(ids)
-            target_rows.append([i in set(chosen) for i in range(len(ids))])
+            chosen = set(chosen)
+            target_rows.append([i in chosen for i in range(len(ids))])
         return {"input_ids": pad(masked_rows, pad_id(self.tokenizer)), "attention_mask": attention,
                 "labels": pad(label_rows, 0), "targets": pad(target_rows, 0).to(torch.bool)}
 

@@ -25,9 +25,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from debias_plugin.data import load_texts
 from debias_plugin.errors import DataError, DebiasError
 from debias_plugin.methods import (
-    encode, example_generator, load_corpus, mlm_mask, pad, pad_id, per_example_mean, perplexity,
+    encode, example_generator, mlm_mask, pad, pad_id, per_example_mean, perplexity,
     special_positions, token_logprobs,
 )
 from debias_plugin.training import StreamOrder
@@ -134,7 +135,7 @@ class Unlearn:
 
     # -- data -------------------------------------------------------------------------------------------
     def _forget_examples(self, run) -> list[tuple[list[int], list[bool]]]:
-        texts = load_corpus(self.opts.corpus, self.opts.column, self.opts.where)
+        texts = load_texts(self.opts.corpus, self.opts.column, self.opts.where)
         pattern = None
         if self.opts.targets == "words":
             words, self.word_source = load_word_list(self.opts.words, self.opts.domains)
@@ -180,11 +181,11 @@ class Unlearn:
             raise DebiasError(f"{run.config.model}: the tokenizer has no mask token, needed to unlearn masked tokens.")
         examples = self._forget_examples(run)
         self.eval_examples = examples
-        self.heldout_texts = (load_corpus(self.opts.heldout, self.opts.heldout_column, self.opts.heldout_where)
+        self.heldout_texts = (load_texts(self.opts.heldout, self.opts.heldout_column, self.opts.heldout_where)
                               if self.opts.heldout else [])
         self.retain_examples = []
         if self.opts.retain:
-            retain_texts = load_corpus(self.opts.retain, self.opts.retain_column, self.opts.retain_where)
+            retain_texts = load_texts(self.opts.retain, self.opts.retain_column, self.opts.retain_where)
             self.retain_examples = [encode(run.tokenizer, t, run.kind, run.config.max_length)[0] for t in retain_texts]
             self.retain_order = StreamOrder(len(self.retain_examples), run.config.seed + 1)
         if self.opts.regulariser == "kl":
