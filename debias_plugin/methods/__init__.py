@@ -100,6 +100,27 @@ def example_generator(seed: int, position: int):
     return torch.Generator().manual_seed(seed * 1_000_003 + position)
 
 
+def lm_batch(examples: list[list[int]], positions: list[int], kind: str, tokenizer, seed: int,
+             mlm_probability: float = 0.15) -> dict:
+    """Plain LM batch: causal scores every token after BOS; masked applies BERT masking seeded per stream position."""
+    import torch
+
+    attention = pad([[1] * len(ids) for ids in examples], 0)
+    batch = {"attention_mask": attention, "labels": pad(examples, 0)}
+    if kind == "causal":
+        targets = attention.clone()
+        targets[:, 0] = 0
+        return {**batch, "input_ids": pad(examples, pad_id(tokenizer)), "targets": targets.bool()}
+    masked_rows, target_rows = [], []
+    for ids, position in zip(examples, positions):
+        masked, chosen = mlm_mask(ids, special_positions(tokenizer, ids), tokenizer, example_generator(seed, position),
+                                  mlm_probability)
+        chosen = set(chosen)
+        masked_rows.append(masked)
+        target_rows.append([i in chosen for i in range(len(ids))])
+    return {**batch, "input_ids": pad(masked_rows, pad_id(tokenizer)), "targets": pad(target_rows, 0).to(torch.bool)}
+
+
 def perplexity(model, tokenizer, kind: str, texts: list[str], max_length: int, device, batch_size: int = 16) -> float:
     """Causal: exp(mean token NLL) of texts truncated to max_length. Masked: pseudo-perplexity (Salazar et al.)."""
     if kind == "causal":

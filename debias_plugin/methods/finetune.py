@@ -12,10 +12,7 @@ from pathlib import Path
 
 from debias_plugin.data import load_texts
 from debias_plugin.errors import DebiasError
-from debias_plugin.methods import (
-    encode, example_generator, mlm_mask, pad, pad_id, per_example_mean, perplexity,
-    special_positions, token_logprobs,
-)
+from debias_plugin.methods import encode, lm_batch, per_example_mean, perplexity, special_positions, token_logprobs
 
 EVAL_TEXTS = 64
 
@@ -85,26 +82,7 @@ class Finetune:
                               "Name the layers with --lora-target-modules (e.g. q_proj,v_proj).") from None
 
     def collate(self, examples: list[list[int]], positions: list[int]) -> dict:
-        import torch
-
-        attention = pad([[1] * len(ids) for ids in examples], 0)
-        if self.run_kind == "causal":
-            input_ids = pad(examples, pad_id(self.tokenizer))
-            targets = attention.clone()
-            targets[:, 0] = 0
-            return {"input_ids": input_ids, "attention_mask": attention, "labels": input_ids,
-                    "targets": targets.bool()}
-        masked_rows, label_rows, target_rows = [], [], []
-        for ids, position in zip(examples, positions):
-            generator = example_generator(self.seed, position)
-            masked, chosen = mlm_mask(ids, special_positions(self.tokenizer, ids), self.tokenizer, generator,
-                                      self.opts.mlm_probability)
-            masked_rows.append(masked)
-            label_rows.append(ids)
-            chosen = set(chosen)
-            target_rows.append([i in chosen for i in range(len(ids))])
-        return {"input_ids": pad(masked_rows, pad_id(self.tokenizer)), "attention_mask": attention,
-                "labels": pad(label_rows, 0), "targets": pad(target_rows, 0).to(torch.bool)}
+        return lm_batch(examples, positions, self.run_kind, self.tokenizer, self.seed, self.opts.mlm_probability)
 
     def loss(self, model, batch: dict):
         """Mean over examples of each example's mean token NLL (causal: all tokens; masked: the masked ones)."""

@@ -28,8 +28,7 @@ from pathlib import Path
 from debias_plugin.data import load_texts
 from debias_plugin.errors import DataError, DebiasError
 from debias_plugin.methods import (
-    encode, example_generator, mlm_mask, pad, pad_id, per_example_mean, perplexity,
-    special_positions, token_logprobs,
+    encode, lm_batch, pad, pad_id, per_example_mean, perplexity, special_positions, token_logprobs,
 )
 from debias_plugin.training import StreamOrder
 
@@ -196,7 +195,9 @@ class Unlearn:
         batch = self._forget_batch(examples)
         if self.retain_examples:
             retain = [self.retain_examples[self.retain_order[p]] for p in positions]
-            batch.update({f"retain_{k}": v for k, v in self._lm_batch(retain, positions).items()})
+            # the retain corpus: a plain LM batch, masked with its own seed (masked models)
+            plain = lm_batch(retain, positions, self.kind, self.tokenizer, self.seed + 1)
+            batch.update({f"retain_{k}": v for k, v in plain.items()})
         return batch
 
     def _forget_batch(self, examples: list) -> dict:
@@ -212,25 +213,6 @@ class Unlearn:
         else:
             batch["input_ids"] = pad(ids, pad_id(self.tokenizer))
         return batch
-
-    def _lm_batch(self, examples: list[list[int]], positions: list[int]) -> dict:
-        """Plain LM batch for the retain corpus (masked models: seeded MLM masking)."""
-        import torch
-
-        attention = pad([[1] * len(i) for i in examples], 0)
-        if self.kind == "causal":
-            targets = attention.clone()
-            targets[:, 0] = 0
-            return {"input_ids": pad(examples, pad_id(self.tokenizer)), "attention_mask": attention,
-                    "labels": pad(examples, 0), "targets": targets.bool()}
-        rows, target_rows = [], []
-        for ids, position in zip(examples, positions):
-            masked, chosen = mlm_mask(ids, special_positions(self.tokenizer, ids), self.tokenizer,
-                                      example_generator(self.seed + 1, position))
-            rows.append(masked)
-            target_rows.append([i in set(chosen) for i in range(len(ids))])
-        return {"input_ids": pad(rows, pad_id(self.tokenizer)), "attention_mask": attention,
-                "labels": pad(examples, 0), "targets": pad(target_rows, 0).to(torch.bool)}
 
     # -- objective --------------------------------------------------------------------------------------
     def _label_logprobs(self, model, batch: dict, prefix: str = ""):
