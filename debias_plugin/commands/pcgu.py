@@ -8,12 +8,18 @@ from debias_plugin.training import click_training_options
 
 
 def _k_value(ctx, param, value: str) -> float:
+    """Check --k before any model loads, with the rule resolve_k applies once the partitions are counted."""
+    from debias_plugin.errors import DebiasError
+    from debias_plugin.methods.pcgu import resolve_k
+
     try:
         number = float(value)
     except ValueError:
         raise click.BadParameter(f"expected a count (e.g. 10000) or a fraction (e.g. 0.05), not '{value}'") from None
-    if not (0 < number < 1 or (number >= 1 and number.is_integer())):
-        raise click.BadParameter(f"expected an integer >= 1 or a fraction in (0, 1), not '{value}'")
+    try:
+        resolve_k(number, 1)
+    except DebiasError as err:
+        raise click.BadParameter(str(err)) from None
     return number
 
 
