@@ -21,13 +21,18 @@ def parse_where(pairs: tuple[str, ...] | list[str] | None) -> dict[str, str]:
     return where
 
 
+def causal_start_token(tokenizer) -> int | None:
+    """The token a causal sequence starts from, so its first real token is predicted: BOS, else EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
 def encode(tokenizer, text: str, kind: str, max_length: int) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids and character offsets; causal texts start with BOS (EOS if none) so token 1 is predicted."""
     encoded = tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_length,
                         return_offsets_mapping=True)
     ids, offsets = list(encoded["input_ids"]), [tuple(span) for span in encoded["offset_mapping"]]
     if kind == "causal":
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        start = causal_start_token(tokenizer)
         if start is None:
             raise DebiasError("The tokenizer has neither a BOS nor an EOS token to condition the first token on.")
         if not ids or ids[0] != start:

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from debias_plugin.errors import DebiasError
+from debias_plugin.methods import causal_start_token, pad_id
 from debias_plugin.models import logits_at
 
 AGGREGATIONS = ("input", "output")
@@ -296,7 +297,7 @@ def target_spans(first: list[int], second: list[int]) -> tuple[range, range]:
 def encode_pair(pair, tokenizer, kind: str, max_length: int = 128) -> EncodedPair | None:
     """Token ids with the target span marked (masked in masked LMs); None if a side has no target."""
     if kind == "causal":
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        start = causal_start_token(tokenizer)
         prefix = [] if start is None else [start]
         encode = lambda text: prefix + tokenizer(text, add_special_tokens=False, truncation=True,  # noqa: E731
                                                  max_length=max_length - len(prefix))["input_ids"]
@@ -317,13 +318,13 @@ def encode_pair(pair, tokenizer, kind: str, max_length: int = 128) -> EncodedPai
     return EncodedPair(*sides)
 
 
-def collate_pairs(pairs: list[EncodedPair], pad_id: int) -> dict:
+def collate_pairs(pairs: list[EncodedPair], pad_value: int) -> dict:
     """Right-padded tensors for both sides: ids, attention mask, target mask, original target ids."""
     batch = {}
     for side, name in (("advantaged", "adv"), ("disadvantaged", "dis")):
         encoded = [getattr(pair, side) for pair in pairs]
         length = max(len(e.input_ids) for e in encoded)
-        ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
+        ids = torch.full((len(encoded), length), pad_value, dtype=torch.long)
         attention = torch.zeros_like(ids)
         target = torch.zeros_like(ids, dtype=torch.bool)
         target_ids = torch.zeros_like(ids)
@@ -361,8 +362,7 @@ class PCGUOptions:
                 raise DebiasError(f"{flag} must be one of {', '.join(allowed)}, not '{value}'.")
         if self.batch_size < 1 or self.similarity_batches < 1:
             raise DebiasError("--batch-size and --similarity-batches must be at least 1.")
-        if not (0 < self.k < 1 or (self.k >= 1 and float(self.k).is_integer())):
-            raise DebiasError(f"--k must be a partition count (integer >= 1) or a fraction in (0, 1), not {self.k}.")
+        resolve_k(self.k, 1)  # the count-or-fraction rule, checked before any model loads
 
 
 class PCGUMethod:
@@ -400,10 +400,11 @@ class PCGUMethod:
         encoded = [encode_pair(p, run.tokenizer, run.kind, run.config.max_length) for p in pairs]
         self.encoded = [e for e in encoded if e is not None]
         self.skipped = len(encoded) - len(self.encoded)
-        tokenizer = run.tokenizer
-        self.pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+        self.pad_id = pad_id(run.tokenizer)
         self.layout = partition_layout(run.model, self.opts.aggregation)
         self.total = sum(part.count for part in self.layout)
+        self.owners = torch.repeat_interleave(torch.arange(len(self.layout)),  # partition -> its tensor
+                                              torch.tensor([p.count for p in self.layout]))
         self.k = resolve_k(self.opts.k, self.total)
         return self.encoded
 
@@ -421,9 +422,7 @@ class PCGUMethod:
         result = pcgu_step(model, self.layout, self._micro_batches(batch), kind=self.kind, k=self.k,
                            lr=run.config.lr, objective=self.objective, direction=self.opts.direction,
                            rank_by=self.opts.rank_by)
-        owners = torch.repeat_interleave(torch.arange(len(self.layout)),
-                                         torch.tensor([p.count for p in self.layout]))
-        for index, count in zip(*torch.unique(owners[result.selected.cpu()], return_counts=True)):
+        for index, count in zip(*torch.unique(self.owners[result.selected.cpu()], return_counts=True)):
             name = self.layout[int(index)].name
             self.selection_counts[name] = self.selection_counts.get(name, 0) + int(count)
         self.steps_done += 1
