@@ -132,12 +132,11 @@ def _sharded_tensors(model_dir: Path, index_path: Path) -> dict[str, TensorInfo]
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DebiasError(f"{path}: file not found.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(path, f"line {getattr(err, 'lineno', 1)}", "valid JSON") from None
+    from debias_plugin.data._io import json_document
+
+    if not path.is_file():
+        raise DebiasError(f"{path}: file not found.")
+    data = json_document(path)
     if not isinstance(data, dict):
         raise DataError(path, "top level", "a JSON object", type(data).__name__)
     return data
