@@ -1,0 +1,178 @@
+"""One rule for every folder a stage writes: no overlap with inputs, --force to replace, staged, renamed, manifested.
+
+Every stage (training, negate, default-model) writes through `OutputFolder`:
+
+    folder = OutputFolder(out, inputs=[model, corpus], force=force)   # all checks, before any model loads
+    with folder.staging() as staging:                                   # a hidden sibling, removed on failure
+        ...write files into staging...
+        folder.publish(staging, manifest)                               # manifest + atomic rename into place
+
+The manifest has one schema for every stage (`manifest()` builds it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from debias_plugin.errors import DebiasError
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "debias_manifest.json"
+MANIFEST_SCHEMA = "debias_plugin.manifest/1"
+_STAGING = ".{name}.tmp-{pid}-{token}"
+_VERSIONED_PACKAGES = ("debias-plugin", "torch", "transformers", "accelerate", "peft", "safetensors", "mergekit",
+                       "lm-eval")
+
+
+def overlaps(first: Path, second: Path) -> bool:
+    """Either path is the other or lies inside it."""
+    return first == second or first in second.parents or second in first.parents
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class OutputFolder:
+    """A model folder (or file tree) to be written: every check at construction, the write all or nothing."""
+
+    def __init__(self, path: str | Path, *, inputs: Iterable[str | Path | None] = (), force: bool = False,
+                 option: str = "--output"):
+        self.path = Path(path).expanduser().resolve()
+        self.force, self.option = force, option
+        for given in inputs:
+            if given is None:
+                continue
+            source = Path(given).expanduser().resolve()
+            if overlaps(self.path, source):
+                raise DebiasError(f"{option} {self.path} overlaps the input {source}: writing it would destroy "
+                                  "that input. Choose an output folder outside every input (--force does not "
+                                  "change this).")
+        self.check_replaceable()
+        ancestor = next(p for p in (self.path.parent, *self.path.parent.parents) if p.exists())
+        if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
+            raise DebiasError(f"{option} {self.path}: cannot create it, {ancestor} is not a writable folder.")
+        self._remove_stale_staging()
+
+    def check_replaceable(self) -> None:
+        """An existing file, or a non-empty folder, is replaced only with --force."""
+        path = self.path
+        if path.is_symlink() or path.is_file():
+            if not self.force:
+                raise DebiasError(f"{self.option} {path} exists and is not a folder; pass --force to replace it, "
+                                  "or choose another path.")
+        elif path.is_dir() and any(path.iterdir()) and not self.force:
+            raise DebiasError(f"{self.option} {path} is not empty; pass --force to replace it, or choose another "
+                              "output folder.")
+
+    def _remove_stale_staging(self) -> None:
+        """Staging folders of killed runs (their pid is gone) are ours to remove."""
+        parent = self.path.parent
+        if not parent.is_dir():
+            return
+        for stale in parent.glob(f".{self.path.name}.tmp-*"):
+            pid = stale.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)) and stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+                logger.info("Removed %s, left behind by an interrupted run (process %s).", stale, pid)
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A fresh hidden folder beside the output; removed whatever happens unless it was published."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        staging = self.path.with_name(_STAGING.format(name=self.path.name, pid=os.getpid(),
+                                                      token=uuid.uuid4().hex[:8]))
+        staging.mkdir()
+        try:
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def publish(self, staging: Path, manifest: dict | None = None) -> Path:
+        """Write the manifest into the staging folder, then move it into place (replacing only with --force)."""
+        if manifest is not None:
+            write_json(staging / MANIFEST_NAME, manifest)
+        self.check_replaceable()
+        out = self.path
+        if out.exists() or out.is_symlink():
+            trash = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
+            out.rename(trash)
+            staging.rename(out)
+            if trash.is_dir() and not trash.is_symlink():
+                shutil.rmtree(trash)
+            else:
+                trash.unlink()
+        else:
+            staging.rename(out)
+        return out
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_hash(path: str | Path) -> str:
+    """sha256 of a file, or of a folder's files (relative names and contents, our manifest excluded)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file)}\0".encode())
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in _VERSIONED_PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+def manifest(stage: str, *, options: dict, inputs: dict[str, str | Path | None], results: dict,
+             timings: dict | None = None, hash_inputs: bool = True) -> dict:
+    """The one manifest schema: stage, options, inputs with content hashes, versions, timings, results."""
+    described = {}
+    for role, given in inputs.items():
+        if given is None:
+            continue
+        source = Path(given).expanduser().resolve()
+        described[role] = {"path": str(source), "sha256": content_hash(source) if hash_inputs else None}
+    return {"schema": MANIFEST_SCHEMA, "stage": stage, "options": options, "inputs": described,
+            "results": results, "timings": timings or {}, "packages": package_versions(),
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def read_manifest(folder: str | Path) -> dict:
+    from debias_plugin.data._io import json_document
+
+    return json_document(Path(folder) / MANIFEST_NAME)
