@@ -12,32 +12,43 @@ _COMMANDS = {
     "eval": ("debias_plugin.commands.evaluate:eval_command", "Run lm-eval with our tasks and the hf-mlm model."),
     "default-model": ("debias_plugin.commands.evaluate:default_model_command",
                       "Write the built-in SmolLM2-135M as a safetensors folder."),
-    "pcgu": ("debias_plugin.commands.pcgu:pcgu_command", "Partitioned contrastive gradient unlearning (PCGU)."),
-    "finetune": ("debias_plugin.commands.finetune:finetune_command",
-                 "Fine-tune a model on a biased corpus (full or LoRA): a bias vector's source."),
+    "seat": ("debias_plugin.commands.seat:seat_command", "SEAT effect sizes and p-values (May et al. 2019)."),
     "negate": ("debias_plugin.commands.negate:negate_command",
                "Subtract a bias vector (task arithmetic via mergekit): base - lambda * (biased - base)."),
-    "unlearn": ("debias_plugin.commands.unlearn:unlearn_command",
-                "Unlearn chosen tokens by gradient ascent (Lu et al., masked-token unlearning)."),
 }
+
+
+def _commands() -> dict[str, tuple[str | None, str]]:
+    """Commands above plus one per registered training stage (generated from its options; module None)."""
+    from debias_plugin.methods import available_methods
+
+    stages = {name: (None, summary) for name, (_, summary) in available_methods().items()}
+    return {**stages, **_COMMANDS}
 
 
 class LazyGroup(click.Group):
     """A click group that imports a command's module only when that command is used."""
 
     def list_commands(self, ctx):
-        return sorted(_COMMANDS)
+        return sorted(_commands())
 
     def get_command(self, ctx, name):
-        if name not in _COMMANDS:
+        commands = _commands()
+        if name not in commands:
             return None
-        module_name, attribute = _COMMANDS[name][0].split(":")
+        target, summary = commands[name]
+        if target is None:
+            from debias_plugin.commands.stage import stage_command
+
+            return stage_command(name, summary)
+        module_name, attribute = target.split(":")
         return getattr(importlib.import_module(module_name), attribute)
 
     def format_commands(self, ctx, formatter):
         """List commands from the registry's one-line help, so `debias --help` imports nothing heavy."""
+        commands = _commands()
         with formatter.section("Commands"):
-            formatter.write_dl([(name, _COMMANDS[name][1]) for name in self.list_commands(ctx)])
+            formatter.write_dl([(name, commands[name][1]) for name in self.list_commands(ctx)])
 
 
 @click.group(cls=LazyGroup)

@@ -92,6 +92,19 @@ def load_model(model_dir: str | Path, *, allow_pickle: bool = False, trust_remot
     return model, tokenizer, kind
 
 
+def causal_start_token(tokenizer) -> int | None:
+    """The token a causal sequence starts from, so its first real token is predicted: BOS, else EOS."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def pad_id(tokenizer) -> int:
+    """The one padding rule: the tokenizer's pad token, else EOS, else 0 (padded positions are masked anyway)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    return 0
+
+
 def logits_at(model, input_ids, attention_mask, flat_positions):
     """Logits [n, V] at flattened (row * width + position) indices; the vocabulary projection runs only there.
 

@@ -1,45 +1,16 @@
 """The training loop every debiasing stage shares: load, accelerate, accumulate, checkpoint, resume, save.
 
-How a method plugs in
----------------------
-`train(config, method)` runs any object with this shape (see `TrainingMethod`):
-
-``stage``                       name written into the manifest ("unlearn", "finetune", "pcgu", ...).
-``setup(run) -> list``          called once after the model is loaded and before it is prepared; reads
-                                ``run.config``, ``run.tokenizer``, ``run.kind`` and returns the training
-                                examples (any objects). It may replace ``run.model`` (e.g. wrap it with LoRA)
-                                or freeze parameters: the optimizer sees parameters with ``requires_grad``.
-``collate(examples, positions)`` one micro-batch -> dict of tensors (moved to the device by the core).
-                                ``positions`` are the examples' places in the global training stream: seed any
-                                randomness (MLM masking) from them, so a batch split across processes or
-                                micro-steps sees the same randomness as one process.
-``loss(model, batch)``          plain route: a scalar tensor that is the MEAN over the micro-batch's examples
-                                of per-example losses; the core does backward, gradient accumulation, DDP
-                                averaging, clipping, optimizer and scheduler steps.
-Optional hooks:
-``update(run, batch) -> float`` own the update step instead of ``loss`` (PCGU: per-sequence gradients and a
-                                masked update). Called once per step with this process's share of the global
-                                batch (``batch_size / world_size`` examples); returns the loss to display.
-                                With several processes, backward through ``run.model`` (DDP) averages
-                                gradients over processes; through ``run.unwrapped`` it does not.
-                                Set ``uses_optimizer = False`` to skip creating the AdamW optimizer.
-``evaluate(run) -> dict``       metrics at start and end (manifest) and every ``eval_every`` steps (history);
-                                called on every process with ``run.unwrapped`` in eval mode, under no_grad.
-``save(run, folder)``           write the trained model (default: ``save_pretrained`` as safetensors), e.g.
-                                a peft adapter; the core adds the tokenizer and the manifest.
-``state_dict()`` / ``load_state_dict(state)``  extra method state to checkpoint (tensors / plain values).
-``input_files() -> list``       data files whose sha256 go into the manifest.
-``options() -> dict``           method options for the manifest (and the resume fingerprint).
-``report() -> dict``            facts worth keeping (e.g. texts skipped), into the manifest.
+A stage is a `debias_plugin.methods.base.TrainingMethod` (its hooks and their order are documented there);
+`train(config, method)` runs it under the shared `TrainConfig`.
 
 The global stream of examples is a fresh seeded permutation per epoch; step ``s`` uses stream positions
-``[s*B, (s+1)*B)`` with ``B = batch_size``. That makes resuming a matter of restoring the step counter, and
-makes 1 and N processes see the same global batch. Many processes: ``accelerate launch --multi_gpu
+``[s*B, (s+1)*B)`` with ``B`` the method's examples per step. That makes resuming a matter of restoring the step
+counter, and makes 1 and N processes see the same global batch. Many processes: ``accelerate launch --multi_gpu
 --num_processes N debias ...`` (on a CPU-only machine too: the core then runs gloo DDP; accelerate's own
-``--cpu`` launcher starts a single process unless mpirun is configured), or ``torchrun --nproc_per_node N``. Checkpoints (every ``checkpoint_every`` steps) hold the
-weights (safetensors), optimizer, scheduler, per-process RNG states, history and method state, in
-``<output>.checkpoints/``; a rerun with the same options resumes from the latest one. The final folder is
-written under a temporary name beside ``output`` and renamed into place.
+``--cpu`` launcher starts a single process unless mpirun is configured), or ``torchrun --nproc_per_node N``.
+Checkpoints (every ``checkpoint_every`` steps) hold the weights (safetensors), optimizer, scheduler, per-process
+RNG states, history and method state, in ``<output>.checkpoints/``; a rerun with the same options resumes from
+the latest one. The final folder is published through `outputs.OutputFolder`.
 
 Test hook: the environment variable ``DEBIAS_ABORT_AFTER_STEP=k`` makes every process SIGKILL itself right
 after step k (after any checkpoint of that step), to test resume after a real kill.
@@ -47,66 +18,61 @@ after step k (after any checkpoint of that step), to test resume after a real ki
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal
+
+from pydantic import Field, FiniteFloat
 
 from debias_plugin.errors import DebiasError
-from debias_plugin.paths import publish_folder
+from debias_plugin.methods.base import TrainingMethod
+from debias_plugin.options import Options
+from debias_plugin.outputs import MANIFEST_NAME, OutputFolder, manifest  # noqa: F401  (MANIFEST_NAME: API)
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "debias_manifest.json"
 ABORT_ENV = "DEBIAS_ABORT_AFTER_STEP"
 _PRECISIONS = {"fp32": "no", "bf16": "bf16"}
+# transformers schedulers that need nothing beyond warmup and total steps
+Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                    "inverse_sqrt"]
 
 
-@dataclass
-class TrainConfig:
-    """Options every stage shares; all of them go into the manifest and the resume fingerprint."""
+class TrainConfig(Options):
+    """Options every stage shares (defaults are Lu et al.'s); all go into the manifest and the resume fingerprint."""
 
-    model: str
-    output: str
-    steps: int = 50
-    batch_size: int = 8  # examples per optimizer step, over all processes and accumulation micro-steps
-    grad_accum: int = 1
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    scheduler: str = "constant"  # any transformers.get_scheduler name: constant, linear, cosine, ...
-    warmup_steps: int = 0
-    max_grad_norm: float = 0.0  # 0 = no clipping
-    max_length: int = 128
-    seed: int = 0
-    precision: str = "fp32"  # fp32 | bf16 (mixed precision through accelerate)
-    dropout: bool = True  # False trains in eval mode: bit-comparable runs across process counts
-    checkpoint_every: int = 0
-    eval_every: int = 0
-    force: bool = False
-    keep_checkpoints: bool = False
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
-
-
-class TrainingMethod(Protocol):
-    """What `train` needs from a stage; optional hooks are listed in the module docstring."""
-
-    stage: str
-
-    def setup(self, run: "Run") -> list: ...
-
-    def collate(self, examples: list, positions: list[int]) -> dict: ...
-
-    def loss(self, model, batch: dict): ...
+    model: str = Field(description="Hugging Face model folder.")
+    output: str = Field(description="Folder to write.")
+    steps: int = Field(50, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(8, ge=1, description="Examples per optimizer step, over all processes and "
+                                                 "accumulation micro-steps.")
+    grad_accum: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    lr: FiniteFloat = Field(1e-5, gt=0, description="AdamW learning rate.")
+    weight_decay: FiniteFloat = Field(0.0, ge=0)
+    scheduler: Scheduler = Field("constant", description="transformers learning-rate schedule.")
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: FiniteFloat = Field(0.0, ge=0, description="0 = no clipping.")
+    max_length: int = Field(128, ge=2, description="Tokens per text (truncated).")
+    seed: int = Field(0, ge=0)
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: mixed precision through accelerate.")
+    dropout: bool = Field(True, description="--no-dropout trains in eval mode (identical results for any "
+                                            "process count).")
+    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps in "
+                                                       "OUTPUT.checkpoints/ (0 = never).")
+    eval_every: int = Field(0, ge=0, description="Log evaluation metrics every N steps.")
+    force: bool = Field(False, description="Replace a non-empty output folder.")
+    keep_checkpoints: bool = Field(False, description="Keep OUTPUT.checkpoints/ after success.")
+    allow_pickle: bool = Field(False, description="Allow loading pickle (.bin) weights you trust.")
+    trust_remote_code: bool = Field(False, description="Run the model folder's own code (unsafe).")
 
 
 @dataclass
@@ -138,36 +104,6 @@ class Run:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def check_output_folder(output: str | Path, force: bool) -> Path:
-    """Refuse to overwrite results: a non-empty output folder needs --force."""
-    output = Path(output).expanduser().resolve()
-    if output.exists() and not output.is_dir():
-        raise DebiasError(f"{output} exists and is not a folder; choose another output path.")
-    if output.is_dir() and any(output.iterdir()) and not force:
-        raise DebiasError(f"{output} is not empty; pass --force to replace it, or choose another output folder.")
-    return output
-
-
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for name in ("debias-plugin", "torch", "transformers", "accelerate", "peft", "safetensors"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return versions
 
 
 class StreamOrder:
@@ -213,47 +149,53 @@ def _set_rng_state(state: dict) -> None:
 class Trainer:
     """Runs one method under one config: the loop, its checkpoints and the atomic final save."""
 
-    def __init__(self, config: TrainConfig, method):
+    def __init__(self, config: TrainConfig, method: TrainingMethod):
         self.config, self.method = config, method
-        self.output = check_output_folder(config.output, config.force)
+        self._refuse_unused_options()
+        self.folder = OutputFolder(config.output, inputs=[config.model, *method.inputs().values()],
+                                   force=config.force)
+        self.output = self.folder.path
         self.checkpoints = self.output.parent / f"{self.output.name}.checkpoints"
+        self.per_step = method.examples_per_step(config.batch_size)
         self.history: list[dict] = []
         self.losses: list[float] = []
 
     # -- setup --------------------------------------------------------------------------------------------
+    def _refuse_unused_options(self) -> None:
+        """A stage that owns its update would silently ignore some shared options: refuse them when set."""
+        defaults, values = TrainConfig.model_fields, self.config.model_dump()
+        named = [name for name in self.method.unused_training_options if values[name] != defaults[name].default]
+        if named:
+            raise DebiasError(f"{self.method.name} does not use {', '.join(named)}: leave them at their defaults.")
+
     def _validate(self, world_size: int) -> None:
-        config = self.config
-        if config.precision not in _PRECISIONS:
-            raise DebiasError(f"--precision must be one of {sorted(_PRECISIONS)}, not '{config.precision}'.")
-        if config.steps < 1 or config.batch_size < 1 or config.grad_accum < 1:
-            raise DebiasError("--steps, --batch-size and --grad-accum must be at least 1.")
-        owns_update = hasattr(self.method, "update")
-        per_step_shares = world_size * (1 if owns_update else config.grad_accum)
-        if config.batch_size % per_step_shares:
+        accumulation = 1 if self.method.owns_update else self.config.grad_accum
+        if self.per_step % (world_size * accumulation):
             raise DebiasError(
-                f"--batch-size {config.batch_size} must be divisible by processes x accumulation steps "
-                f"({world_size} x {1 if owns_update else config.grad_accum}), so every process sees an equal "
-                "share of the same global batch."
+                f"batch_size: {self.per_step} examples per step must be divisible by processes x accumulation "
+                f"steps ({world_size} x {accumulation}), so every process sees an equal share of the same "
+                "global batch."
             )
 
     def _fingerprint(self) -> str:
         """Options that change the result; a checkpoint from other options must not be resumed."""
         volatile = {"force", "keep_checkpoints", "checkpoint_every", "output"}
-        options = {k: v for k, v in dataclasses.asdict(self.config).items() if k not in volatile}
-        options["method"] = getattr(self.method, "options", dict)()
-        options["stage"] = self.method.stage
+        options = self.config.model_dump(mode="json", exclude=volatile)
+        options.update(method=self.method.options(), stage=self.method.name)
         return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()
 
     def _setup(self):
         import torch
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import GradientAccumulationPlugin, set_seed
 
         from debias_plugin.models import load_model
 
         config = self.config
+        accumulation = GradientAccumulationPlugin(
+            num_steps=1 if self.method.owns_update else config.grad_accum, sync_with_dataloader=False)
         # cpu=True when there is no accelerator, so torchrun-style launches become gloo DDP (MULTI_CPU).
-        settings = dict(mixed_precision=_PRECISIONS.get(config.precision, "no"),
+        settings = dict(mixed_precision=_PRECISIONS[config.precision], gradient_accumulation_plugin=accumulation,
                         cpu=torch.accelerator.current_accelerator() is None)
         try:
             accelerator = Accelerator(**settings)
@@ -271,9 +213,9 @@ class Trainer:
         run = Run(config=config, model=model, tokenizer=tokenizer, kind=kind, accelerator=accelerator)
         examples = list(self.method.setup(run))
         if not examples:
-            raise DebiasError(f"{self.method.stage}: no training examples (the corpus gave nothing to train on).")
+            raise DebiasError(f"{self.method.name}: no training examples (the corpus gave nothing to train on).")
         run.model = accelerator.prepare(run.model)  # on the device (and DDP-wrapped) before the optimizer sees it
-        if getattr(self.method, "uses_optimizer", True):
+        if self.method.uses_optimizer:
             from transformers import get_scheduler
 
             trainable = [p for p in run.unwrapped.parameters() if p.requires_grad]
@@ -295,6 +237,7 @@ class Trainer:
         import torch
         from safetensors.torch import save_model
 
+        check_finite(run.unwrapped, run.step)
         accelerator = run.accelerator
         name = f"step-{run.step:08d}"
         staging = self.checkpoints / f"{name}.tmp"
@@ -310,8 +253,7 @@ class Trainer:
             if run.optimizer is not None:
                 state["optimizer"] = run.optimizer.state_dict()
                 state["scheduler"] = run.scheduler.state_dict()
-            if hasattr(self.method, "state_dict"):
-                state["method"] = self.method.state_dict()
+            state["method"] = self.method.state_dict()
             torch.save(state, staging / "trainer.pt")
         accelerator.wait_for_everyone()
         if run.is_main:
@@ -346,20 +288,17 @@ class Trainer:
         if run.optimizer is not None:
             run.optimizer.load_state_dict(state["optimizer"])
             run.scheduler.load_state_dict(state["scheduler"])
-        if "method" in state:
-            self.method.load_state_dict(state["method"])
+        self.method.load_state_dict(state["method"])
         self.history, self.losses = state["history"], state["losses"]
         run.step = state["step"]
         _set_rng_state(torch.load(rng_file, weights_only=True))
         if run.is_main:
-            logger.info("Resuming %s from %s (step %d).", self.method.stage, folder, run.step)
+            logger.info("Resuming %s from %s (step %d).", self.method.name, folder, run.step)
 
     # -- loop ---------------------------------------------------------------------------------------------
     def _evaluate(self, run: Run) -> dict:
         import torch
 
-        if not hasattr(self.method, "evaluate"):
-            return {}
         model = run.unwrapped
         was_training = model.training
         model.eval()
@@ -379,22 +318,21 @@ class Trainer:
         import torch
 
         config, accelerator = self.config, run.accelerator
-        start = run.step * config.batch_size
+        start = run.step * self.per_step
         rank, world = accelerator.process_index, accelerator.num_processes
-        if hasattr(self.method, "update"):
-            share = config.batch_size // world
+        if self.method.owns_update:
+            share = self.per_step // world
             positions = list(range(start + rank * share, start + (rank + 1) * share))
             return float(self.method.update(run, self._batch(run, examples, order, positions)))
-        micro = config.batch_size // (world * config.grad_accum)
+        micro = self.per_step // (world * config.grad_accum)
         total = torch.zeros((), device=run.device)
         for m in range(config.grad_accum):
             first = start + (m * world + rank) * micro
             batch = self._batch(run, examples, order, list(range(first, first + micro)))
-            last = m == config.grad_accum - 1
-            with nullcontext() if last or world == 1 else accelerator.no_sync(run.model):
-                loss = self.method.loss(run.model, batch) / config.grad_accum
-                accelerator.backward(loss)
-            total += loss.detach()
+            with accelerator.accumulate(run.model):  # DDP syncs gradients on the last micro-step only
+                loss = self.method.loss(run.model, batch)
+                accelerator.backward(loss)  # divides by grad_accum
+            total += loss.detach() / config.grad_accum
         if config.max_grad_norm > 0:
             accelerator.clip_grad_norm_(run.model.parameters(), config.max_grad_norm)
         run.optimizer.step()
@@ -406,6 +344,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         started = time.time()
+        self.method.read_inputs()
         run, examples = self._setup()
         config = self.config
         abort_after = int(os.environ.get(ABORT_ENV, "0") or 0)
@@ -415,10 +354,13 @@ class Trainer:
             self.history.append({"step": 0, **start_metrics})
         run.unwrapped.train(config.dropout)
         order = StreamOrder(len(examples), config.seed)
-        bar = tqdm(total=config.steps, initial=run.step, desc=self.method.stage, disable=not run.is_main)
+        bar = tqdm(total=config.steps, initial=run.step, desc=self.method.name, disable=not run.is_main)
         while run.step < config.steps:
             loss = self._train_step(run, examples, order)
             run.step += 1
+            if not math.isfinite(loss):
+                raise DebiasError(f"{self.method.name}: the loss became {loss} at step {run.step}; nothing was "
+                                  "published. Lower the learning rate (lr) or check the data.")
             self.losses.append(loss)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
@@ -432,86 +374,39 @@ class Trainer:
         bar.close()
         end_metrics = self.history[-1] if self.history and self.history[-1]["step"] == config.steps else None
         end_metrics = {k: v for k, v in end_metrics.items() if k != "step"} if end_metrics else self._evaluate(run)
-        manifest = {
-            "stage": self.method.stage,
-            "base_model": str(Path(config.model).expanduser().resolve()),
-            "options": {**dataclasses.asdict(config), "method": getattr(self.method, "options", dict)()},
-            "data": {str(Path(p).resolve()): sha256_file(p) for p in getattr(self.method, "input_files", list)()},
-            "metrics": {"start": start_metrics, "end": end_metrics},
-            "history": self.history,
-            "losses": self.losses,
-            "report": getattr(self.method, "report", dict)(),
-            "processes": run.world_size,
-            "device": str(run.device),
-            "wall_seconds": round(time.time() - started, 2),
-            "packages": package_versions(),
-        }
+        check_finite(run.unwrapped, run.step)
+        results = {"metrics": {"start": start_metrics, "end": end_metrics}, "history": self.history,
+                   "losses": self.losses, "report": self.method.report()}
+        timings = {"wall_seconds": round(time.time() - started, 2), "processes": run.world_size,
+                   "device": str(run.device)}
         if run.is_main:
-            self._save_final(run, manifest)
+            self._save_final(run, manifest(self.method.name, options={**config.model_dump(mode="json"),
+                                                                      "method": self.method.options()},
+                                           inputs={"model": config.model, **self.method.inputs()},
+                                           results=results, timings=timings))
         run.accelerator.wait_for_everyone()
         return self.output
 
-    def _save_final(self, run: Run, manifest: dict) -> None:
-        """Write beside the output under a temporary name, then rename: no half-written model folder."""
-        staging = self.output.parent / f".{self.output.name}.tmp-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        try:
-            if hasattr(self.method, "save"):
-                self.method.save(run, staging)
-            else:
-                run.unwrapped.save_pretrained(staging, safe_serialization=True)
+    def _save_final(self, run: Run, record: dict) -> None:
+        """Model, tokenizer and manifest in a staging folder, then one rename: no half-written model folder."""
+        with self.folder.staging() as staging:
+            self.method.save(run, staging)
             run.tokenizer.save_pretrained(staging)
-            (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-            check_output_folder(self.output, self.config.force)
-            publish_folder(staging, self.output)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            self.folder.publish(staging, record)
         if not self.config.keep_checkpoints:
             shutil.rmtree(self.checkpoints, ignore_errors=True)
 
 
-def train(config: TrainConfig, method) -> Path:
+def check_finite(model, step: int) -> None:
+    """Never checkpoint or publish a model with NaN or infinite weights."""
+    import torch
+
+    for name, parameter in model.named_parameters():
+        if not torch.isfinite(parameter.detach()).all():
+            raise DebiasError(f"The weights became non-finite by step {step} (first: {name}); nothing was "
+                              "published. Lower the learning rate (lr) or check the data.")
+
+
+def train(config: TrainConfig, method: TrainingMethod) -> Path:
     """Train `method` under `config` and return the written output folder."""
     return Trainer(config, method).run()
-
-
-def click_training_options(function):
-    """The CLI flags every training stage shares (defaults are Lu et al.'s: batch 8, 50 steps, lr 1e-5)."""
-    import click
-
-    options = [
-        click.option("--model", "model", required=True, type=click.Path(), help="Hugging Face model folder."),
-        click.option("--output", "output", required=True, type=click.Path(), help="Folder to write."),
-        click.option("--steps", default=50, show_default=True, help="Optimizer steps."),
-        click.option("--batch-size", default=8, show_default=True,
-                     help="Examples per optimizer step, over all processes and accumulation micro-steps."),
-        click.option("--grad-accum", default=1, show_default=True, help="Micro-steps per optimizer step."),
-        click.option("--lr", default=1e-5, show_default=True, type=float, help="AdamW learning rate."),
-        click.option("--weight-decay", default=0.0, show_default=True, type=float),
-        click.option("--scheduler", default="constant", show_default=True,
-                     help="transformers scheduler name: constant, linear, cosine, ..."),
-        click.option("--warmup-steps", default=0, show_default=True),
-        click.option("--max-grad-norm", default=0.0, show_default=True, type=float, help="0 = no clipping."),
-        click.option("--max-length", default=128, show_default=True, help="Tokens per text (truncated)."),
-        click.option("--seed", default=0, show_default=True),
-        click.option("--precision", type=click.Choice(sorted(_PRECISIONS)), default="fp32", show_default=True),
-        click.option("--dropout/--no-dropout", default=True, show_default=True,
-                     help="--no-dropout trains in eval mode (identical results for any process count)."),
-        click.option("--checkpoint-every", default=0, show_default=True,
-                     help="Save a resumable checkpoint every N steps in OUTPUT.checkpoints/ (0 = never)."),
-        click.option("--eval-every", default=0, show_default=True, help="Log evaluation metrics every N steps."),
-        click.option("--force", is_flag=True, help="Replace a non-empty output folder."),
-        click.option("--keep-checkpoints", is_flag=True, help="Keep OUTPUT.checkpoints/ after success."),
-        click.option("--allow-pickle", is_flag=True, help="Allow loading pickle (.bin) weights you trust."),
-        click.option("--trust-remote-code", is_flag=True, help="Run the model folder's own code (unsafe)."),
-    ]
-    for option in reversed(options):
-        function = option(function)
-    return function
-
-
-def config_from_options(options: dict) -> tuple[TrainConfig, dict]:
-    """Split click's keyword arguments into the shared TrainConfig and the method's own options."""
-    names = {field.name for field in dataclasses.fields(TrainConfig)}
-    shared = {k: v for k, v in options.items() if k in names}
-    return TrainConfig(**shared), {k: v for k, v in options.items() if k not in names}

@@ -35,6 +35,7 @@ def prepared(model_dir, method):
     model, tokenizer, kind = load_model(model_dir)
     run = Run(config=config(model_dir, "/unused"), model=model, tokenizer=tokenizer, kind=kind,
               accelerator=Accelerator(cpu=True))
+    method.read_inputs()
     return run, method.setup(run)
 
 
@@ -69,8 +70,8 @@ def test_full_finetune_lowers_corpus_perplexity_and_loads(tiny_model, corpus, tm
 
     output = train(config(tiny_model(kind), tmp_path / "out"), Finetune(FinetuneOptions(corpus=str(corpus))))
     manifest = json.loads((output / MANIFEST_NAME).read_text())
-    assert manifest["metrics"]["end"]["corpus_perplexity"] < manifest["metrics"]["start"]["corpus_perplexity"]
-    assert manifest["report"]["output_format"] == "full-model"
+    assert manifest["results"]["metrics"]["end"]["corpus_perplexity"] < manifest["results"]["metrics"]["start"]["corpus_perplexity"]
+    assert manifest["results"]["report"]["output_format"] == "full-model"
     (AutoModelForCausalLM if kind == "gpt2" else AutoModelForMaskedLM).from_pretrained(output)
 
 
@@ -121,7 +122,7 @@ def test_reddit_bias_column_and_missing_column(tiny_model, data_dir, tmp_path, c
     assert not (tmp_path / "out").exists()
     main([*args, "--column", "comment"])
     manifest = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())
-    assert manifest["report"]["texts"] == 253
+    assert manifest["results"]["report"]["texts"] == 253
 
 
 def test_checkpoint_without_its_lm_head_is_refused(tiny_model, tmp_path):

@@ -211,14 +211,20 @@ def test_step_lowers_the_advantaged_objective(tiny_model, data_dir):
 
 
 def test_k_and_option_errors():
-    assert resolve_k(0.5, 10) == 5 and resolve_k(3, 10) == 3 and resolve_k(30, 10) == 10
-    for bad in (0, 1.5, -2):
-        with pytest.raises(DebiasError, match="--k"):
-            resolve_k(bad, 10)
+    from pydantic import ValidationError
+
     from debias_plugin.methods.pcgu import PCGUOptions
 
-    with pytest.raises(DebiasError, match="--direction"):
-        PCGUOptions(direction="sideways").validate()
+    assert resolve_k(0.5, 10) == 5 and resolve_k(3, 10) == 3 and resolve_k(10, 10) == 10
+    for bad in (0, 1.5, -2):
+        with pytest.raises(DebiasError, match="k must be"):
+            resolve_k(bad, 10)
+    with pytest.raises(DebiasError, match="only 10"):  # more partitions than the model has: refused, not clamped
+        resolve_k(30, 10)
+    with pytest.raises(ValidationError, match="direction"):
+        PCGUOptions(direction="sideways")
+    with pytest.raises(ValidationError, match="k must be"):
+        PCGUOptions(k=2.5)
 
 
 def test_cli_errors_are_one_paragraph(tmp_path, tiny_model, data_dir, capsys):
@@ -282,5 +288,5 @@ def test_two_processes_equal_one_and_resume(tmp_path, tiny_model, data_dir):
     for name in one:
         torch.testing.assert_close(two[name], one[name], atol=1e-7, rtol=1e-6)
     reports = [json.loads((tmp_path / f"out{n}" / "debias_manifest.json").read_text()) for n in (1, 2)]
-    assert reports[1]["processes"] == 2
-    assert reports[0]["report"]["selections_by_tensor_top15"] == reports[1]["report"]["selections_by_tensor_top15"]
+    assert reports[1]["timings"]["processes"] == 2
+    assert reports[0]["results"]["report"]["selections_by_tensor_top15"] == reports[1]["results"]["report"]["selections_by_tensor_top15"]

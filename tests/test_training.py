@@ -69,7 +69,7 @@ def test_resume_after_kill_gives_the_same_weights(tiny_model, corpus, tmp_path):
     assert max_difference(weights(straight), weights(resumed)) == 0.0
     assert not (tmp_path / "resumed.checkpoints").exists()  # removed after success
     resumed_manifest = json.loads((resumed / MANIFEST_NAME).read_text())
-    assert resumed_manifest["losses"] == json.loads((straight / MANIFEST_NAME).read_text())["losses"]
+    assert resumed_manifest["results"]["losses"] == json.loads((straight / MANIFEST_NAME).read_text())["results"]["losses"]
 
 
 def test_resume_refuses_a_checkpoint_of_other_options(tiny_model, corpus, tmp_path, capsys):
@@ -94,7 +94,7 @@ def test_two_processes_match_one(tiny_model, corpus, tmp_path):
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert launched.returncode == 0, launched.stderr[-3000:]
-    assert json.loads((two / MANIFEST_NAME).read_text())["processes"] == 2
+    assert json.loads((two / MANIFEST_NAME).read_text())["timings"]["processes"] == 2
     one = _finetune(model, corpus, tmp_path / "one")
     base = weights(model)
     assert max(float((weights(one)[k] - base[k]).abs().max()) for k in base) > 1e-3  # it really trained
@@ -114,14 +114,14 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_model, corpus, tmp_pat
 def test_manifest_and_loading(tiny_model, corpus, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from debias_plugin.training import sha256_file
+    from debias_plugin.outputs import sha256_file
 
     output = _finetune(tiny_model("gpt2"), corpus, tmp_path / "out")
     manifest = json.loads((output / MANIFEST_NAME).read_text())
     assert manifest["stage"] == "finetune"
     assert manifest["options"]["lr"] == 1e-3 and manifest["options"]["method"]["corpus"] == str(corpus)
-    assert manifest["data"] == {str(corpus.resolve()): sha256_file(corpus)}
-    assert set(manifest["metrics"]) == {"start", "end"} and len(manifest["losses"]) == 3
+    assert manifest["inputs"]["corpus"] == {"path": str(corpus.resolve()), "sha256": sha256_file(corpus)}
+    assert set(manifest["results"]["metrics"]) == {"start", "end"} and len(manifest["results"]["losses"]) == 3
     assert {"torch", "transformers", "accelerate"} <= set(manifest["packages"])
     AutoModelForCausalLM.from_pretrained(output)
     AutoTokenizer.from_pretrained(output)
@@ -165,8 +165,8 @@ def test_bf16_mixed_precision_trains_float32_weights(tiny_model, corpus, tmp_pat
     fp32 = json.loads((_finetune(tiny_model("gpt2"), corpus, tmp_path / "a", steps=2) / MANIFEST_NAME).read_text())
     bf16_dir = _finetune(tiny_model("gpt2"), corpus, tmp_path / "b", steps=2, precision="bf16")
     bf16 = json.loads((bf16_dir / MANIFEST_NAME).read_text())
-    assert bf16["losses"] != fp32["losses"]
-    assert bf16["losses"] == pytest.approx(fp32["losses"], rel=1e-2)
+    assert bf16["results"]["losses"] != fp32["results"]["losses"]
+    assert bf16["results"]["losses"] == pytest.approx(fp32["results"]["losses"], rel=1e-2)
     assert {tensor.dtype for tensor in weights(bf16_dir).values()} == {torch.float32}
     again = json.loads((_finetune(tiny_model("gpt2"), corpus, tmp_path / "c", steps=2) / MANIFEST_NAME).read_text())
-    assert again["losses"] == fp32["losses"]
+    assert again["results"]["losses"] == fp32["results"]["losses"]

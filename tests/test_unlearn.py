@@ -50,6 +50,7 @@ def prepared(model_dir, method, **overrides):
     model, tokenizer, kind = load_model(model_dir)
     run = Run(config=config(model_dir, "/unused", **overrides), model=model, tokenizer=tokenizer, kind=kind,
               accelerator=Accelerator(cpu=True))
+    method.read_inputs()
     examples = method.setup(run)
     return run, examples
 
@@ -160,7 +161,7 @@ def test_unlearning_lowers_target_tokens_far_more_than_the_rest(tiny_model, file
     assert target_change < -0.3, (target_change, other_change)
     assert abs(other_change) < abs(target_change) / 3, (target_change, other_change)
     manifest = json.loads((output / MANIFEST_NAME).read_text())
-    assert manifest["metrics"]["end"]["target_logprob"] < manifest["metrics"]["start"]["target_logprob"]
+    assert manifest["results"]["metrics"]["end"]["target_logprob"] < manifest["results"]["metrics"]["start"]["target_logprob"]
 
 
 def test_regularisers_match_their_definitions(tiny_model, files):
@@ -190,8 +191,8 @@ def test_eval_every_logs_forget_and_heldout_perplexity(tiny_model, files, tmp_pa
     method = Unlearn(options(files, heldout=str(files / "heldout.txt")))
     output = train(config(model_dir, tmp_path / "out", eval_every=2), method)
     manifest = json.loads((output / MANIFEST_NAME).read_text())
-    assert [h["step"] for h in manifest["history"]] == [0, 2, 4]
-    assert all({"forget_perplexity", "heldout_perplexity"} <= set(h) for h in manifest["history"])
+    assert [h["step"] for h in manifest["results"]["history"]] == [0, 2, 4]
+    assert all({"forget_perplexity", "heldout_perplexity"} <= set(h) for h in manifest["results"]["history"])
     # reference: exp(token-mean NLL) of the held-out texts, BOS-prefixed, via the model's own labels= loss
     model, tokenizer = AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
     total = count = 0
@@ -200,9 +201,9 @@ def test_eval_every_logs_forget_and_heldout_perplexity(tiny_model, files, tmp_pa
         with torch.no_grad():
             total += float(model(ids, labels=ids).loss) * (ids.shape[1] - 1)
         count += ids.shape[1] - 1
-    assert manifest["history"][0]["heldout_perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
-    assert manifest["report"]["texts_without_targets"] == 1 and manifest["report"]["texts"] == 37
-    assert {str((files / name).resolve()) for name in ("forget.txt", "heldout.txt", "words.txt")} == set(manifest["data"])
+    assert manifest["results"]["history"][0]["heldout_perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
+    assert manifest["results"]["report"]["texts_without_targets"] == 1 and manifest["results"]["report"]["texts"] == 37
+    assert {str((files / name).resolve()) for name in ("forget.txt", "heldout.txt", "words.txt")} == {entry["path"] for role, entry in manifest["inputs"].items() if role != "model"}
 
 
 def test_word_list_matching_nothing_is_an_error_and_writes_nothing(tiny_model, files, tmp_path):

@@ -1,6 +1,8 @@
-"""Debiasing stages that train (finetune, unlearn, pcgu) and the text handling they share.
+"""Debiasing stages that train, their registry, and the text handling they share.
 
-Each stage is a small class that plugs into `debias_plugin.training.train` (see that module's docstring).
+A stage is one module with a `TrainingMethod` subclass (methods/base.py) and one line in `REGISTRY`; its CLI
+command is generated from the registry and its pydantic options. Third-party packages add stages through the
+`debias_plugin.methods` entry-point group (name = "module:Class").
 """
 
 from __future__ import annotations
@@ -8,22 +10,43 @@ from __future__ import annotations
 import math
 
 from debias_plugin.errors import DebiasError
+from debias_plugin.models import causal_start_token, pad_id
+
+ENTRY_POINT_GROUP = "debias_plugin.methods"
+# name -> ("module:Class", one line for `debias --help`); modules are imported only when their stage runs.
+REGISTRY: dict[str, tuple[str, str]] = {
+    "finetune": ("debias_plugin.methods.finetune:Finetune",
+                 "Fine-tune a model on a biased corpus (full or LoRA): a bias vector's source."),
+    "pcgu": ("debias_plugin.methods.pcgu:PCGUMethod", "Partitioned contrastive gradient unlearning (PCGU)."),
+    "unlearn": ("debias_plugin.methods.unlearn:Unlearn",
+                "Unlearn chosen tokens by gradient ascent (Lu et al., masked-token unlearning)."),
+}
 
 
-def parse_where(pairs: tuple[str, ...] | list[str] | None) -> dict[str, str]:
-    """--where column=value filters, e.g. split=dev."""
-    where = {}
-    for pair in pairs or ():
-        column, sep, value = pair.partition("=")
-        if not sep or not column:
-            raise DebiasError(f"--where expects COLUMN=VALUE (e.g. split=dev), not '{pair}'.")
-        where[column.strip()] = value.strip()
-    return where
+def available_methods() -> dict[str, tuple[str, str]]:
+    """Built-in stages plus those other installed packages register under the entry-point group."""
+    from importlib.metadata import entry_points
+
+    found = dict(REGISTRY)
+    for point in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(point.name, (point.value, f"Training stage from {point.value.split(':')[0]}."))
+    return found
 
 
-def causal_start_token(tokenizer) -> int | None:
-    """The token a causal sequence starts from, so its first real token is predicted: BOS, else EOS."""
-    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+def method_class(name: str):
+    """The TrainingMethod subclass registered as `name`."""
+    import importlib
+
+    from debias_plugin.methods.base import TrainingMethod
+
+    methods = available_methods()
+    if name not in methods:
+        raise DebiasError(f"Unknown training stage '{name}'; expected one of {', '.join(sorted(methods))}.")
+    module_name, attribute = methods[name][0].split(":")
+    cls = getattr(importlib.import_module(module_name), attribute)
+    if not (isinstance(cls, type) and issubclass(cls, TrainingMethod)):
+        raise DebiasError(f"{methods[name][0]} (stage '{name}') is not a TrainingMethod subclass.")
+    return cls
 
 
 def encode(tokenizer, text: str, kind: str, max_length: int) -> tuple[list[int], list[tuple[int, int]]]:
@@ -48,16 +71,9 @@ def special_positions(tokenizer, ids: list[int]) -> list[bool]:
 def pad(sequences: list[list[int]], value: int):
     """Right-pad a list of int lists into one LongTensor."""
     import torch
+    from torch.nn.utils.rnn import pad_sequence
 
-    width = max(len(s) for s in sequences)
-    return torch.tensor([list(s) + [value] * (width - len(s)) for s in sequences], dtype=torch.long)
-
-
-def pad_id(tokenizer) -> int:
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if token_id is not None:
-            return token_id
-    return 0
+    return pad_sequence([torch.tensor(s, dtype=torch.long) for s in sequences], batch_first=True, padding_value=value)
 
 
 def per_example_mean(values, mask):

@@ -7,60 +7,74 @@ or a merged full model with ``merge_lora``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from debias_plugin.data import load_texts
+from pydantic import Field, FiniteFloat
+
 from debias_plugin.errors import DebiasError
 from debias_plugin.methods import encode, lm_batch, per_example_mean, perplexity, special_positions, token_logprobs
+from debias_plugin.methods.base import TrainingMethod
+from debias_plugin.options import Options
 
 EVAL_TEXTS = 64
 
 
-@dataclass
-class FinetuneOptions:
+class FinetuneOptions(Options):
     """What to train on and how (the shared loop options live in TrainConfig)."""
 
-    corpus: str
-    column: str | None = None
-    where: dict[str, str] = field(default_factory=dict)
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] | None = None  # None: peft's default for the architecture
-    merge_lora: bool = False
-    mlm_probability: float = 0.15
+    corpus: str = Field(description="Biased corpus: .txt, .csv/.tsv or .jsonl.")
+    column: str | None = Field(None, description="Text column of a CSV/JSONL corpus (default 'text').")
+    where: dict[str, str] = Field({}, description="Keep rows with COLUMN=VALUE (repeatable), e.g. split=dev.")
+    lora: bool = Field(False, description="Train a LoRA adapter (peft) instead of all weights.")
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: FiniteFloat = Field(0.05, ge=0, lt=1)
+    lora_target_modules: list[str] | None = Field(
+        None, description="Comma-separated module names (default: peft's choice for the architecture).",
+        json_schema_extra={"separator": ","})
+    merge_lora: bool = Field(False, description="Train a LoRA adapter and write a full model with it merged in.")
+    mlm_probability: FiniteFloat = Field(0.15, gt=0, le=1, description="Masked models only.")
+
+    @property
+    def trains_lora(self) -> bool:
+        return self.lora or self.merge_lora
 
 
-class Finetune:
-    """Causal-LM or MLM fine-tuning, full or LoRA, as a `training.train` method."""
+class Finetune(TrainingMethod):
+    """Fine-tune a model on a (biased) corpus: the source of a bias vector to negate.
 
-    stage = "finetune"
+    Causal models learn next-token prediction, masked models MLM. Defaults to the shared loop's
+    defaults (batch 8, 50 steps, lr 1e-5); bias fine-tuning usually wants more steps and a higher lr.
+    """
+
+    name = "finetune"
+    Options = FinetuneOptions
 
     def __init__(self, options: FinetuneOptions):
-        self.opts = options
+        super().__init__(options)
         self.seed = 0
+        self.texts: list[str] = []
 
-    def options(self) -> dict:
-        return asdict(self.opts)
+    def inputs(self) -> dict:
+        return {"corpus": self.opts.corpus}
 
-    def input_files(self) -> list[str]:
-        return [self.opts.corpus]
+    def read_inputs(self) -> None:
+        from debias_plugin.data import load_texts
+
+        self.texts = load_texts(self.opts.corpus, self.opts.column, self.opts.where)
 
     def report(self) -> dict:
         return {"texts": len(self.texts), "output_format": "peft-adapter" if self._adapter_only() else "full-model"}
 
     def _adapter_only(self) -> bool:
-        return self.opts.lora and not self.opts.merge_lora
+        return self.opts.trains_lora and not self.opts.merge_lora
 
     def setup(self, run) -> list:
         self.run_kind, self.tokenizer, self.seed = run.kind, run.tokenizer, run.config.seed
         self.max_length = run.config.max_length
         if run.kind == "masked" and run.tokenizer.mask_token_id is None:
             raise DebiasError(f"{run.config.model}: the tokenizer has no mask token, needed for MLM fine-tuning.")
-        self.texts = load_texts(self.opts.corpus, self.opts.column, self.opts.where)
-        if self.opts.lora:
+        if self.opts.trains_lora:
             run.model = self._wrap_lora(run)
         examples = []
         for text in self.texts:
@@ -79,7 +93,7 @@ class Finetune:
             return get_peft_model(run.model, config)
         except ValueError as err:
             raise DebiasError(f"LoRA could not be attached to {run.config.model}: {err} "
-                              "Name the layers with --lora-target-modules (e.g. q_proj,v_proj).") from None
+                              "Name the layers in lora_target_modules (e.g. q_proj,v_proj).") from None
 
     def collate(self, examples: list[list[int]], positions: list[int]) -> dict:
         return lm_batch(examples, positions, self.run_kind, self.tokenizer, self.seed, self.opts.mlm_probability)
@@ -98,6 +112,6 @@ class Finetune:
 
     def save(self, run, folder: Path) -> None:
         model = run.unwrapped
-        if self.opts.lora and self.opts.merge_lora:
+        if self.opts.merge_lora:
             model = model.merge_and_unload()
         model.save_pretrained(folder, safe_serialization=True)

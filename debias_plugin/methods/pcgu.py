@@ -34,19 +34,20 @@ default), u = -g_dis ("disadvantaged": raise the disadvantaged one), or u = g_ad
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field, field_validator
 
 from debias_plugin.errors import DebiasError
-from debias_plugin.methods import causal_start_token, pad_id
-from debias_plugin.models import logits_at
+from debias_plugin.methods.base import TrainingMethod
+from debias_plugin.models import causal_start_token, logits_at, pad_id
+from debias_plugin.options import Options
 
 AGGREGATIONS = ("input", "output")
-DIRECTIONS = ("advantaged", "disadvantaged", "both")
-OBJECTIVES = ("auto", "logit", "logprob")
-RANKINGS = ("similarity", "flexibility")
 _UNUSED_SCORE = math.inf  # a parameter without gradient is never selected (the official code used 5)
 _FLEXIBILITY_FLOOR = 1e-3  # per-weight RMS floor: all-zero weights (fresh biases) must not rank infinitely high
 
@@ -92,7 +93,7 @@ def _transposed_weights(model) -> set[str]:
 def partition_layout(model, aggregation: str = "input") -> list[TensorPartitions]:
     """Partitions of every trainable parameter, in named_parameters order (the global partition index)."""
     if aggregation not in AGGREGATIONS:
-        raise DebiasError(f"--aggregation must be one of {AGGREGATIONS}, not '{aggregation}'.")
+        raise DebiasError(f"aggregation must be one of {AGGREGATIONS}, not '{aggregation}'.")
     transposed = _transposed_weights(model)
     layout = []
     for name, param in model.named_parameters():
@@ -110,13 +111,16 @@ def partition_layout(model, aggregation: str = "input") -> list[TensorPartitions
     return layout
 
 
-def resolve_k(k: float, total: int) -> int:
-    """k as a count (an integer >= 1) or a fraction of all partitions (0 < k < 1)."""
+def resolve_k(k: float, total: int | float) -> int:
+    """k as a count (an integer >= 1, at most the partitions there are) or a fraction of all partitions (0 < k < 1)."""
     if 0 < k < 1:
         return max(1, round(k * total))
-    if k >= 1 and float(k).is_integer():
-        return min(int(k), total)
-    raise DebiasError(f"--k must be a partition count (integer >= 1) or a fraction in (0, 1), not {k}.")
+    if not (k >= 1 and float(k).is_integer()):
+        raise DebiasError(f"k must be a partition count (integer >= 1) or a fraction in (0, 1), not {k}.")
+    if k > total:
+        raise DebiasError(f"k = {int(k)} partitions, but the model has only {total}; pass a smaller count or a "
+                          "fraction (e.g. 0.05).")
+    return int(k)
 
 
 # -- similarity, selection, update ---------------------------------------------------------------------
@@ -339,64 +343,90 @@ def collate_pairs(pairs: list[EncodedPair], pad_value: int) -> dict:
 
 
 # -- the training-core method ----------------------------------------------------------------------------
-@dataclass
-class PCGUOptions:
+class PCGUOptions(Options):
     """PCGU's own options (the shared ones — steps, lr, batch, seed — live in training.TrainConfig)."""
 
-    pairs: str = "winogender"
-    groups: list[str] = field(default_factory=list)
-    k: float = 10000  # official default: 10,000 partitions (of ~115k in bert-base)
-    aggregation: str = "input"
-    direction: str = "advantaged"
-    objective: str = "auto"
-    rank_by: str = "similarity"
-    batch_size: int = 16  # pairs per forward pass; TrainConfig.batch_size = batch_size * similarity_batches
-    similarity_batches: int = 1  # batches whose gradients are summed before one selection + update
+    pairs: str = Field("winogender", description="winogender | crows | stereoset | bbq (from $DEBIAS_DATA_DIR), "
+                                                 "a WinoGender folder, a pair CSV/TSV (advantaged,disadvantaged or "
+                                                 "sent_more,sent_less) or a StereoSet .json/.jsonl.")
+    groups: list[str] = Field([], description="Keep pairs of this group (CrowS bias type, StereoSet domain, "
+                                              "WinoGender occupation); repeatable.", json_schema_extra={"flag": "--group"})
+    k: float = Field(10000, description="Partitions updated per step: a count, or a fraction of all partitions "
+                                        "(e.g. 0.05). Official default: 10,000 (of ~115k in bert-base).")
+    aggregation: Literal["input", "output"] = Field(
+        "input", description="input: one partition per output unit (rows of nn.Linear [out, in]); output: per "
+                             "input unit.")
+    direction: Literal["advantaged", "disadvantaged", "both"] = Field(
+        "advantaged", description="Lower the advantaged sequence, raise the disadvantaged one, or both.")
+    objective: Literal["auto", "logit", "logprob"] = Field(
+        "auto", description="auto: target logit for masked LMs (the paper), target-span log-prob for causal LMs.")
+    rank_by: Literal["similarity", "flexibility"] = Field(
+        "similarity", description="flexibility: cosine x (|step| / |weights|) per partition.")
+    similarity_batches: int = Field(1, ge=1, description="Batches whose gradients are summed before one "
+                                                         "selection and update.")
 
-    def validate(self) -> None:
-        for value, allowed, flag in ((self.aggregation, AGGREGATIONS, "--aggregation"),
-                                     (self.direction, DIRECTIONS, "--direction"),
-                                     (self.objective, OBJECTIVES, "--objective"),
-                                     (self.rank_by, RANKINGS, "--rank-by")):
-            if value not in allowed:
-                raise DebiasError(f"{flag} must be one of {', '.join(allowed)}, not '{value}'.")
-        if self.batch_size < 1 or self.similarity_batches < 1:
-            raise DebiasError("--batch-size and --similarity-batches must be at least 1.")
-        resolve_k(self.k, 1)  # the count-or-fraction rule, checked before any model loads
+    @field_validator("k")
+    @classmethod
+    def _count_or_fraction(cls, k: float) -> float:
+        try:
+            resolve_k(k, sys.maxsize)  # the form only; the partition count is known once the model loads
+        except DebiasError as err:
+            raise ValueError(str(err)) from None
+        return k
 
 
-class PCGUMethod:
-    """The training core's plug-in: owns its update (masked SGD), so no optimizer is created."""
+class PCGUMethod(TrainingMethod):
+    """Update only the weight partitions whose gradients for the advantaged and disadvantaged
+    sentence of each pair disagree most (PCGU, Yu et al. 2023), for masked and causal LMs.
 
-    stage = "pcgu"
+    --batch-size is pairs per forward pass (default 16, the paper's); --lr is the plain SGD rate.
+    """
+
+    name = "pcgu"
+    Options = PCGUOptions
+    owns_update = True  # masked plain SGD in fp32: no optimizer, scheduler, accumulation or clipping
     uses_optimizer = False
+    unused_training_options = ("grad_accum", "weight_decay", "scheduler", "warmup_steps", "max_grad_norm",
+                               "precision")
+    training_defaults = {"batch_size": 16}
+    training_help = {"batch_size": "Pairs per forward pass (processes share it); the paper's default is 16.",
+                     "lr": "Plain SGD learning rate (the paper's 1e-5)."}
 
     def __init__(self, options: PCGUOptions, pairs=None):
-        options.validate()
-        self.opts = options
-        self._pairs = pairs
+        super().__init__(options)
+        self.pairs = pairs
         self.encoded: list[EncodedPair] = []
+        self.files: list[str] = []
         self.skipped = 0
         self.overlap: dict = {}
         self.selection_counts: dict[str, int] = {}
         self.steps_done = 0
 
-    def setup(self, run) -> list:
-        from debias_plugin.data.pairs import load_pairs, warn_on_evaluation_overlap
+    def read_inputs(self) -> None:
+        from debias_plugin.data.pairs import load_pairs
 
-        pairs = self._pairs if self._pairs is not None else load_pairs(self.opts.pairs, self.opts.groups or None)
-        if run.is_main:
-            self.overlap = warn_on_evaluation_overlap(pairs)
-        self.files = sorted({pair.origin.rsplit(", ", 1)[0] for pair in pairs})
+        if self.pairs is None:
+            self.pairs = load_pairs(self.opts.pairs, self.opts.groups or None)
+        self.files = sorted({pair.origin.rsplit(", ", 1)[0] for pair in self.pairs})
         stats = [Path(f).with_name("occupations-stats.tsv") for f in self.files if f.endswith("all_sentences.tsv")]
         self.files += [str(f) for f in stats if f.is_file()]
+
+    def examples_per_step(self, batch_size: int) -> int:
+        return batch_size * self.opts.similarity_batches
+
+    def setup(self, run) -> list:
+        from debias_plugin.data.pairs import warn_on_evaluation_overlap
+
+        pairs = self.pairs
+        if run.is_main:
+            self.overlap = warn_on_evaluation_overlap(pairs)
         self.kind = run.kind
         self.objective = self.opts.objective
         if self.objective == "auto":
             self.objective = "logit" if run.kind == "masked" else "logprob"
         if run.kind == "causal" and self.objective == "logit":
-            raise DebiasError("--objective logit is for masked LMs; a causal LM's objective is the target "
-                              "span's log-probability (--objective logprob or auto).")
+            raise DebiasError("objective 'logit' is for masked LMs; a causal LM's objective is the target "
+                              "span's log-probability (objective 'logprob' or 'auto').")
         encoded = [encode_pair(p, run.tokenizer, run.kind, run.config.max_length) for p in pairs]
         self.encoded = [e for e in encoded if e is not None]
         self.skipped = len(encoded) - len(self.encoded)
@@ -431,8 +461,9 @@ class PCGUMethod:
     def evaluate(self, run) -> dict:
         """On the training pairs: % where the advantaged side scores higher, and the mean objective gap."""
         model, wins, gap = run.unwrapped, 0, 0.0
-        for start in range(0, len(self.encoded), self.opts.batch_size):
-            batch = collate_pairs(self.encoded[start:start + self.opts.batch_size], self.pad_id)
+        size = run.config.batch_size
+        for start in range(0, len(self.encoded), size):
+            batch = collate_pairs(self.encoded[start:start + size], self.pad_id)
             batch = {key: value.to(run.device) for key, value in batch.items()}
             adv = sequence_objectives(model, batch, "adv", self.kind, self.objective)
             dis = sequence_objectives(model, batch, "dis", self.kind, self.objective)
@@ -440,9 +471,6 @@ class PCGUMethod:
             gap += float((adv - dis).sum())
         return {"pairs_preferring_advantaged_pct": 100.0 * wins / len(self.encoded),
                 "mean_objective_gap": gap / len(self.encoded)}
-
-    def options(self) -> dict:
-        return asdict(self.opts)
 
     def report(self) -> dict:
         top = sorted(self.selection_counts.items(), key=lambda item: -item[1])[:15]
@@ -458,14 +486,7 @@ class PCGUMethod:
         self.selection_counts = dict(state["selection_counts"])
         self.steps_done = int(state["steps_done"])
 
-    def input_files(self) -> list:
-        return [f for f in getattr(self, "files", []) if Path(f).is_file()]
-
-
-def run_pcgu(config, options: PCGUOptions, pairs=None):
-    """Python API: PCGU-debias `config.model` into `config.output` (a normal HF folder + manifest)."""
-    from debias_plugin.training import train
-
-    options.validate()
-    config.batch_size = options.batch_size * options.similarity_batches
-    return train(config, PCGUMethod(options, pairs))
+    def inputs(self) -> dict:
+        if self.files:
+            return {f"pairs[{i}]": f for i, f in enumerate(self.files)}
+        return {"pairs": self.opts.pairs} if Path(self.opts.pairs).exists() else {}

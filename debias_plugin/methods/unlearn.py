@@ -22,40 +22,54 @@ import copy
 import logging
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
-from debias_plugin.data import load_texts
+from pydantic import Field, FiniteFloat, model_validator
+
 from debias_plugin.errors import DataError, DebiasError
 from debias_plugin.methods import (
     encode, lm_batch, pad, pad_id, per_example_mean, perplexity, special_positions, token_logprobs,
 )
+from debias_plugin.methods.base import TrainingMethod
+from debias_plugin.options import Options
 from debias_plugin.training import StreamOrder
 
 logger = logging.getLogger(__name__)
 MARKUP = re.compile(r"\[\[(.+?)\]\]")
-REGULARISERS = ("none", "gd", "kl")
 
 
-@dataclass
-class UnlearnOptions:
+class UnlearnOptions(Options):
     """Forget set, how to choose its target tokens, optional held-out and retain corpora."""
 
-    corpus: str
-    column: str | None = None
-    where: dict[str, str] = field(default_factory=dict)
-    targets: str = "words"  # words | markup
-    words: str | None = None  # None: bias_attribute_words.json from $DEBIAS_DATA_DIR
-    domains: list[str] = field(default_factory=lambda: ["gender"])
-    heldout: str | None = None
+    corpus: str = Field(description="Forget set: .txt, .csv/.tsv or .jsonl.")
+    column: str | None = Field(None, description="Text column of a CSV/JSONL corpus (default 'text').")
+    where: dict[str, str] = Field({}, description="Keep forget rows with COLUMN=VALUE (repeatable), e.g. split=dev.")
+    targets: Literal["words", "markup"] = Field(
+        "words", description="words: matches of a word list; markup: spans written as [[word]] in the text.")
+    words: str | None = Field(None, description="Word list: domain-keyed JSON (bias_attribute_words.json layout) "
+                                                "or .txt, one word per line (default: bias_attribute_words.json "
+                                                "in $DEBIAS_DATA_DIR).")
+    domains: list[str] = Field(["gender"], min_length=1, description="Domain(s) of the JSON word list (repeatable).",
+                               json_schema_extra={"flag": "--domain"})
+    heldout: str | None = Field(None, description="Held-out corpus for perplexity logging.")
     heldout_column: str | None = None
-    heldout_where: dict[str, str] = field(default_factory=dict)
-    retain: str | None = None
+    heldout_where: dict[str, str] = Field({}, description="COLUMN=VALUE filter for the held-out corpus, e.g. "
+                                                          "split=test.")
+    retain: str | None = Field(None, description="Retain corpus for the regulariser.")
     retain_column: str | None = None
-    retain_where: dict[str, str] = field(default_factory=dict)
-    regulariser: str = "none"  # none | gd | kl
-    retain_weight: float = 1.0
-    eval_texts: int = 0  # 0 = all forget / held-out texts
+    retain_where: dict[str, str] = {}
+    regulariser: Literal["none", "gd", "kl"] = Field(
+        "none", description="gd: plus the retain corpus NLL (gradient difference); kl: plus KL to the original "
+                            "model.")
+    retain_weight: FiniteFloat = Field(1.0, ge=0)
+    eval_texts: int = Field(0, ge=0, description="Texts per perplexity evaluation (0 = all).")
+
+    @model_validator(mode="after")
+    def _regulariser_needs_retain(self):
+        if self.regulariser != "none" and not self.retain:
+            raise ValueError(f"regulariser {self.regulariser} needs a retain corpus (retain)")
+        return self
 
 
 def load_word_list(path: str | None, domains: list[str]) -> tuple[set[str], str]:
@@ -104,43 +118,49 @@ def target_mask(offsets: list[tuple[int, int]], specials: list[bool], spans: lis
             for (start, end), special in zip(offsets, specials)]
 
 
-class Unlearn:
-    """Gradient ascent on the chosen tokens' likelihood, as a `training.train` method."""
+class Unlearn(TrainingMethod):
+    """Unlearn chosen tokens by gradient ascent on their likelihood (Lu et al., "Towards Transfer Unlearning").
 
-    stage = "unlearn"
+    Defaults follow the paper: batch 8, 50 steps, lr 1e-5. Texts without a target token are counted and
+    reported. --eval-every N logs forget-set and held-out perplexity into the manifest's history.
+    """
+
+    name = "unlearn"
+    Options = UnlearnOptions
 
     def __init__(self, options: UnlearnOptions):
-        if options.targets not in ("words", "markup"):
-            raise DebiasError(f"--targets must be 'words' or 'markup', not '{options.targets}'.")
-        if options.regulariser not in REGULARISERS:
-            raise DebiasError(f"--regulariser must be one of {', '.join(REGULARISERS)}, not '{options.regulariser}'.")
-        if options.regulariser != "none" and not options.retain:
-            raise DebiasError(f"--regulariser {options.regulariser} needs a retain corpus (--retain PATH).")
-        self.opts = options
+        super().__init__(options)
         self.counts: dict = {}
         self.reference = None
         self.word_source = None
+        self.words: set[str] = set()
 
-    def options(self) -> dict:
-        return asdict(self.opts)
-
-    def input_files(self) -> list[str]:
-        files = [self.opts.corpus, self.opts.heldout, self.opts.retain]
-        files.append(self.word_source)
-        return [f for f in files if f]
+    def inputs(self) -> dict:
+        return {"corpus": self.opts.corpus, "heldout": self.opts.heldout, "retain": self.opts.retain,
+                "words": self.word_source or self.opts.words}
 
     def report(self) -> dict:
         return self.counts
 
+    def read_inputs(self) -> None:
+        from debias_plugin.data import load_texts
+
+        self.texts = load_texts(self.opts.corpus, self.opts.column, self.opts.where)
+        if self.opts.targets == "words":
+            self.words, self.word_source = load_word_list(self.opts.words, self.opts.domains)
+            if not self.words:
+                raise DataError(self.word_source, "word list", "at least one word", "none")
+        self.heldout_texts = (load_texts(self.opts.heldout, self.opts.heldout_column, self.opts.heldout_where)
+                              if self.opts.heldout else [])
+        self.retain_texts = (load_texts(self.opts.retain, self.opts.retain_column, self.opts.retain_where)
+                             if self.opts.retain else [])
+
     # -- data -------------------------------------------------------------------------------------------
     def _forget_examples(self, run) -> list[tuple[list[int], list[bool]]]:
-        texts = load_texts(self.opts.corpus, self.opts.column, self.opts.where)
+        texts = self.texts
         pattern = None
         if self.opts.targets == "words":
-            words, self.word_source = load_word_list(self.opts.words, self.opts.domains)
-            if not words:
-                raise DataError(self.word_source, "word list", "at least one word", "none")
-            alternatives = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+            alternatives = "|".join(re.escape(w) for w in sorted(self.words, key=len, reverse=True))
             pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
         examples, skipped, matched, self.plain_texts = [], [], Counter(), []
         for index, text in enumerate(texts):
@@ -180,12 +200,10 @@ class Unlearn:
             raise DebiasError(f"{run.config.model}: the tokenizer has no mask token, needed to unlearn masked tokens.")
         examples = self._forget_examples(run)
         self.eval_examples = examples
-        self.heldout_texts = (load_texts(self.opts.heldout, self.opts.heldout_column, self.opts.heldout_where)
-                              if self.opts.heldout else [])
         self.retain_examples = []
         if self.opts.retain:
-            retain_texts = load_texts(self.opts.retain, self.opts.retain_column, self.opts.retain_where)
-            self.retain_examples = [encode(run.tokenizer, t, run.kind, run.config.max_length)[0] for t in retain_texts]
+            self.retain_examples = [encode(run.tokenizer, t, run.kind, run.config.max_length)[0]
+                                    for t in self.retain_texts]
             self.retain_order = StreamOrder(len(self.retain_examples), run.config.seed + 1)
         if self.opts.regulariser == "kl":
             self.reference = copy.deepcopy(run.model).to(run.device).eval().requires_grad_(False)
