@@ -86,7 +86,8 @@ def assert_negation(kind: str, out: Path, base_state: dict, biased_state: dict, 
         assert torch.equal(result.get_output_embeddings().weight, result.get_input_embeddings().weight)
     assert (out / CONFIG_NAME).is_file() and (out / MANIFEST_NAME).is_file()
     manifest = json.loads((out / MANIFEST_NAME).read_text())
-    assert manifest["lambda"] == lam and manifest["tensors"] > 0
+    assert manifest["stage"] == "negate" and manifest["options"]["lambda"] == lam
+    assert manifest["results"]["tensors"] > 0 and manifest["results"]["formula"].startswith("theta = base")
     rendered = yaml.safe_load((out / CONFIG_NAME).read_text())
     assert rendered["parameters"]["normalize"] is False
     assert rendered["models"][0]["parameters"]["weight"] == pytest.approx(-lam)
@@ -107,13 +108,13 @@ def test_negation_from_full_model_is_exact(kind, tiny_model, work):
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_row_chunked_merge_is_bit_identical_to_whole_tensors(kind, tiny_model, work, monkeypatch):
     """The memory-saving row blocks (on for big tensors) change no bit, tied embeddings included."""
-    import debias_plugin.merge as merge
+    import debias_plugin.merge.engine as engine
 
     base = tiny_model(kind)
     biased = perturbed_copy(kind, base, work / f"{kind}_biased", seed=1)
     outputs = {}
     for label, chunk in (("whole", 1 << 40), ("chunked", 100)):
-        monkeypatch.setattr(merge, "CHUNK_ELEMENTS", chunk)
+        monkeypatch.setattr(engine, "CHUNK_ELEMENTS", chunk)
         outputs[label] = state(load(kind, negate(base, biased=biased, lambdas=[0.7],
                                                  out=work / f"{kind}_{label}", progress=False)[0]))
     assert set(outputs["whole"]) == set(outputs["chunked"])
@@ -134,7 +135,7 @@ def test_negation_from_lora_adapter_is_exact_for_each_lambda(kind, tiny_model, w
     assert [p.name for p in outs] == ["lambda_0.5", "lambda_2"]
     for out, lam in zip(outs, (0.5, 2.0)):
         assert_negation(kind, out, base_state, merged, lam)
-        assert json.loads((out / MANIFEST_NAME).read_text())["adapter"] == str(adapter.resolve())
+        assert json.loads((out / MANIFEST_NAME).read_text())["inputs"]["adapter"]["path"] == str(adapter.resolve())
 
 
 def test_cli_writes_and_refuses_to_overwrite_without_force(tiny_model, work):
@@ -151,7 +152,7 @@ def test_cli_writes_and_refuses_to_overwrite_without_force(tiny_model, work):
     assert (out / "model.safetensors").read_bytes() == first
     main(["negate", "--base", str(base), "--biased", str(biased), "--lambda", "0.5", "--out", str(out), "--force",
           "--quiet"])
-    assert json.loads((out / MANIFEST_NAME).read_text())["lambda"] == 0.5
+    assert json.loads((out / MANIFEST_NAME).read_text())["options"]["lambda"] == 0.5
     assert not [p for p in work.iterdir() if p.name.startswith(".cli_out")]  # no temp folders left behind
 
 

@@ -1,0 +1,277 @@
+"""Negation configs: load a merge_configs/ template strictly, render it, and prove it subtracts the bias vector.
+
+Structure, types and key names are checked by mergekit's own `MergeConfiguration` (with unknown keys
+forbidden) and parameter names and defaults come from mergekit's method registry, so a typo is an error
+naming its YAML line instead of a silently ignored key.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+from typing import Iterable
+
+import yaml
+
+from debias_plugin.errors import DataError, DebiasError
+from debias_plugin.paths import merge_configs_dir
+
+NEGATION_FORMULA = "theta = base - lambda * (biased - base)"
+BASE_PLACEHOLDER = "/path/to/base_model"
+BIASED_PLACEHOLDER = "/path/to/biased_model"
+ADAPTER_PLACEHOLDER = "/path/to/bias_adapter"
+CHECKED_METHODS = ("task_arithmetic", "ties")  # the methods whose signs (normalize, election) we reason about
+
+
+def parse_lambda(value) -> float:
+    """lambda as a positive finite number; the template's negative weight supplies the minus sign."""
+    if isinstance(value, bool):
+        raise DebiasError(f"lambda must be a number, got {value!r}.")
+    try:
+        lam = float(value)
+    except (TypeError, ValueError):
+        raise DebiasError(f"lambda must be a number (e.g. 0.5), got {value!r}.") from None
+    if not math.isfinite(lam) or lam <= 0:
+        raise DebiasError(
+            f"lambda must be a positive number, got {value!r}: the negation is {NEGATION_FORMULA}, so a "
+            "negative lambda would add the bias vector and 0 would return the base unchanged."
+        )
+    return lam
+
+
+def parse_size(value: str | int, model_bytes: int = 0) -> int:
+    """'auto', '500MB', '2GB', '1e9' or an int -> bytes (mergekit's shard size compares bytes)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if str(value).strip().lower() == "auto":
+        return int(min(1e9, max(1e8, model_bytes / 8)))
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)I?B?\s*", str(value).upper())
+    try:
+        number = float(match.group(1)) if match else None
+    except ValueError:
+        number = None
+    if number is None or number <= 0:
+        raise DebiasError(f"shard size must look like 500MB, 2GB or a byte count, got {value!r}.")
+    return int(number * 1000 ** " KMGT".index(match.group(2) or " "))
+
+
+# ------------------------------------------------------------------------------- strict mergekit parsing
+
+def method_default(method: str, parameter: str):
+    """A merge method's default for one parameter, from mergekit's registry (not a copied table)."""
+    from mergekit import merge_methods
+
+    return next(p.default for p in merge_methods.get(method).spec.parameters if p.name == parameter)
+
+
+def _walk(config, loc: tuple) -> list:
+    """The part of a pydantic error location that names keys and indexes of the config (not union labels)."""
+    parts, node = [], config
+    for part in loc:
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) \
+                and part < len(node):
+            parts.append(part)
+            node = node[part]
+    return parts
+
+
+def _line(text: str | None, parts: list) -> int | None:
+    """1-based YAML line of the key (or list item) at `parts`, from the composed node tree."""
+    if not text:
+        return None
+    node, line = yaml.compose(text, Loader=yaml.SafeLoader), None
+    for part in parts:
+        key = None
+        if isinstance(node, yaml.MappingNode):
+            key, node = next(((k, v) for k, v in node.value if k.value == str(part)), (None, None))
+        elif isinstance(node, yaml.SequenceNode):
+            key = node = node.value[part]
+        if key is None:
+            break
+        line = key.start_mark.line + 1
+    return line
+
+
+def _refuse(source, config: dict, text: str | None, problems: list[tuple[tuple, str]], expected: str):
+    described, first = [], None
+    for loc, why in problems:
+        parts = _walk(config, loc)
+        line = _line(text, parts)
+        first = first or (f"line {line}" if line else "key " + (".".join(map(str, parts)) or "top level"))
+        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".") or "top level"
+        described.append(f"{key}{f' (line {line})' if line else ''}: {why}")
+    raise DataError(source, first, expected, "; ".join(described))
+
+
+def parse_config(config: dict, source="config", text: str | None = None):
+    """mergekit's MergeConfiguration of `config`, refusing unknown keys and parameters its method lacks."""
+    from mergekit import merge_methods
+    from mergekit.config import MergeConfiguration
+    from pydantic import ValidationError
+
+    try:
+        parsed = MergeConfiguration.model_validate(config, extra="forbid")
+    except ValidationError as err:
+        unknown = all(e["type"] == "extra_forbidden" for e in err.errors())
+        _refuse(source, config, text, [(e["loc"], "unknown key" if e["type"] == "extra_forbidden" else e["msg"])
+                                       for e in err.errors()],
+                "only keys mergekit reads (it ignores the others silently)" if unknown else "a mergekit config")
+    except RuntimeError as err:  # mergekit's own validators raise these
+        raise DataError(source, "top level", "a mergekit config", str(err)) from None
+    names = [m.spec.name for m in merge_methods.registered_methods()]
+    if parsed.merge_method not in names:
+        _refuse(source, config, text, [(("merge_method",), f"unknown method {parsed.merge_method!r}")],
+                f"one of mergekit's merge methods ({', '.join(sorted(names))})")
+    spec = merge_methods.get(parsed.merge_method).spec
+    shared, per_model = [p.name for p in spec.parameters], [p.name for p in spec.input_parameters]
+    problems = [(("parameters", key), f"not a parameter of {spec.name} (it takes {', '.join(shared)})")
+                for key in parsed.parameters or {} if key not in shared]
+    for index, entry in enumerate(parsed.models or []):
+        problems += [(("models", index, "parameters", key),
+                      f"not a per-model parameter of {spec.name} (per model: {', '.join(per_model)}"
+                      + ("; this one belongs under the top-level parameters)" if key in shared else ")"))
+                     for key in entry.parameters or {} if key not in per_model]
+    if problems:
+        _refuse(source, config, text, problems, "only parameters the merge method reads (others are ignored)")
+    return parsed
+
+
+def load_template(path: str | Path) -> dict:
+    """A merge_configs/ template: yaml.safe_load, then every key checked against what mergekit reads."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        config = yaml.safe_load(text)
+    except (FileNotFoundError, IsADirectoryError):
+        raise DebiasError(f"{path}: template not found.") from None
+    except UnicodeDecodeError as err:
+        raise DataError(path, f"byte {err.start}", "UTF-8 text") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        raise DataError(path, f"line {mark.line + 1}" if mark else "YAML", "valid YAML") from None
+    if not isinstance(config, dict):
+        raise DataError(path, "top level", "a mapping (a mergekit config)", type(config).__name__)
+    parse_config(config, path, text)
+    return config
+
+
+def default_template(adapter: bool) -> Path:
+    return merge_configs_dir() / ("negate_lora.yml" if adapter else "negate.yml")
+
+
+# ----------------------------------------------------------------------------------------------- signs
+
+def _numbers(setting, where: str) -> list[float]:
+    """Every numeric value a parsed mergekit parameter setting can take (scalar, gradient list, or filters)."""
+    from mergekit.config import ConditionalParameter
+
+    if isinstance(setting, ConditionalParameter):
+        setting = setting.value
+    if isinstance(setting, list) and setting:
+        return [x for item in setting for x in _numbers(item, where)]
+    if isinstance(setting, (int, float, str)) and not isinstance(setting, bool):
+        try:
+            return [float(setting)]
+        except ValueError:
+            pass
+    raise DebiasError(f"{where} must be a number, got {setting!r}.")
+
+
+def validate_negation_config(config: dict, bias_models: Iterable[str], source: str = "config") -> None:
+    """Refuse a config whose arithmetic would not subtract every bias vector (mergekit #213 and TIES signs)."""
+    from mergekit import merge_methods
+
+    bias_models = set(bias_models)
+    method = config.get("merge_method")
+    if method not in CHECKED_METHODS:
+        raise DebiasError(f"{source}: merge_method {method!r} is not checked by debias-plugin; expected one of "
+                          f"{sorted(CHECKED_METHODS)}. Run other methods with mergekit-yaml directly.")
+    parsed = parse_config(config, source)
+    if parsed.base_model is None:
+        raise DebiasError(f"{source}: no base_model; a task vector is measured from the base model.")
+    if not parsed.models:
+        raise DebiasError(f"{source}: expected a `models:` list (slices/modules are not supported for negation).")
+    shared = parsed.parameters or {}
+    normalize = shared.get("normalize", method_default(method, "normalize"))
+    if not isinstance(normalize, bool):
+        raise DebiasError(f"{source}: parameters.normalize must be true or false, got {normalize!r}.")
+    lambdas = _numbers(shared.get("lambda", method_default(method, "lambda")), f"{source}: parameters.lambda")
+    if any(value == 0 for value in lambdas):
+        raise DebiasError(f"{source}: parameters.lambda is 0, which removes every task vector.")
+    weights: dict[str, list[float]] = {}
+    for entry in parsed.models:
+        key = str(entry.model)
+        if entry.model == parsed.base_model:
+            continue
+        setting = (entry.parameters or {}).get("weight", shared.get("weight"))
+        if setting is None:
+            raise DebiasError(f"{source}: model {key} has no weight.")
+        weights[key] = _numbers(setting, f"{source}: weight of {key}")
+    unknown = bias_models - set(weights)
+    if unknown:
+        raise DebiasError(f"{source}: the bias model(s) {sorted(unknown)} are not among its models.")
+    signs = {math.copysign(1, w) for values in weights.values() for w in values}
+    if normalize and -1 in signs:
+        raise DebiasError(
+            f"{source}: normalize: true with a negative weight would cancel the negation (mergekit #213): "
+            "mergekit divides by the sum of the weights, so a single weight -lambda gives base + (biased - base) "
+            "= the biased model. Set `normalize: false` (or keep weights positive and use a negative lambda)."
+        )
+    if getattr(merge_methods.get(method), "consensus_method", None) is not None and len(signs) > 1:
+        raise DebiasError(
+            f"{source}: {method} with weights of both signs: its sign election would let added vectors outvote "
+            "subtracted ones entry by entry. Use task_arithmetic, or positive weights with a negative lambda."
+        )
+    for key in bias_models:
+        if any(lam * w >= 0 for lam in lambdas for w in weights[key]):
+            raise DebiasError(
+                f"{source}: the bias vector of {key} enters with a positive coefficient (weight {weights[key]} x "
+                f"lambda {lambdas}), so it would be ADDED, not subtracted. Negate with a negative weight "
+                "(normalize: false) or a negative lambda."
+            )
+
+
+# ----------------------------------------------------------------------------------------------- render
+
+def render_negation(template: dict, *, base: str, lam: float, biased: str | None = None,
+                    adapter: str | None = None, source: str = "template") -> tuple[dict, str]:
+    """Fill a template's placeholder paths and scale its bias weight by lambda; returns (config, bias key)."""
+    placeholder = f"{BASE_PLACEHOLDER}+{ADAPTER_PLACEHOLDER}" if adapter else BIASED_PLACEHOLDER
+    bias_key = f"{base}+{adapter}" if adapter else str(biased)
+    config = copy.deepcopy(template)
+    if config.get("base_model") != BASE_PLACEHOLDER:
+        raise DataError(source, "base_model", f"the placeholder {BASE_PLACEHOLDER}", repr(config.get("base_model")))
+    config["base_model"] = str(base)
+    entries = [e for e in config.get("models") or [] if isinstance(e, dict) and e.get("model") == placeholder]
+    if len(entries) != 1:
+        raise DataError(source, "models", f"exactly one model entry `model: {placeholder}`",
+                        f"{len(entries)} such entries")
+    entry = entries[0]
+    entry["model"] = bias_key
+    weight = (entry.get("parameters") or {}).get("weight")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise DataError(source, f"weight of {placeholder}", "a number (-1.0 means theta = base - lambda*tau)",
+                        repr(weight))
+    entry["parameters"]["weight"] = float(weight) * lam
+    for other in config["models"]:
+        if other is not entry and other.get("model") == BASE_PLACEHOLDER:
+            other["model"] = str(base)
+    return config, bias_key
+
+
+def check_exact_negation(config: dict, lam: float, source: str = "config") -> None:
+    """The rendered one-model config must compute exactly base - lambda * (biased - base)."""
+    parsed = parse_config(config, source)
+    method, shared = parsed.merge_method, parsed.parameters or {}
+    others = [e for e in parsed.models or [] if e.model != parsed.base_model]
+    if len(others) != 1 or method != "task_arithmetic":
+        raise DebiasError(f"{source}: `debias negate` renders one bias model with task_arithmetic; found "
+                          f"{len(others)} model(s) with {method}. Run multi-vector configs with mergekit-yaml.")
+    weight = float(others[0].parameters["weight"])
+    normalize = shared.get("normalize", method_default(method, "normalize"))
+    coefficient = float(shared.get("lambda", method_default(method, "lambda"))) * (1.0 if normalize else weight)
+    if not math.isclose(coefficient, -lam, rel_tol=1e-9):
+        raise DebiasError(f"{source}: the config computes base + {coefficient:g} * (biased - base), not "
+                          f"base - {lam:g} * (biased - base); keep normalize: false and the weight at -1.0.")
