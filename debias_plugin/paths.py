@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 from debias_plugin.errors import DebiasError
@@ -62,16 +60,3 @@ def data_file(
             f"to a folder holding {relative}."
         ) from None
 
-
-def publish_folder(staging: Path, out: Path) -> None:
-    """Move a finished folder into place; an existing output (allowed by --force) is replaced, never half-written."""
-    if out.exists() or out.is_symlink():
-        trash = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
-        out.rename(trash)
-        staging.rename(out)
-        if trash.is_dir() and not trash.is_symlink():
-            shutil.rmtree(trash)
-        else:
-            trash.unlink()
-    else:
-        staging.rename(out)
