@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, FiniteFloat
+from pydantic import Field, FiniteFloat, model_validator
 
 from debias_plugin.errors import DebiasError
 from debias_plugin.methods.base import TrainingMethod
@@ -69,10 +69,20 @@ class TrainConfig(Options):
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps in "
                                                        "OUTPUT.checkpoints/ (0 = never).")
     eval_every: int = Field(0, ge=0, description="Log evaluation metrics every N steps.")
+    snapshot_steps: list[int] = Field([], description="Also write a model folder at these steps (comma-separated), "
+                                                      "to OUTPUT.snapshots/step-N/, kept after the run.",
+                                      json_schema_extra={"separator": ","})
     force: bool = Field(False, description="Replace a non-empty output folder.")
     keep_checkpoints: bool = Field(False, description="Keep OUTPUT.checkpoints/ after success.")
     allow_pickle: bool = Field(False, description="Allow loading pickle (.bin) weights you trust.")
     trust_remote_code: bool = Field(False, description="Run the model folder's own code (unsafe).")
+
+    @model_validator(mode="after")
+    def _snapshots_within_the_run(self):
+        outside = [step for step in self.snapshot_steps if not 1 <= step <= self.steps]
+        if outside:
+            raise ValueError(f"snapshot_steps {outside} are outside the run's steps 1..{self.steps}")
+        return self
 
 
 @dataclass
@@ -156,6 +166,7 @@ class Trainer:
                                    force=config.force)
         self.output = self.folder.path
         self.checkpoints = self.output.parent / f"{self.output.name}.checkpoints"
+        self.snapshots = self.output.parent / f"{self.output.name}.snapshots"
         self.per_step = method.examples_per_step(config.batch_size)
         self.history: list[dict] = []
         self.losses: list[float] = []
@@ -179,7 +190,7 @@ class Trainer:
 
     def _fingerprint(self) -> str:
         """Options that change the result; a checkpoint from other options must not be resumed."""
-        volatile = {"force", "keep_checkpoints", "checkpoint_every", "output"}
+        volatile = {"force", "keep_checkpoints", "checkpoint_every", "output", "snapshot_steps"}
         options = self.config.model_dump(mode="json", exclude=volatile)
         options.update(method=self.method.options(), stage=self.method.name)
         return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()
@@ -367,6 +378,8 @@ class Trainer:
             if config.eval_every and (run.step % config.eval_every == 0 or run.step == config.steps):
                 self.history.append({"step": run.step, **self._evaluate(run)})
                 run.unwrapped.train(config.dropout)
+            if run.step in config.snapshot_steps:
+                self._save_snapshot(run)
             if config.checkpoint_every and run.step % config.checkpoint_every == 0 and run.step < config.steps:
                 self._save_checkpoint(run)
             if abort_after and run.step == abort_after:
@@ -386,6 +399,21 @@ class Trainer:
                                            results=results, timings=timings))
         run.accelerator.wait_for_everyone()
         return self.output
+
+    def _save_snapshot(self, run: Run) -> None:
+        """A loadable model folder of this step (for checkpoint sweeps), published like the final output."""
+        check_finite(run.unwrapped, run.step)
+        if run.is_main:
+            folder = OutputFolder(self.snapshots / f"step-{run.step}", force=True)
+            record = manifest(self.method.name, options={**self.config.model_dump(mode="json"),
+                                                         "method": self.method.options()},
+                              inputs={"model": self.config.model}, hash_inputs=False,
+                              results={"step": run.step, "losses": list(self.losses)})
+            with folder.staging() as staging:
+                self.method.save(run, staging)
+                run.tokenizer.save_pretrained(staging)
+                folder.publish(staging, record)
+        run.accelerator.wait_for_everyone()
 
     def _save_final(self, run: Run, record: dict) -> None:
         """Model, tokenizer and manifest in a staging folder, then one rename: no half-written model folder."""

@@ -76,7 +76,9 @@ def field_value(value, field, flag: str):
         return pairs
     if origin is list:
         if "separator" in extra:
-            return None if value is None else [v.strip() for v in value.split(extra["separator"]) if v.strip()]
+            if value is None:
+                return field.get_default(call_default_factory=True)
+            return [v.strip() for v in value.split(extra["separator"]) if v.strip()]
         return list(value)
     return value
 

@@ -17,6 +17,7 @@ ENTRY_POINT_GROUP = "debias_plugin.methods"
 REGISTRY: dict[str, tuple[str, str]] = {
     "finetune": ("debias_plugin.methods.finetune:Finetune",
                  "Fine-tune a model on a biased corpus (full or LoRA): a bias vector's source."),
+    "npo": ("debias_plugin.methods.npo:NPO", "Unlearn chosen tokens with negative preference optimisation (NPO)."),
     "pcgu": ("debias_plugin.methods.pcgu:PCGUMethod", "Partitioned contrastive gradient unlearning (PCGU)."),
     "unlearn": ("debias_plugin.methods.unlearn:Unlearn",
                 "Unlearn chosen tokens by gradient ascent (Lu et al., masked-token unlearning)."),

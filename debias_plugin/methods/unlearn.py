@@ -205,9 +205,13 @@ class Unlearn(TrainingMethod):
             self.retain_examples = [encode(run.tokenizer, t, run.kind, run.config.max_length)[0]
                                     for t in self.retain_texts]
             self.retain_order = StreamOrder(len(self.retain_examples), run.config.seed + 1)
-        if self.opts.regulariser == "kl":
+        if self.needs_reference():
             self.reference = copy.deepcopy(run.model).to(run.device).eval().requires_grad_(False)
         return examples
+
+    def needs_reference(self) -> bool:
+        """A frozen copy of the original model (for KL; NPO's forget loss always needs one)."""
+        return self.opts.regulariser == "kl"
 
     def collate(self, examples: list, positions: list[int]) -> dict:
         batch = self._forget_batch(examples)
@@ -239,9 +243,13 @@ class Unlearn(TrainingMethod):
             logprobs = logprobs.gather(-1, batch[prefix + "labels"][..., None])[..., 0]
         return logprobs
 
+    def forget_loss(self, model, batch: dict):
+        """Mean over examples of the mean target log-probability: minimised = gradient ascent on its NLL."""
+        return per_example_mean(self._label_logprobs(model, batch), batch["targets"]).mean()
+
     def loss(self, model, batch: dict):
-        """Mean target log-probability (minimised = gradient ascent on its NLL) + optional retain term."""
-        forget = per_example_mean(self._label_logprobs(model, batch), batch["targets"]).mean()
+        """The forget loss + optional retain term."""
+        forget = self.forget_loss(model, batch)
         if self.opts.regulariser == "gd":
             retain_nll = -per_example_mean(self._label_logprobs(model, batch, "retain_"), batch["retain_targets"])
             return forget + self.opts.retain_weight * retain_nll.mean()
