@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -12,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from debias_plugin.errors import DebiasError
+from debias_plugin.errors import DataError, DebiasError
 from debias_plugin.merge import (
-    ADAPTER_PLACEHOLDER, BASE_PLACEHOLDER, BIASED_PLACEHOLDER, CONFIG_NAME, MANIFEST_NAME, negate,
+    ADAPTER_PLACEHOLDER, BASE_PLACEHOLDER, BIASED_PLACEHOLDER, CONFIG_NAME, MANIFEST_NAME, load_template, negate,
     validate_negation_config,
 )
 from debias_plugin.paths import merge_configs_dir
@@ -243,6 +244,158 @@ def test_config_that_would_not_negate_is_refused(edit, message, tiny_model, work
 def test_exactly_one_source_is_required(tiny_model, work):
     with pytest.raises(DebiasError, match="exactly one"):
         negate(tiny_model("llama"), lambdas=[1], out=work / "none", progress=False)
+
+
+@pytest.mark.parametrize("old, new, key, why", [
+    ("  normalize: false", "  normalise: false", "parameters.normalise", "not a parameter of task_arithmetic"),
+    ("      weight: -1.0", "      weight: -1.0\n      wieght: 2.0", "models[0].parameters.wieght", "per-model"),
+    ("      weight: -1.0", "      weight: -1.0\n      normalize: true", "models[0].parameters.normalize",
+     "top-level parameters"),
+    ("dtype: float32", "dtype: float32\nout_dtpye: bfloat16", "out_dtpye", "unknown key"),
+    ("  - model: /path/to/biased_model", "  - model: /path/to/biased_model\n    paramters: {}", "models[0].paramters",
+     "unknown key"),
+    ("merge_method: task_arithmetic", "merge_method: task_arithmetc", "merge_method", "unknown method"),
+])
+def test_unknown_template_keys_are_refused_with_their_line(old, new, key, why, tiny_model, work):
+    """A typo would otherwise be ignored by mergekit (the config then computes something else, silently)."""
+    text = (merge_configs_dir() / "negate.yml").read_text()
+    assert text.count(old) == 1
+    text = text.replace(old, new)
+    typo = new.splitlines()[-1].split(":")[0].strip()
+    line = next(n for n, row in enumerate(text.splitlines(), start=1) if row.strip().startswith(typo + ":"))
+    path = work / "typo.yml"
+    path.write_text(text)
+    with pytest.raises(DataError) as error:
+        negate(tiny_model("llama"), biased=perturbed_copy("llama", tiny_model("llama"), work / "llama_biased", 1),
+               lambdas=[1], out=work / "typo_out", template=path, progress=False)
+    message = str(error.value)
+    assert str(path) in message and f"{key} (line {line})" in message and why in message, message
+    assert not (work / "typo_out").exists()
+
+
+def test_bundled_configs_pass_the_strict_key_check():
+    for path in sorted(merge_configs_dir().glob("*.yml")):
+        load_template(path)
+
+
+def broken_copy(source: Path, target: Path) -> Path:
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+    return target
+
+
+def test_broken_inputs_are_data_errors_naming_the_file(tiny_model, work):
+    base = tiny_model("llama")
+    biased = perturbed_copy("llama", base, work / "llama_biased", seed=1)
+    truncated = broken_copy(biased, work / "llama_truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    bad_config = broken_copy(biased, work / "llama_bad_config")
+    (bad_config / "config.json").write_text('{"model_type": "llama",\n  oops}')
+    adapter = broken_copy(lora_adapter("llama", base, work / "llama_adapter"), work / "llama_bad_adapter")
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA",\n')
+    unknown_peft = broken_copy(adapter, work / "llama_unknown_peft")
+    (unknown_peft / "adapter_config.json").write_text('{"peft_type": "NOT_A_PEFT_TYPE"}')
+    cases = [({"biased": truncated}, weights, "complete safetensors"),
+             ({"biased": bad_config}, bad_config / "config.json", "line 2"),
+             ({"adapter": adapter}, adapter / "adapter_config.json", "line 2"),
+             ({"adapter": unknown_peft}, unknown_peft / "adapter_config.json", "peft_type")]
+    for source, named, where in cases:
+        with pytest.raises(DataError) as error:
+            negate(base, **source, lambdas=[1], out=work / "broken_out", progress=False)
+        assert str(named.resolve()) in str(error.value) and where in str(error.value), str(error.value)
+    assert not (work / "broken_out").exists()
+
+
+def test_output_inside_an_input_is_refused_even_with_force(tiny_model, work):
+    base = tiny_model("llama")
+    biased = perturbed_copy("llama", base, work / "llama_biased", seed=1)
+    for out in (biased / "negated", base):
+        with pytest.raises(DebiasError, match="overlaps the input"):
+            negate(base, biased=biased, lambdas=[1], out=out, force=True, progress=False)
+    assert not (biased / "negated").exists()
+
+
+def independent_tree_hash(folder: Path) -> str:
+    """sha256 over (relative name, sha256 of the bytes) of every file in name order, our manifest excluded."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+        digest.update(f"{file.relative_to(folder).as_posix()}\0{hashlib.sha256(file.read_bytes()).hexdigest()}\0"
+                      .encode())
+    return digest.hexdigest()
+
+
+def test_manifest_schema_and_stale_staging(tiny_model, work):
+    """The shared manifest schema with hashed inputs; staging left by a dead process is removed first."""
+    from debias_plugin.outputs import MANIFEST_SCHEMA
+
+    base = tiny_model("llama")
+    biased = perturbed_copy("llama", base, work / "llama_biased", seed=1)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = work / f".manifest_out.tmp-{int(dead.stdout)}-deadbeef"
+    stale.mkdir()
+    (out,) = negate(base, biased=biased, lambdas=["0.25"], out=work / "manifest_out", progress=False)
+    assert not stale.exists()
+    record = json.loads((out / MANIFEST_NAME).read_text())
+    assert record["schema"] == MANIFEST_SCHEMA and record["stage"] == "negate"
+    assert record["options"]["lambda"] == 0.25 and record["options"]["lambdas"] == [0.25]
+    template = merge_configs_dir() / "negate.yml"
+    assert record["inputs"] == {
+        "base": {"path": str(base.resolve()), "sha256": independent_tree_hash(base)},
+        "biased": {"path": str(biased.resolve()), "sha256": independent_tree_hash(biased)},
+        "template": {"path": str(template.resolve()), "sha256": hashlib.sha256(template.read_bytes()).hexdigest()}}
+    assert record["results"]["merge_method"] == "task_arithmetic_blocked"
+    assert record["results"]["parameters"] == sum(t.numel() for t in load("llama", base).state_dict().values()
+                                                  if t.data_ptr() != load("llama", base).lm_head.weight.data_ptr())
+    assert {"merge_s", "verify_s", "hash_inputs_s"} <= set(record["timings"])
+    assert {"mergekit", "torch", "safetensors"} <= set(record["packages"])
+
+
+# ------------------------------------------------------------------------- the registered blocked method
+
+def test_blocked_method_is_registered_and_bit_identical_to_task_arithmetic():
+    """Called through mergekit's own registry and merge API, on shapes whose rows do not divide the block."""
+    from mergekit import merge_methods
+    from mergekit.merge_methods import TensorGroup
+
+    import debias_plugin.merge.engine  # noqa: F401  (registers the method)
+
+    plain, blocked = merge_methods.get("task_arithmetic"), merge_methods.get("task_arithmetic_blocked")
+    assert blocked.spec.pretty_name == plain.spec.pretty_name
+    generator = torch.Generator().manual_seed(3)
+    for shape, dtype in (((1000, 37), torch.float32), ((333, 7, 5), torch.bfloat16), ((4097,), torch.float16)):
+        tensors = [torch.randn(shape, generator=generator).to(dtype) for _ in range(3)]
+        group = TensorGroup.from_tensors(tensors, ids=["base", "a", "b"], base_index=0)
+        parameters = {"weight": {"a": -0.7, "b": 0.3}, "lambda": 0.9}
+        expected = plain([group], parameters=parameters)[0]
+        for block in (1, 100, 1 << 40):
+            assert torch.equal(blocked([group], parameters={**parameters, "block_elements": block})[0], expected)
+
+
+def test_negate_merges_in_blocks_and_patches_nothing(tiny_model, work, monkeypatch):
+    """The run goes through our registered method; mergekit's own classes are untouched; the YAML stays plain."""
+    from mergekit.merge_methods import GeneralizedTaskArithmeticMerge
+
+    import debias_plugin.merge.engine as engine
+
+    whole_tensor = GeneralizedTaskArithmeticMerge.merge_group
+    blocked_calls = []
+    original = engine.BlockedTaskArithmetic.merge_group
+
+    def counting(self, group, /, **parameters):
+        blocked_calls.append(parameters["block_elements"])
+        return original(self, group, **parameters)
+
+    monkeypatch.setattr(engine.BlockedTaskArithmetic, "merge_group", counting)
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 123)
+    base = tiny_model("llama")
+    (out,) = negate(base, biased=perturbed_copy("llama", base, work / "llama_biased", seed=1), lambdas=[1],
+                    out=work / "blocked_out", progress=False)
+    assert blocked_calls and set(blocked_calls) == {123}
+    assert GeneralizedTaskArithmeticMerge.merge_group is whole_tensor
+    rendered = yaml.safe_load((out / CONFIG_NAME).read_text())
+    assert rendered["merge_method"] == "task_arithmetic" and "block_elements" not in rendered["parameters"]
 
 
 # ------------------------------------------------------------------------------- the bundled YAML files

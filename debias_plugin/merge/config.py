@@ -95,14 +95,15 @@ def _line(text: str | None, parts: list) -> int | None:
 
 
 def _refuse(source, config: dict, text: str | None, problems: list[tuple[tuple, str]], expected: str):
-    described, first = [], None
+    described: dict[str, str] = {}  # one reason per key: a bad value fails every branch of mergekit's unions
+    where = None
     for loc, why in problems:
         parts = _walk(config, loc)
         line = _line(text, parts)
-        first = first or (f"line {line}" if line else "key " + (".".join(map(str, parts)) or "top level"))
         key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".") or "top level"
-        described.append(f"{key}{f' (line {line})' if line else ''}: {why}")
-    raise DataError(source, first, expected, "; ".join(described))
+        described.setdefault(f"{key}{f' (line {line})' if line else ''}", why)
+        where = where or (f"line {line}" if line else f"key {key}")
+    raise DataError(source, where, expected, "; ".join(f"{key}: {why}" for key, why in list(described.items())[:5]))
 
 
 def parse_config(config: dict, source="config", text: str | None = None):
