@@ -13,6 +13,7 @@ _COMMANDS = {
     "default-model": ("debias_plugin.commands.evaluate:default_model_command",
                       "Write the built-in SmolLM2-135M as a safetensors folder."),
     "seat": ("debias_plugin.commands.seat:seat_command", "SEAT effect sizes and p-values (May et al. 2019)."),
+    "gate": ("debias_plugin.commands.gate:gate_command", "Pass/fail bias and perplexity checks for CI (exit 0/1/2)."),
     "negate": ("debias_plugin.commands.negate:negate_command",
                "Subtract a bias vector (task arithmetic via mergekit): base - lambda * (biased - base)."),
 }

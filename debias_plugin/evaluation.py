@@ -1,0 +1,255 @@
+"""evaluate(model folder, tasks) -> lm-eval results with per-document samples, cached by the model's content hash.
+
+One call runs `lm_eval.simple_evaluate(..., log_samples=True)` with our tasks on the include path and our model
+classes registered. The results (and each task's samples, without the prompt texts and raw responses) are kept
+under $DEBIAS_CACHE_DIR/results/ (default ~/.cache/debias_plugin/results/), keyed by the model folder's content
+hash, the tasks, the limit, the model class and arguments, the lm-eval and debias-plugin versions, the bundled
+task definitions and the data folder: the same request is answered from disk without importing lm-eval or torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from debias_plugin.errors import DebiasError
+
+logger = logging.getLogger(__name__)
+
+RESULTS_NAME = "results.json"
+_SAMPLES_NAME = "samples_{task}.jsonl"
+_DROPPED_SAMPLE_FIELDS = ("arguments", "resps")  # prompt texts and raw responses: large and kept in "doc"
+_KEY_SCHEMA = "debias_plugin.results-cache/1"
+
+
+class UnknownTaskError(DebiasError):
+    def __init__(self, task: str, known: list[str]):
+        self.task = task
+        close = [name for name in known if name.startswith(task.split("_")[0])][:8]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        super().__init__(f"lm-eval task '{task}' is neither one of ours nor one of lm-eval's{hint}.")
+
+
+def results_cache_dir() -> Path:
+    from debias_plugin.default_model import CACHE_ENV
+
+    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "debias_plugin"
+    return Path(root) / "results"
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _task_definitions_hash() -> str:
+    """Hash of the bundled task YAML and Python files (not __pycache__, which lm-eval writes there)."""
+    from debias_plugin.paths import tasks_dir
+
+    root = tasks_dir()
+    digest = hashlib.sha256()
+    for file in sorted(root.rglob("*")):
+        if file.is_file() and "__pycache__" not in file.parts and file.suffix != ".pyc":
+            digest.update(f"{file.relative_to(root).as_posix()}\0".encode() + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def cache_key(model_dir: str | Path, tasks: list[str], *, model_class: str | None = None,
+              model_args: dict | None = None, limit: int | float | None = None) -> str:
+    """The cache entry name for one evaluation request (the model by content, never by path)."""
+    from debias_plugin.outputs import content_hash
+    from debias_plugin.paths import DATA_DIR_ENV
+
+    payload = {"schema": _KEY_SCHEMA, "model_sha256": content_hash(model_dir), "tasks": sorted(set(tasks)),
+               "limit": limit, "model_class": model_class or "auto", "model_args": model_args or {},
+               "lm_eval": _version("lm-eval"), "debias_plugin": _version("debias-plugin"),
+               "task_definitions": _task_definitions_hash(), "data_dir": os.environ.get(DATA_DIR_ENV)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_results_folder(folder: str | Path) -> dict:
+    """results.json plus samples_<task>.jsonl of a folder written by `save_results`, as one results dict."""
+    from debias_plugin.data._io import json_document, jsonl_rows
+
+    folder = Path(folder)
+    results = json_document(folder / RESULTS_NAME)
+    results["samples"] = {}
+    for task in results.pop("samples_tasks", []):
+        file = folder / _SAMPLES_NAME.format(task=task)
+        results["samples"][task] = [row for _, row in jsonl_rows(file)]
+    return results
+
+
+def portable_results(results: dict) -> dict:
+    """The results as plain JSON values, samples without prompt texts and raw responses: what the cache holds."""
+    from lm_eval.utils import handle_non_serializable
+
+    samples = {task: [{key: value for key, value in row.items() if key not in _DROPPED_SAMPLE_FIELDS}
+                      for row in rows] for task, rows in (results.get("samples") or {}).items()}
+    plain = {key: value for key, value in results.items() if key != "samples"}
+    plain["samples"] = samples
+    return json.loads(json.dumps(plain, default=handle_non_serializable))
+
+
+def save_results(results: dict, folder: str | Path, *, manifest: dict | None = None, force: bool = False,
+                 inputs: list | None = None) -> Path:
+    """Write portable results as results.json + samples_<task>.jsonl (+ manifest), one folder, all or nothing."""
+    from debias_plugin.outputs import OutputFolder
+
+    out = OutputFolder(folder, inputs=inputs or [], force=force, option="output folder")
+    samples = results.get("samples") or {}
+    aggregated = {key: value for key, value in results.items() if key != "samples"}
+    aggregated["samples_tasks"] = sorted(samples)
+    with out.staging() as staging:
+        (staging / RESULTS_NAME).write_text(json.dumps(aggregated, indent=2) + "\n", encoding="utf-8")
+        for task, rows in samples.items():
+            with open(staging / _SAMPLES_NAME.format(task=task), "w", encoding="utf-8") as handle:
+                for row in rows:
+                    handle.write(json.dumps(row) + "\n")
+        return out.publish(staging, manifest)
+
+
+def _cache_entry(model_dir, tasks, *, model_class, model_args, limit) -> Path:
+    return results_cache_dir() / cache_key(model_dir, tasks, model_class=model_class, model_args=model_args,
+                                           limit=limit)
+
+
+def _read_entry(entry: Path) -> dict | None:
+    from debias_plugin.outputs import MANIFEST_NAME
+
+    if (entry / RESULTS_NAME).is_file() and (entry / MANIFEST_NAME).is_file():
+        return read_results_folder(entry)
+    return None
+
+
+def cached_results(model_dir: str | Path, tasks: list[str], *, model_class: str | None = None,
+                   model_args: dict | None = None, limit: int | None = None) -> dict | None:
+    """The cached results of exactly this request, or None."""
+    return _read_entry(_cache_entry(model_dir, tasks, model_class=model_class, model_args=model_args, limit=limit))
+
+
+def resolve_model_class(model_dir: str | Path) -> str:
+    """hf for causal LMs, hf-mlm for masked LMs, from the folder's config (never its name)."""
+    from transformers import AutoConfig
+
+    from debias_plugin.models import model_kind
+
+    return "hf-mlm" if model_kind(AutoConfig.from_pretrained(model_dir)) == "masked" else "hf"
+
+
+def _task_manager(metadata: dict | None = None):
+    """Our tasks and lm-eval's; metadata (the model arguments) reaches our tasks' loaders (StereoSet counts tokens)."""
+    from lm_eval.tasks import TaskManager
+
+    from debias_plugin.paths import tasks_dir
+
+    return TaskManager(include_path=str(tasks_dir()), metadata=metadata)
+
+
+def _declared_metrics(manager, name: str) -> set[str] | None:
+    entry = manager.task_index.get(name)
+    if entry is None:
+        return None
+    config = entry.cfg or {}
+    listed = config.get("metric_list") or config.get("aggregate_metric_list")
+    return {item["metric"] for item in listed if isinstance(item, dict) and "metric" in item} if listed else None
+
+
+def _subtasks(manager, name: str) -> list[str]:
+    entry = manager.task_index.get(name)
+    members = (entry.cfg or {}).get("task") if entry is not None and entry.cfg else None
+    if not isinstance(members, list):
+        return []
+    names = [m if isinstance(m, str) else m.get("task") for m in members]
+    return [n for n in names if isinstance(n, str)]
+
+
+def describe_tasks(tasks: list[str]) -> dict[str, set[str] | None]:
+    """Every task and group the request will report (groups expanded), with its declared metrics (None: unknown).
+
+    Lets a caller check task/metric names before any model loads; raises UnknownTaskError for a name lm-eval
+    does not know.
+    """
+    manager = _task_manager()
+    known = set(manager.all_tasks)
+    described: dict[str, set[str] | None] = {}
+    pending = list(tasks)
+    for task in tasks:
+        if task not in known:
+            raise UnknownTaskError(task, sorted(known))
+    while pending:
+        name = pending.pop()
+        if name in described:
+            continue
+        described[name] = _declared_metrics(manager, name)
+        pending.extend(_subtasks(manager, name))
+    return described
+
+
+def evaluate(model_dir: str | Path, tasks: list[str], *, model_class: str | None = None,
+             model_args: dict | None = None, batch_size: int | str = 16, limit: int | None = None,
+             device: str | None = None, output_dir: str | Path | None = None, force: bool = False,
+             use_cache: bool = True) -> dict:
+    """lm-eval results of `tasks` on a model folder, with per-document samples under "samples" (cached).
+
+    model_class: lm-eval model name; default hf for causal LMs and hf-mlm for masked LMs. output_dir, if given,
+    also receives results.json + samples_<task>.jsonl (a folder `debias gate` reads with `results:`).
+    """
+    from debias_plugin.models import check_weights
+    from debias_plugin.outputs import manifest
+
+    model_dir = Path(model_dir).expanduser().resolve()
+    check_weights(model_dir)
+    if output_dir is not None:
+        from debias_plugin.outputs import OutputFolder
+
+        OutputFolder(output_dir, inputs=[model_dir], force=force)  # all checks before the model loads
+    request = dict(model_class=model_class, model_args=model_args, limit=limit)
+    entry = _cache_entry(model_dir, tasks, **request)
+    results = _read_entry(entry) if use_cache else None
+    if results is None:
+        results = portable_results(_run(model_dir, tasks, model_class=model_class, model_args=model_args or {},
+                                        batch_size=batch_size, limit=limit, device=device))
+        if use_cache:
+            record = manifest("evaluate", options={**request, "tasks": list(tasks), "cache_key": entry.name},
+                              inputs={"model": model_dir}, results={}, hash_inputs=False)
+            save_results(results, entry, manifest=record, force=True)
+    else:
+        logger.info("Results of %s on %s from the cache (%s).", model_dir, ", ".join(tasks), entry)
+    if output_dir is not None:
+        save_results(results, output_dir, force=force, inputs=[model_dir],
+                     manifest=manifest("evaluate", options={**request, "tasks": list(tasks)}, results={},
+                                       inputs={"model": model_dir}, hash_inputs=False))
+    return results
+
+
+def _run(model_dir: Path, tasks: list[str], *, model_class, model_args, batch_size, limit, device) -> dict:
+    import lm_eval
+
+    from debias_plugin.lm_eval import register_models
+
+    manager = _task_manager({"pretrained": str(model_dir), **model_args})
+    known = set(manager.all_tasks)
+    for task in tasks:
+        if task not in known:
+            raise UnknownTaskError(task, sorted(known))
+    if model_class is None:
+        model_class = resolve_model_class(model_dir)
+    if device is None:
+        import torch
+
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    register_models()
+    results = lm_eval.simple_evaluate(model=model_class, model_args={"pretrained": str(model_dir), **model_args},
+                                      tasks=list(tasks), task_manager=manager, limit=limit, log_samples=True,
+                                      bootstrap_iters=0, batch_size=batch_size, device=device)
+    if results is None:
+        raise DebiasError("lm-eval returned no results in this process (not rank 0 of a distributed run).")
+    return results

@@ -1,0 +1,241 @@
+"""One gate check on lm-eval results: find the metric, its per-sample data, the interval, the test, the verdict."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from debias_plugin.errors import DebiasError
+from debias_plugin.gate import stats
+from debias_plugin.gate.config import Gate
+from debias_plugin.gate.results import (
+    MetricSamples, Results, higher_is_better, metric_key, metric_names, metric_samples, reported_value, same_point,
+)
+
+NO_SAMPLES = "no per-sample data: point estimate only"
+
+
+@dataclass
+class CheckResult:
+    title: str
+    metric: str
+    kind: str
+    requirement: str
+    line: int
+    passed: bool
+    value: float
+    interval: stats.Interval | None = None
+    baseline_value: float | None = None
+    baseline_interval: stats.Interval | None = None
+    delta_label: str | None = None  # what a baseline check compares: "Δ|x-50|", "Δ", "relative change"
+    delta: float | None = None
+    delta_interval: stats.Interval | None = None
+    p_value: float | None = None
+    method: str = ""
+    note: str = ""
+
+
+def is_centered(metric: str) -> bool:
+    """Metrics whose ideal is 50 % (no preference): CrowS pct_stereotype*, StereoSet ss*."""
+    name = metric.split(",")[0]
+    return name == "ss" or name.startswith("ss_") or name.startswith("pct_stereotype")
+
+
+def statistic_for(samples: MetricSamples, metric: str) -> stats.Statistic:
+    columns = samples.columns
+    if samples.kind == "binary":
+        return stats.mean_statistic(columns["outcome"] * samples.scale)
+    if samples.kind == "mean":
+        return stats.mean_statistic(columns["value"])
+    if samples.kind == "weighted_perplexity":
+        return stats.weighted_perplexity_statistic(columns["loglikelihood"], columns["weight"])
+    if samples.kind == "bits_per_byte":
+        return stats.bits_per_byte_statistic(columns["loglikelihood"], columns["weight"])
+    if samples.kind == "perplexity":
+        return stats.perplexity_statistic(columns["loglikelihood"])
+    if samples.kind == "stereoset":
+        return stats.stereoset_statistic(columns["ss"], columns["lms"], metric.split(",")[0].split("_")[0])
+    raise ValueError(f"unknown per-sample kind {samples.kind!r}")
+
+
+@dataclass
+class _Measured:
+    """A metric of one model: reported value, and (when usable) its per-unit data and interval."""
+
+    value: float
+    samples: MetricSamples | None
+    statistic: stats.Statistic | None
+    interval: stats.Interval | None
+    distribution: np.ndarray | None
+    note: str
+
+
+def _measure(results: Results, task: str, key: str, gate: Gate) -> _Measured:
+    config = gate.config
+    value = reported_value(results, task, key)
+    samples, note = metric_samples(results, task, key)
+    if samples is None:
+        return _Measured(value, None, None, None, None, f"{note}: point estimate only")
+    statistic = statistic_for(samples, key)
+    point = float(statistic(np.arange(samples.units)))
+    if not same_point(point, value):
+        return _Measured(value, None, None, None, None,
+                         f"per-sample data give {point:.6g}, not the reported {value:.6g}: point estimate only")
+    if samples.kind == "binary":
+        successes = int(round(samples.columns["outcome"].sum()))
+        ci = stats.clopper_pearson(successes, samples.units, config.alpha)
+        interval = stats.Interval(ci.low * samples.scale, ci.high * samples.scale, ci.confidence, ci.method)
+        return _Measured(value, samples, statistic, interval, None, "")
+    if samples.units < 2:
+        return _Measured(value, None, None, None, None, f"only {samples.units} {samples.unit_name}: point estimate only")
+    result = stats.bootstrap(statistic, samples.units, config.alpha, resamples=config.resamples, seed=config.seed,
+                             what=samples.unit_name)
+    return _Measured(value, samples, statistic, result.interval, result.distribution, "")
+
+
+def _resolve_metric(results: Results, check, index: int, gate: Gate, role: str) -> str:
+    task, metric = check.task, check.metric_name
+    if task not in results.data["results"]:
+        tasks = ", ".join(sorted(results.data["results"]))
+        where = ("checks", index, "metric") if role == "candidate" else ("baseline",)
+        raise gate.error(where, f"a task in the {role} results ({tasks})", f"'{task}' in {results.source}")
+    key = metric_key(results, task, metric)
+    if key is None:
+        available = ", ".join(metric_names(results, task))
+        where = ("checks", index, "metric") if role == "candidate" else ("baseline",)
+        raise gate.error(where, f"a metric that {task} reports in the {role} results ({available})",
+                         f"'{metric}'")
+    return key
+
+
+def _bound_p(measured: _Measured, bound: float, side: stats.Side) -> float:
+    """One-sided p-value that the metric is `side` the bound, from its per-sample data."""
+    samples = measured.samples
+    if samples.kind == "binary":
+        successes = int(round(samples.columns["outcome"].sum()))
+        return stats.binomial_bound_p(successes, samples.units, bound / samples.scale, side)
+    return stats.bootstrap_bound_p(measured.distribution, bound, side)
+
+
+def _single(check, index: int, gate: Gate, candidate: Results) -> CheckResult:
+    key = _resolve_metric(candidate, check, index, gate, "candidate")
+    measured = _measure(candidate, check.task, key, gate)
+    result = CheckResult(check.title, check.metric, check.kind, check.requirement, gate.line("checks", index),
+                         True, measured.value, measured.interval, note=measured.note)
+    value = measured.value
+    if check.kind == "within":
+        low, high = check.within
+        bounds = [(low, "below"), (high, "above")]
+        point_passes = low <= value <= high
+    elif check.kind == "min":
+        bounds, point_passes = [(check.min, "below")], value >= check.min
+    else:
+        bounds, point_passes = [(check.max, "above")], value <= check.max
+    if math.isnan(value):
+        result.passed, result.note = False, "the metric is NaN"
+        return result
+    if measured.samples is None:
+        result.passed = point_passes
+        result.method = "point estimate"
+        return result
+    result.p_value = stats.two_sided(min(_bound_p(measured, bound, side) for bound, side in bounds))
+    result.passed = not result.p_value < gate.config.alpha
+    result.method = ("exact binomial test" if measured.samples.kind == "binary"
+                     else f"bootstrap test over {measured.samples.unit_name}")
+    return result
+
+
+def _aligned(candidate: MetricSamples, baseline: MetricSamples, check, gate: Gate) -> np.ndarray:
+    """Baseline unit order matching the candidate's; refuses a comparison on different items."""
+    position = {key: i for i, key in enumerate(baseline.keys)}
+    missing = [key for key in candidate.keys if key not in position]
+    if missing or len(position) != len(candidate.keys):
+        raise DebiasError(
+            f"{gate.path}, {gate.where('baseline')}: the candidate and the baseline were evaluated on different "
+            f"items for {check.metric} ({candidate.units} vs {baseline.units} {candidate.unit_name}"
+            f"{', e.g. ' + repr(missing[0]) + ' only in the candidate' if missing else ''}). Evaluate both with the "
+            "same tasks and limit.")
+    order = np.array([position[key] for key in candidate.keys])
+    for i, j in enumerate(order):
+        if candidate.hashes[i] and baseline.hashes[j] and candidate.hashes[i] != baseline.hashes[j]:
+            raise DebiasError(
+                f"{gate.path}, {gate.where('baseline')}: {check.metric}: {candidate.keys[i]!r} is a different document "
+                "in the candidate and the baseline results (their doc_hash differ). Evaluate both on the same data.")
+    return order
+
+
+def _reordered(samples: MetricSamples, order: np.ndarray) -> MetricSamples:
+    return MetricSamples(samples.kind, [samples.keys[i] for i in order], [samples.hashes[i] for i in order],
+                         {name: column[order] for name, column in samples.columns.items()}, samples.scale,
+                         samples.unit_name)
+
+
+def _compared(check, index: int, gate: Gate, candidate: Results, baseline: Results) -> CheckResult:
+    key = _resolve_metric(candidate, check, index, gate, "candidate")
+    baseline_key = _resolve_metric(baseline, check, index, gate, "baseline")
+    mine = _measure(candidate, check.task, key, gate)
+    theirs = _measure(baseline, check.task, baseline_key, gate)
+    result = CheckResult(check.title, check.metric, check.kind, check.requirement, gate.line("checks", index),
+                         True, mine.value, mine.interval, theirs.value, theirs.interval)
+    c, b = mine.value, theirs.value
+    center = None
+    if check.kind == "max_relative_increase":
+        label, bound, worse_side = "relative change", check.max_relative_increase, "above"
+        delta = c / b - 1 if b else math.inf
+    elif is_centered(check.metric_name):
+        center = 50.0 if max(abs(c), abs(b)) > 1 or (mine.samples and mine.samples.scale == 100) else 0.5
+        label, bound, worse_side = f"Δ|x-{center:g}|", 0.0, "above"
+        delta = abs(c - center) - abs(b - center)
+    else:
+        higher = higher_is_better(candidate, check.task, key)
+        higher = higher if higher is not None else higher_is_better(baseline, check.task, baseline_key)
+        if higher is None:
+            raise gate.error(("checks", index, "metric"), "a metric whose results say whether higher is better "
+                             "(lm-eval's higher_is_better), to tell which direction is worse", check.metric)
+        label, bound, worse_side = "Δ", 0.0, "below" if higher else "above"
+        delta = c - b
+    result.delta_label, result.delta = label, delta
+    point_passes = not (delta > bound if worse_side == "above" else delta < bound)
+    if math.isnan(c):
+        result.passed, result.note = False, "the metric is NaN"
+        return result
+    if mine.samples is None or theirs.samples is None:
+        result.passed, result.method = point_passes, "point estimate"
+        result.note = mine.note or f"baseline: {theirs.note}"
+        return result
+    order = _aligned(mine.samples, theirs.samples, check, gate)
+    baseline_statistic = statistic_for(_reordered(theirs.samples, order), baseline_key)
+    if check.kind == "max_relative_increase":
+        paired = stats.relative_change(mine.statistic, baseline_statistic)
+    elif center is not None:
+        paired = stats.distance_change(mine.statistic, baseline_statistic, center)
+    else:
+        paired = stats.difference(mine.statistic, baseline_statistic)
+    what = mine.samples.unit_name
+    if mine.samples.units < 2:
+        result.passed, result.method = point_passes, "point estimate"
+        result.note = f"only {mine.samples.units} {what}: point estimate only"
+        return result
+    boot = stats.bootstrap(paired, mine.samples.units, gate.config.alpha, resamples=gate.config.resamples,
+                           seed=gate.config.seed, what=f"paired {what}")
+    result.delta_interval = boot.interval
+    if mine.samples.kind == "binary" and check.kind == "not_worse_than_baseline":
+        table = stats.pair_table(mine.samples.columns["outcome"], theirs.samples.columns["outcome"][order])
+        if center is not None:
+            test = stats.farther_from_half(table)
+        else:
+            test = stats.mcnemar_worse(table, "lower" if worse_side == "below" else "higher")
+        result.p_value, result.method = test.p_value, test.method
+    else:
+        result.p_value = stats.two_sided(stats.bootstrap_bound_p(boot.distribution, bound, worse_side))
+        result.method = f"paired bootstrap test over {what}"
+    result.passed = not result.p_value < gate.config.alpha
+    return result
+
+
+def run_check(check, index: int, gate: Gate, candidate: Results, baseline: Results | None) -> CheckResult:
+    if check.kind in ("within", "min", "max"):
+        return _single(check, index, gate, candidate)
+    return _compared(check, index, gate, candidate, baseline)

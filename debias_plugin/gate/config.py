@@ -1,0 +1,245 @@
+"""The gate file: YAML (safe_load only) validated by pydantic, every error naming the file, the line and the field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from debias_plugin.errors import DataError, DebiasError
+
+CHECK_KINDS = ("within", "min", "max", "not_worse_than_baseline", "max_relative_increase")
+BASELINE_KINDS = ("not_worse_than_baseline", "max_relative_increase")
+DEFAULT_MODEL = "default"
+
+
+class CheckConfig(BaseModel):
+    """One check: a task/metric from the lm-eval results and exactly one requirement on it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    metric: str = Field(pattern=r"^[^/\s]+/[^/\s]+$")
+    name: str | None = None
+    within: list[float] | None = Field(None, min_length=2, max_length=2)
+    min: float | None = None
+    max: float | None = None
+    not_worse_than_baseline: Literal[True] | None = None
+    max_relative_increase: float | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_requirement(self):
+        given = [kind for kind in CHECK_KINDS if getattr(self, kind) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(CHECK_KINDS)} (found "
+                             f"{', '.join(given) if given else 'none'})")
+        if self.within is not None and not self.within[0] < self.within[1]:
+            raise ValueError(f"within needs [low, high] with low < high (found {self.within})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(kind for kind in CHECK_KINDS if getattr(self, kind) is not None)
+
+    @property
+    def task(self) -> str:
+        return self.metric.split("/", 1)[0]
+
+    @property
+    def metric_name(self) -> str:
+        return self.metric.split("/", 1)[1]
+
+    @property
+    def requirement(self) -> str:
+        kind = self.kind
+        if kind == "within":
+            return f"within [{self.within[0]:g}, {self.within[1]:g}]"
+        if kind == "min":
+            return f">= {self.min:g}"
+        if kind == "max":
+            return f"<= {self.max:g}"
+        if kind == "not_worse_than_baseline":
+            return "not worse than baseline"
+        return f"relative increase vs baseline <= {self.max_relative_increase:g}"
+
+    @property
+    def title(self) -> str:
+        return self.name or f"{self.metric} {self.requirement}"
+
+
+class GateConfig(BaseModel):
+    """The whole gate: what to evaluate (or read), what to compare against, and the checks."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str | None = None
+    model: str | None = None  # a model folder, or "default" for the built-in SmolLM2-135M
+    results: str | None = None  # an lm-eval results JSON (samples_*.jsonl beside it): no model run
+    baseline: str | None = None  # a model folder, "default", or a results JSON
+    tasks: list[str] | None = Field(None, min_length=1)
+    checks: list[CheckConfig] = Field(min_length=1)
+    alpha: float = Field(0.05, gt=0, le=0.5)
+    limit: int | None = Field(None, ge=1)
+    batch_size: int | Literal["auto"] = 16
+    device: str | None = None
+    model_class: str | None = None  # lm-eval model name; default: hf (causal) or hf-mlm (masked), from the config
+    model_args: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    resamples: int = Field(2000, ge=100)
+    seed: int = 0
+
+
+_FIELD_NAMES = set(GateConfig.model_fields) | set(CheckConfig.model_fields)
+
+
+def is_results_file(value: str) -> bool:
+    return value.lower().endswith(".json")
+
+
+@dataclass
+class Gate:
+    path: Path
+    config: GateConfig
+    lines: dict[tuple, int]
+
+    def line(self, *loc) -> int:
+        return _line_of(self.lines, loc)
+
+    def where(self, *loc) -> str:
+        return f"line {self.line(*loc)}, field '{_field_text(loc)}'"
+
+    def error(self, loc: tuple, expected: str, found: str | None = None) -> DataError:
+        return DataError(self.path, self.where(*loc), expected, found)
+
+    def resolve(self, value: str) -> Path:
+        """Paths in a gate file are relative to the gate file's folder."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.path.parent / path).resolve()
+
+
+def _field_text(loc) -> str:
+    text = ""
+    for element in loc:
+        text += f"[{element}]" if isinstance(element, int) else (f".{element}" if text else str(element))
+    return text or "(top level)"
+
+
+def _line_of(lines: dict[tuple, int], loc) -> int:
+    loc = tuple(loc)
+    while loc not in lines:
+        loc = loc[:-1]
+    return lines[loc]
+
+
+def _node_lines(node, path: tuple, lines: dict[tuple, int], duplicates: list) -> None:
+    """Map each key path (('checks', 1, 'within'), ...) to its 1-based line; note duplicate keys."""
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                duplicates.append((path + (key,), key_node.start_mark.line + 1))
+            seen.add(key)
+            lines[path + (key,)] = key_node.start_mark.line + 1
+            _node_lines(value_node, path + (key,), lines, duplicates)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[path + (index,)] = item.start_mark.line + 1
+            _node_lines(item, path + (index,), lines, duplicates)
+
+
+def _display_loc(loc: tuple, lines: dict[tuple, int]) -> tuple:
+    """pydantic's error location without its union-member tags ('int', 'literal[...]')."""
+    kept: list = []
+    for element in loc:
+        if tuple(kept + [element]) in lines or (isinstance(element, str) and element in _FIELD_NAMES):
+            kept.append(element)
+        else:
+            break
+    return tuple(kept)
+
+
+def _explain(error: dict, loc: tuple) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        allowed = CheckConfig.model_fields if "checks" in loc and len(loc) == 3 else GateConfig.model_fields
+        return f"unknown key '{loc[-1]}'; allowed keys: {', '.join(allowed)}"
+    if kind == "missing":
+        return "required key missing"
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    if kind not in ("value_error",) and "input" in error and not isinstance(error["input"], (dict, list)):
+        message += f" (found {error['input']!r})"
+    return message
+
+
+class GateFileError(DataError):
+    """Every problem of a gate file at once, each with its line and field, as one paragraph."""
+
+    def __init__(self, path: Path, problems: list[tuple[int, str, str]]):
+        self.problems = problems
+        first_line, first_field, first_message = problems[0]
+        super().__init__(path, f"line {first_line}, field '{first_field}'", "a valid gate file", first_message)
+        parts = [f"line {line}, field '{field}': {message}" for line, field, message in problems]
+        self.args = (f"{path}: {len(problems)} problem(s) in the gate file: " + "; ".join(parts) + ".",)
+
+
+def load_gate(path: str | Path) -> Gate:
+    """Read and validate a gate file; raises GateFileError / DataError (exit code 2 in the CLI)."""
+    import yaml
+
+    from debias_plugin.data._io import read_text
+
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise DebiasError(f"{path}: the gate file does not exist.")
+    text = read_text(path)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = mark.line + 1 if mark else 1
+        raise DataError(path, f"line {line}", "valid YAML", f"{err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise DataError(path, "line 1", "valid YAML", str(err)) from None
+    if not isinstance(data, dict):
+        raise DataError(path, "line 1", "a mapping of gate keys (model, tasks, checks, ...)",
+                        type(data).__name__)
+    lines: dict[tuple, int] = {(): node.start_mark.line + 1}
+    duplicates: list = []
+    _node_lines(node, (), lines, duplicates)
+    if duplicates:
+        raise GateFileError(path, [(line, _field_text(loc), "duplicate key") for loc, line in duplicates])
+    try:
+        config = GateConfig.model_validate(data)
+    except ValidationError as err:
+        problems = []
+        for error in err.errors():
+            loc = _display_loc(tuple(error["loc"]), lines)
+            problems.append((_line_of(lines, loc), _field_text(loc), _explain(error, loc)))
+        raise GateFileError(path, problems) from None
+    gate = Gate(path, config, lines)
+    problems = [(gate.line(*loc), _field_text(loc), message) for loc, message in _cross_field_problems(config)]
+    if problems:
+        raise GateFileError(path, problems)
+    return gate
+
+
+def _cross_field_problems(config: GateConfig) -> list[tuple[tuple, str]]:
+    problems = []
+    if (config.model is None) == (config.results is None):
+        problems.append((("model",) if config.model else (),
+                         "give exactly one of 'model' (a model folder or 'default') and 'results' (an lm-eval "
+                         "results JSON)"))
+    evaluates = config.model is not None or (config.baseline is not None and not is_results_file(config.baseline))
+    if evaluates and not config.tasks:
+        problems.append((("tasks",), "a model is evaluated, so list the lm-eval tasks to run"))
+    for index, check in enumerate(config.checks):
+        if check.kind in BASELINE_KINDS and config.baseline is None:
+            problems.append((("checks", index, check.kind), f"{check.kind} needs a 'baseline' (a model folder or a "
+                             "results JSON)"))
+    return problems
