@@ -11,3 +11,9 @@ __all__ = [
     "domain_words", "load_attribute_words", "load_crows_pairs", "load_stereoset", "load_texts",
     "load_wikitext_documents", "split_wikitext_documents",
 ]
+
+from debias_plugin.data.bbq import BBQRow, load_bbq, load_bbq_pairs  # noqa: E402
+from debias_plugin.data.seat import DEFAULT_SEAT_TESTS, SeatTest, load_seat_test, load_seat_tests  # noqa: E402
+
+__all__ += ["BBQRow", "DEFAULT_SEAT_TESTS", "SeatTest", "load_bbq", "load_bbq_pairs", "load_seat_test",
+            "load_seat_tests"]

@@ -1,4 +1,4 @@
-"""(advantaged, disadvantaged) sentence pairs for contrastive unlearning (PCGU), from WinoGender, CSVs, StereoSet."""
+"""(advantaged, disadvantaged) sentence pairs for contrastive unlearning (PCGU): WinoGender, CSVs, StereoSet, BBQ."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from debias_plugin.paths import DATA_DIR_ENV, data_file
 WINOGENDER_SENTENCES = "winogender/all_sentences.tsv"
 WINOGENDER_STATS = "winogender/occupations-stats.tsv"
 WINOGENDER_GENDERS = ("male", "female", "neutral")
-PAIR_SOURCES = ("winogender", "crows", "stereoset")
+PAIR_SOURCES = ("winogender", "crows", "stereoset", "bbq")
 
 
 @dataclass(frozen=True)
@@ -157,7 +157,7 @@ def load_stereoset_pairs(path: str | Path | None = None, domains: list[str] | No
 
 
 def load_pairs(source: str | Path, groups: list[str] | None = None) -> list[BiasPair]:
-    """Resolve a --pairs value: 'winogender', 'crows', 'stereoset' (from $DEBIAS_DATA_DIR) or a file/folder."""
+    """Resolve --pairs: 'winogender', 'crows', 'stereoset', 'bbq' (from $DEBIAS_DATA_DIR) or a file/folder."""
     name = str(source)
     if name == "winogender":
         pairs = load_winogender_pairs()
@@ -167,6 +167,10 @@ def load_pairs(source: str | Path, groups: list[str] | None = None) -> list[Bias
         return load_pair_csv(data_file(None, CROWS_RELATIVE_PATH, "CrowS-Pairs"), groups)
     elif name == "stereoset":
         return load_stereoset_pairs(domains=groups)
+    elif name == "bbq":  # groups are BBQ categories (file stems, e.g. Religion)
+        from debias_plugin.data.bbq import load_bbq_pairs
+
+        return load_bbq_pairs(categories=groups)
     else:
         path = Path(name).expanduser()
         if path.is_dir() and (path / "all_sentences.tsv").is_file():
@@ -177,7 +181,7 @@ def load_pairs(source: str | Path, groups: list[str] | None = None) -> list[Bias
             return load_stereoset_pairs(path, domains=groups)
         else:
             raise DebiasError(
-                f"--pairs {name}: expected 'winogender', 'crows', 'stereoset', a WinoGender folder (with "
+                f"--pairs {name}: expected 'winogender', 'crows', 'stereoset', 'bbq', a WinoGender folder (with "
                 "all_sentences.tsv), a pair CSV/TSV (advantaged,disadvantaged or sent_more,sent_less) or a "
                 "StereoSet .json/.jsonl file."
             )
