@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -85,6 +86,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(err.exit_code)
     except DebiasError as err:
         click.echo(f"Error: {err}", err=True)
+        sys.exit(2)
+    except Exception as err:  # a library we call failed: still one paragraph, exit 2 (DEBIAS_DEBUG=1 re-raises)
+        from debias_plugin.errors import describe_library_error
+
+        if os.environ.get("DEBIAS_DEBUG") == "1":
+            raise
+        click.echo(f"Error: {describe_library_error(err)}", err=True)
         sys.exit(2)
     if isinstance(exit_code, int) and exit_code:
         sys.exit(exit_code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -21,3 +22,34 @@ class DataError(DebiasError, ValueError):
         if found is not None:
             message += f", found {found}"
         super().__init__(message + ".")
+
+
+def describe_library_error(err: BaseException) -> str:
+    """One paragraph for an exception raised inside a library we call: what, where it came from, the file."""
+    import errno
+    import traceback
+    from pathlib import PurePath
+
+    frames = traceback.extract_tb(err.__traceback__)
+    origin = next((part for frame in reversed(frames) for part in PurePath(frame.filename).parts[-4:]
+                   if part in _LIBRARIES), None)
+    message = " ".join(str(err).split()) or type(err).__name__
+    hints = {errno.ENOSPC: " The disk is full: free space or write elsewhere; nothing was published.",
+             errno.EACCES: " Permission denied: choose a location you can write.",
+             errno.EROFS: " The file system is read-only: choose another location."}
+    if isinstance(err, OSError):
+        target = " -> ".join(str(name) for name in (err.filename, err.filename2) if name)
+        reason = err.strerror or message
+        return f"{target + ': ' if target else ''}{reason}.{hints.get(err.errno, '')}"
+    code = re.search(r"os error (\d+)", message)  # OS errors wrapped by Rust-backed libraries (safetensors)
+    if code and int(code.group(1)) in hints:
+        return f"{message}.{hints[int(code.group(1))]}"
+    if len(message) > 800:
+        message = message[:800] + " ..."
+    source = f" in {origin}" if origin else ""
+    return (f"{type(err).__name__}{source}: {message} (set DEBIAS_DEBUG=1 to see the traceback; if the input "
+            "looks right, please report it).")
+
+
+_LIBRARIES = ("transformers", "safetensors", "torch", "lm_eval", "mergekit", "peft", "accelerate", "datasets",
+              "tokenizers", "yaml", "optuna", "json", "csv")

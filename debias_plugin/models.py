@@ -59,13 +59,14 @@ def load_model(model_dir: str | Path, *, allow_pickle: bool = False, trust_remot
                dtype=None):
     """(model, tokenizer, kind) with the right Auto class for the config; safetensors unless opted out.
 
-    A checkpoint without its language-model head is refused: from_pretrained would give it a random one.
+    A checkpoint without its language-model head, or without a usable tokenizer, is refused: from_pretrained
+    would give it a random head, and an empty vocabulary scores everything as [UNK].
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     check_weights(model_dir, allow_pickle)
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    config = load_config(model_dir, trust_remote_code=trust_remote_code)
     kind = model_kind(config)
     head_name = "masked-LM" if kind == "masked" else "causal-LM"
     architectures = getattr(config, "architectures", None) or []
@@ -73,6 +74,7 @@ def load_model(model_dir: str | Path, *, allow_pickle: bool = False, trust_remot
         raise DebiasError(f"{model_dir}: config.json declares {architectures}, a model without a {head_name} head, "
                           f"so there are no token predictions to score or train. Expected e.g. "
                           f"{'BertForMaskedLM' if kind == 'masked' else 'LlamaForCausalLM'}.")
+    tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
     try:
         model, info = auto.from_pretrained(
@@ -80,16 +82,60 @@ def load_model(model_dir: str | Path, *, allow_pickle: bool = False, trust_remot
             trust_remote_code=trust_remote_code, output_loading_info=True,
         )
     except ValueError as err:  # transformers: unrecognized configuration class for the Auto class
+        if "configuration class" not in str(err):
+            raise DebiasError(f"{model_dir}: the weights cannot be loaded ({_one_line(err)}).") from None
         raise DebiasError(f"{model_dir}: architecture {config.model_type!r} has no {head_name} class in "
-                          f"transformers ({err}).") from err
+                          f"transformers ({_one_line(err)}).") from None
+    except (OSError, RuntimeError) as err:  # truncated or corrupt safetensors, shape mismatches
+        raise DebiasError(f"{model_dir}: the weights cannot be read ({_one_line(err)}); expected complete "
+                          "safetensors files matching config.json.") from None
+    except Exception as err:
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise DebiasError(f"{model_dir}: a .safetensors file is truncated or corrupt ({_one_line(err)}).") from None
     head = model.get_output_embeddings()
     head_names = {name for name, module in model.named_modules() if module is head and head is not None}
     missing = [key for key in info.get("missing_keys", []) if any(key.startswith(name) for name in head_names)]
     if missing:
         raise DebiasError(f"{model_dir}: the weights have no {head_name} head ({', '.join(sorted(missing))} "
                           "missing); it would be randomly initialised. Expected a checkpoint saved with its head.")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     return model, tokenizer, kind
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 500 else text[:500] + " ..."
+
+
+def load_config(model_dir: str | Path, *, trust_remote_code: bool = False):
+    """transformers' config of a model folder; an unreadable or remote-code config is one clear error."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as err:
+        text = _one_line(err)
+        if "trust_remote_code" in text:
+            raise DebiasError(f"{model_dir}/config.json needs code shipped in the folder (auto_map) to load; "
+                              "pass --trust-remote-code only if you trust it.") from None
+        raise DebiasError(f"{model_dir}/config.json cannot be read as a transformers config ({text}).") from None
+
+
+def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False):
+    """The folder's own tokenizer, refused when missing or degenerate (a probe sentence all unknown tokens)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise DebiasError(f"{model_dir}: no usable tokenizer ({_one_line(err)}); expected tokenizer.json or "
+                          "the tokenizer's vocabulary files beside config.json.") from None
+    probe = tokenizer("The doctor said she would call them tomorrow.", add_special_tokens=False)["input_ids"]
+    unknown = tokenizer.unk_token_id
+    if len(tokenizer) < 10 or not probe or (unknown is not None and all(token == unknown for token in probe)):
+        raise DebiasError(f"{model_dir}: the tokenizer is degenerate ({len(tokenizer)} tokens; an English sentence "
+                          "encodes to nothing but unknown tokens). Save the model's real tokenizer beside it.")
+    return tokenizer
 
 
 def causal_start_token(tokenizer) -> int | None:

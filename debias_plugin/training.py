@@ -286,23 +286,32 @@ class Trainer:
         folder = self._latest_checkpoint()
         if folder is None:
             return
-        state = torch.load(folder / "trainer.pt", weights_only=True)
+        try:
+            state = torch.load(folder / "trainer.pt", weights_only=True)  # weights_only: no code runs on load
+            rng_state = torch.load(folder / f"rng-{run.accelerator.process_index}.pt", weights_only=True)
+        except FileNotFoundError:
+            raise DebiasError(f"{folder} was written by another number of processes or is incomplete; resume "
+                              "with the same process count, or delete that folder to start afresh.") from None
+        except Exception as err:  # truncated or corrupt: torch raises several unpickling/runtime errors
+            raise DebiasError(f"{folder} is corrupt ({type(err).__name__}: {' '.join(str(err).split())[:300]}); "
+                              f"delete {self.checkpoints} to start afresh.") from None
         if state["fingerprint"] != self._fingerprint():
             raise DebiasError(
                 f"{self.checkpoints} holds a checkpoint of a run with other options; delete that folder "
                 "(or rerun with the same options to resume it)."
             )
-        rng_file = folder / f"rng-{run.accelerator.process_index}.pt"
-        if not rng_file.is_file():
-            raise DebiasError(f"{folder} was written by fewer processes; resume with the same process count.")
-        load_model(run.unwrapped, str(folder / "model.safetensors"))
+        try:
+            load_model(run.unwrapped, str(folder / "model.safetensors"))
+        except Exception as err:  # safetensors' own error type for a truncated file, OSError, shape mismatches
+            raise DebiasError(f"{folder}/model.safetensors is corrupt ({' '.join(str(err).split())[:300]}); "
+                              f"delete {self.checkpoints} to start afresh.") from None
         if run.optimizer is not None:
             run.optimizer.load_state_dict(state["optimizer"])
             run.scheduler.load_state_dict(state["scheduler"])
         self.method.load_state_dict(state["method"])
         self.history, self.losses = state["history"], state["losses"]
         run.step = state["step"]
-        _set_rng_state(torch.load(rng_file, weights_only=True))
+        _set_rng_state(rng_state)
         if run.is_main:
             logger.info("Resuming %s from %s (step %d).", self.method.name, folder, run.step)
 

@@ -1,0 +1,136 @@
+"""Hostile input against the training stages: each failure is exit 2, one paragraph naming the file or option,
+no traceback, nothing left behind, inputs byte-identical. (Option ranges, output/input overlap, NaN losses and
+stale staging for every stage are in test_methods.py; merge templates in test_negate.py; eval in test_masked_lm.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+DEBIAS = str(Path(sys.executable).with_name("debias"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("reliability") / "corpus.txt"
+    path.write_text("\n".join(f"The {w} always leads the {t}." for w in ("woman", "man") for t in ("team", "firm")))
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def finetune(model: Path, output: Path, corpus: Path, *extra: str, env: dict | None = None):
+    args = ["finetune", "--model", str(model), "--output", str(output), "--corpus", str(corpus), "--steps", "2",
+            "--batch-size", "2", "--max-length", "16", *extra]
+    return subprocess.run([DEBIAS, *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def assert_one_paragraph(result, *needles: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("Error: "), result.stderr
+    for needle in needles:
+        assert needle in message, message
+
+
+def broken_copy(tiny_model, tmp_path: Path, name: str, edit) -> Path:
+    folder = tmp_path / name
+    shutil.copytree(tiny_model("gpt2"), folder)
+    edit(folder)
+    return folder
+
+
+CORRUPTIONS = {
+    "truncated_safetensors": (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[
+        :50_000]), "model_dir"),
+    "invalid_config_json": (lambda f: (f / "config.json").write_text('{"model_type": "gpt2", '), "config.json"),
+    "remote_code_config": (lambda f: (f / "config.json").write_text(json.dumps(
+        {**json.loads((f / "config.json").read_text()), "model_type": "my-own",
+         "auto_map": {"AutoConfig": "configuration_mine.MyConfig"}})), "trust-remote-code"),
+    "no_tokenizer": (lambda f: [p.unlink() for p in f.glob("*token*")], "tokenizer"),
+    "degenerate_tokenizer": (lambda f: (f / "tokenizer.json").write_text(json.dumps(
+        {**json.loads((f / "tokenizer.json").read_text()),
+         "model": {"type": "WordLevel", "vocab": {"<unk>": 0}, "unk_token": "<unk>"}})), "tokenizer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_broken_model_folders_are_one_paragraph(case, tiny_model, corpus, tmp_path):
+    edit, needle = CORRUPTIONS[case]
+    model = broken_copy(tiny_model, tmp_path, "model", edit)
+    before = snapshot(model)
+    result = finetune(model, tmp_path / "out", corpus)
+    assert_one_paragraph(result, needle if needle != "model_dir" else str(model))
+    assert snapshot(model) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_unwritable_output_location_fails_before_training(tiny_model, corpus, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user that can write anywhere (root without DAC checks)")
+        result = finetune(tiny_model("gpt2"), locked / "out", corpus)
+        assert_one_paragraph(result, "not a writable folder")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_read_only_output_location(tiny_model, corpus, tmp_path):
+    """Even root cannot write a read-only mount: the OS error becomes one paragraph, nothing is published."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        result = finetune(tiny_model("gpt2"), mount / "out", corpus)
+        assert_one_paragraph(result, str(mount))
+        assert not any(mount.iterdir())
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_full_disk_leaves_nothing_half_written(tiny_model, corpus, tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        result = finetune(tiny_model("gpt2"), mount / "out", corpus)
+        assert_one_paragraph(result, "No space left on device", "disk is full")
+        assert not any(mount.iterdir()), list(mount.iterdir())  # no output, no staging folder
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_corrupt_checkpoint_is_one_paragraph(tiny_model, corpus, tmp_path):
+    out = tmp_path / "out"
+    killed = finetune(tiny_model("gpt2"), out, corpus, "--checkpoint-every", "1",
+                      env={"DEBIAS_ABORT_AFTER_STEP": "1"})
+    assert killed.returncode != 0
+    (latest,) = (tmp_path / "out.checkpoints").glob("step-*")
+    (latest / "trainer.pt").write_bytes((latest / "trainer.pt").read_bytes()[:100])
+    result = finetune(tiny_model("gpt2"), out, corpus, "--checkpoint-every", "1")
+    assert_one_paragraph(result, "is corrupt", "delete")
+    assert not out.exists()
+
+
+def test_unknown_scheduler_and_missing_corpus_fail_before_loading(tmp_path, corpus):
+    missing_model = tmp_path / "nowhere"
+    assert_one_paragraph(finetune(missing_model, tmp_path / "out", corpus, "--scheduler", "cosine-ish"),
+                         "--scheduler")
+    assert_one_paragraph(finetune(missing_model, tmp_path / "out", tmp_path / "no_corpus.txt"), "no_corpus.txt")
