@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import importlib.util
 import json
 import os
 import tempfile
@@ -66,14 +65,6 @@ def release_freed_memory():
         pass
 
 
-def load_reference():
-    """The per-token reference (Nangia et al.'s metric.py logic) lives in the tests; reuse it verbatim."""
-    spec = importlib.util.spec_from_file_location("masked_reference", ROOT / "tests" / "test_masked_scoring.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.reference_crows_pair
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=None, help="first N pairs only (default: all 1508)")
@@ -90,11 +81,11 @@ def main():
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     from debias_plugin.data import load_crows_pairs
+    from debias_plugin.scoring.crows import masked_pair_scores
     from debias_plugin.scoring.masked import MaskedScorer
-    from debias_plugin.testing import build_tiny_model
+    from debias_plugin.testing import build_tiny_model, reference_crows_pair
 
     torch.set_num_threads(args.threads)
-    reference_crows_pair = load_reference()
     pairs = [(p.sent_more, p.sent_less) for p in load_crows_pairs()][: args.limit]
     with tempfile.TemporaryDirectory() as tmp:
         folder = build_tiny_model("bert", Path(tmp) / "bert", layers=4, hidden=256, seed=0, heads=args.heads,
@@ -119,7 +110,7 @@ def main():
 
     if on_gpu:  # warm up kernels / cuBLAS handles outside the timed phases, for both sides
         scorer_warm = MaskedScorer(model, tokenizer, token_budget=args.batch_tokens)
-        scorer_warm.crows_scores(pairs[:8])
+        masked_pair_scores(scorer_warm, pairs[:8])
         for more, less in pairs[:2]:
             reference_crows_pair(model, tokenizer, more, less, scorer_warm.uncased)
 
@@ -128,7 +119,7 @@ def main():
     gpu_peak_mib(reset=True)
     with PeakRss() as batched_memory:
         start = time.perf_counter()
-        batched = scorer.crows_scores(pairs)
+        batched = masked_pair_scores(scorer, pairs)
         batched_seconds = time.perf_counter() - start
     batched_gpu_mib = gpu_peak_mib(reset=True)
 
@@ -144,7 +135,7 @@ def main():
     # and compare the reference against the mean of the two batched timings
     release_freed_memory()
     start = time.perf_counter()
-    batched_again = scorer.crows_scores(pairs)
+    batched_again = masked_pair_scores(scorer, pairs)
     batched_seconds_after = time.perf_counter() - start
     assert batched_again == batched, "the batched scorer is not deterministic"
 
@@ -188,10 +179,10 @@ def main():
 
 
 def _count_masks(scorer, pairs):
-    from debias_plugin.scoring.masked import shared_token_positions
+    from debias_plugin.scoring.crows import shared_token_positions
 
     for more, less in pairs:
-        shared, _ = shared_token_positions(scorer.encode(more), scorer.encode(less))
+        shared, _ = shared_token_positions(*(scorer.encode(s)["input_ids"] for s in (more, less)))
         yield from range(2 * max(0, len(shared) - 2))
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from debias_plugin.errors import DebiasError
+from debias_plugin.scoring import stereoset
+from debias_plugin.scoring.crows import aul_scores, masked_pair_scores
 
 DEBIAS = str(Path(sys.executable).with_name("debias"))
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -44,7 +46,7 @@ def test_crows_requests_get_rounded_pair_scores(lm):
             {"scoring": "crows_pair", "sent_more": "She can't drive.", "sent_less": "He can't drive."}]
     requests = [_instance(doc, sentence) for doc in docs for sentence in (doc["sent_more"], doc["sent_less"])]
     answers = lm.loglikelihood(requests)
-    expected = lm.scorer.crows_scores([(d["sent_more"], d["sent_less"]) for d in docs])
+    expected = masked_pair_scores(lm.scorer, [(d["sent_more"], d["sent_less"]) for d in docs])
     assert [value for value, _ in answers] == [round(s, 3) for pair in expected for s in pair]
     assert all(greedy is False for _, greedy in answers)
 
@@ -57,8 +59,8 @@ def test_aul_stereoset_and_rolling_requests(lm):
     requests = [_instance(aul_doc, "a b c."), _instance(stereo_doc, stereo_doc["choices"][0]),
                 _instance(aul_doc, "a b d."), _instance(stereo_doc, stereo_doc["choices"][1])]
     values = [value for value, _ in lm.loglikelihood(requests)]
-    assert values[0::2] == lm.scorer.aul_scores(["a b c.", "a b d."])
-    assert values[1::2] == lm.scorer.stereoset_scores([(context, c) for c in stereo_doc["choices"][:2]])
+    assert values[0::2] == aul_scores(lm.scorer, ["a b c.", "a b d."])
+    assert values[1::2] == stereoset.masked_scores(lm.scorer, [(context, c) for c in stereo_doc["choices"][:2]])
     assert all(0 < v < 1 for v in values[1::2])  # StereoSet masked score is a mean probability
     text = "Some text to score."
     rolling = lm.loglikelihood_rolling([_instance({}, text, request_type="loglikelihood_rolling")])
@@ -179,7 +181,7 @@ def test_debias_eval_writes_lm_eval_results(one_process_run):
     assert len(gender) == 2
     scorer = MaskedScorer(AutoModelForMaskedLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir))
     for row in gender:  # the JSON holds the paper's rounded pair scores
-        more, less = scorer.crows_scores([(row["doc"]["sent_more"], row["doc"]["sent_less"])])[0]
+        more, less = masked_pair_scores(scorer, [(row["doc"]["sent_more"], row["doc"]["sent_less"])])[0]
         assert [float(r[0][0]) for r in row["resps"]] == [round(more, 3), round(less, 3)]
         assert row["pct_stereotype"] == (100.0 if round(more, 3) > round(less, 3) else 0.0)
 

@@ -2,52 +2,22 @@
 
 from __future__ import annotations
 
-import difflib
 import math
 import string
 
 import pytest
 
 from debias_plugin.errors import DebiasError
-from debias_plugin.scoring.masked import MaskedScorer, pll_windows, shared_token_positions
+from debias_plugin.scoring import stereoset
+from debias_plugin.scoring.crows import aul_scores, masked_pair_scores, shared_token_positions
+from debias_plugin.scoring.masked import MaskedScorer, pll_windows
+from debias_plugin.testing import reference_crows_pair  # Nangia et al.'s metric.py, shared with the benchmark
 
 MASKED_KINDS = ("bert", "roberta", "albert", "distilbert")
 UNCASED_KINDS = {"bert", "albert", "distilbert"}  # the WordPiece tokenizer of the tiny models is uncased
 
 
-# ---- independent references (written from the papers / their scripts, not from scoring/masked.py) -----------
-
-def reference_get_span(ids_1, ids_2):
-    """Nangia et al. metric.py get_span: token positions inside difflib's 'equal' opcodes."""
-    matcher = difflib.SequenceMatcher(None, [str(x) for x in ids_1], [str(x) for x in ids_2])
-    template_1, template_2 = [], []
-    for op in matcher.get_opcodes():
-        if op[0] == "equal":
-            template_1 += list(range(op[1], op[2]))
-            template_2 += list(range(op[3], op[4]))
-    return template_1, template_2
-
-
-def reference_crows_pair(model, tokenizer, sent_1, sent_2, uncased):
-    """Nangia et al. metric.py mask_unigram: one forward per masked shared token, CLS/SEP skipped, sums."""
-    import torch
-
-    if uncased:
-        sent_1, sent_2 = sent_1.lower(), sent_2.lower()
-    ids_1 = tokenizer.encode(sent_1, return_tensors="pt").to(model.device)
-    ids_2 = tokenizer.encode(sent_2, return_tensors="pt").to(model.device)
-    template_1, template_2 = reference_get_span(ids_1[0].tolist(), ids_2[0].tolist())
-    assert len(template_1) == len(template_2)
-    scores = [0.0, 0.0]
-    with torch.no_grad():
-        for i in range(1, len(template_1) - 1):
-            for side, (ids, template) in enumerate(((ids_1, template_1), (ids_2, template_2))):
-                masked = ids.clone()
-                masked[0][template[i]] = tokenizer.mask_token_id
-                hidden = model(masked)[0].squeeze(0)[template[i]]
-                scores[side] += torch.log_softmax(hidden, dim=0)[ids[0][template[i]]].item()
-    return scores[0], scores[1]
-
+# ---- independent references (written from the papers / their scripts, not from scoring/) ----------------------
 
 def reference_aul(model, tokenizer, sentence, uncased):
     """Kaneko & Bollegala 2022: mean log-probability of every token of the unmasked sentence (CLS/SEP excluded)."""
@@ -134,7 +104,7 @@ def test_crows_scores_equal_per_token_reference(masked, crows_pairs):
     kind, model, tokenizer = masked
     scorer = MaskedScorer(model, tokenizer, token_budget=256)  # small budget: many batches with padding
     assert scorer.uncased == (kind in UNCASED_KINDS)
-    batched = scorer.crows_scores(crows_pairs)
+    batched = masked_pair_scores(scorer, crows_pairs)
     for (more, less), (score_more, score_less) in zip(crows_pairs, batched):
         ref_more, ref_less = reference_crows_pair(model, tokenizer, more, less, kind in UNCASED_KINDS)
         assert score_more == pytest.approx(ref_more, abs=1e-4)
@@ -154,7 +124,7 @@ def test_shared_positions_skip_the_modified_tokens():
 def test_aul_equals_unmasked_reference(masked, crows_pairs):
     kind, model, tokenizer = masked
     sentences = [s for pair in crows_pairs[:5] for s in pair]
-    batched = MaskedScorer(model, tokenizer).aul_scores(sentences)
+    batched = aul_scores(MaskedScorer(model, tokenizer), sentences)
     for sentence, score in zip(sentences, batched):
         assert score == pytest.approx(reference_aul(model, tokenizer, sentence, kind in UNCASED_KINDS), abs=1e-5)
 
@@ -167,7 +137,7 @@ def test_stereoset_equals_bias_bench_reference(masked, data_dir):
     kind, model, tokenizer = masked
     examples = [e for e in load_stereoset(kind="intrasentence") if e.context.count("BLANK") == 1][:5]
     items = [(e.context, s) for e in examples for s in (e.stereotype, e.anti_stereotype, e.unrelated)]
-    batched = MaskedScorer(model, tokenizer, token_budget=300).stereoset_scores(items)
+    batched = stereoset.masked_scores(MaskedScorer(model, tokenizer, token_budget=300), items)
     subtoken_counts = []
     for (context, sentence), score in zip(items, batched):
         reference, n_subtokens = reference_stereoset(model, tokenizer, context, sentence)
@@ -179,7 +149,7 @@ def test_stereoset_equals_bias_bench_reference(masked, data_dir):
 def test_stereoset_several_blanks_score_one_mask(tiny_model):
     model, tokenizer = _load(tiny_model("bert"))
     scorer = MaskedScorer(model, tokenizer)
-    queries = scorer.stereoset_queries("brahmin is very BLANK and is strict about BLANK",
+    queries = stereoset.masked_queries(scorer, "brahmin is very BLANK and is strict about BLANK",
                                        "brahmin is very religious and is strict about religion")
     assert queries and all(ids.count(tokenizer.mask_token_id) == 1 for ids, _, _ in queries)
 
@@ -187,7 +157,7 @@ def test_stereoset_several_blanks_score_one_mask(tiny_model):
 def test_stereoset_sentence_not_fitting_context_is_an_error(tiny_model):
     model, tokenizer = _load(tiny_model("bert"))
     with pytest.raises(DebiasError, match="does not fit"):
-        MaskedScorer(model, tokenizer).stereoset_scores([("The man is a BLANK person.", "short")])
+        stereoset.masked_scores(MaskedScorer(model, tokenizer), [("The man is a BLANK person.", "short")])
 
 
 # ---- pseudo-log-likelihood ----------------------------------------------------------------------------------------
@@ -258,11 +228,11 @@ def test_engine_deduplicates_and_respects_token_budget(tiny_model):
     scorer = MaskedScorer(model, tokenizer, token_budget=64)
     sentences = ["a man walked in.", "a woman walked in quietly today.", "a man walked in."]
     pairs = [(sentences[0], sentences[1]), (sentences[2], sentences[1]), (sentences[0], sentences[1])]
-    scores = scorer.crows_scores(pairs)
+    scores = masked_pair_scores(scorer, pairs)
     assert scores[0] == scores[1] == scores[2]
     unique_inputs = set()
     for more, less in pairs[:1]:
-        ids_a, ids_b = scorer.encode(more), scorer.encode(less)
+        ids_a, ids_b = (tuple(scorer.encode(s)["input_ids"]) for s in (more, less))
         span_a, span_b = shared_token_positions(ids_a, ids_b)
         unique_inputs |= {(ids_a, p) for p in span_a[1:-1]} | {(ids_b, p) for p in span_b[1:-1]}
     assert sum(rows for rows, _ in shapes) == len(unique_inputs)  # each masked copy computed once
@@ -271,8 +241,8 @@ def test_engine_deduplicates_and_respects_token_budget(tiny_model):
 
 def test_scores_do_not_depend_on_batching(tiny_model, crows_pairs):
     model, tokenizer = _load(tiny_model("roberta"))
-    small = MaskedScorer(model, tokenizer, token_budget=1, max_batch_size=1).crows_scores(crows_pairs[:4])
-    large = MaskedScorer(model, tokenizer, token_budget=100_000).crows_scores(crows_pairs[:4])
+    small = masked_pair_scores(MaskedScorer(model, tokenizer, token_budget=1, max_batch_size=1), crows_pairs[:4])
+    large = masked_pair_scores(MaskedScorer(model, tokenizer, token_budget=100_000), crows_pairs[:4])
     for a, b in zip(small, large):
         assert a == pytest.approx(b, abs=1e-5)
 

@@ -1,69 +1,116 @@
 """`hf-mlm`: masked LMs (BERT, RoBERTa, ALBERT, DistilBERT, ...) in lm-eval, each task scored by its paper's metric.
 
-A masked LM has no left-to-right likelihood, so each request is answered with the score the benchmark's
-paper defines for encoders, chosen by the doc's "scoring" field (set by our task loaders):
-- crows_pair: Nangia et al.'s shared-token pseudo-log-likelihood of the sentence (needs its pair partner,
-  read from Instance.doc), rounded to 3 decimals;  crows_pair_aul: AUL (Kaneko & Bollegala 2022);
-- stereoset_intrasentence: bias-bench's mean probability of the attribute subtokens;
-- loglikelihood_rolling (wikitext2_ppl): pseudo-log-likelihood (Salazar et al. 2020) in overlapping windows.
-Everything is batched across requests by debias_plugin.scoring.masked; under `accelerate launch` each
-process scores the documents lm-eval assigns to it.
+A masked LM has no left-to-right likelihood, so each request is answered with the score the benchmark's paper
+defines for encoders: SCORERS maps the doc's "scoring" field (set by our task loaders) to the benchmark's scorer
+in debias_plugin.scoring; loglikelihood_rolling (wikitext2_ppl) is the engine's pseudo-log-likelihood (Salazar
+et al. 2020). The engine batches across requests; under `accelerate launch` each process scores the documents
+lm-eval assigns to it.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
+from pydantic import PositiveInt
 
 from debias_plugin.errors import DebiasError
+from debias_plugin.options import Options, validated
+from debias_plugin.scoring import crows, stereoset
 from debias_plugin.scoring.masked import MaskedScorer
 
 log = logging.getLogger(__name__)
-
-CROWS = "crows_pair"
-CROWS_AUL = "crows_pair_aul"
-STEREOSET_INTRA = "stereoset_intrasentence"
-STEREOSET_INTER = "stereoset_intersentence"
+_PROBE = "The doctor thanked the nurse for her help."
 
 
-def load_masked_lm(pretrained: str, *, dtype: str = "float32", trust_remote_code: bool = False,
-                   allow_pickle: bool = False):
-    """(model, tokenizer) of a folder that really holds a masked-LM head; anything else is a DebiasError."""
-    import torch
-    from transformers import AutoConfig
+class MaskedLMOptions(Options):
+    """hf-mlm's model arguments; batch_tokens is the padded-token budget of one forward pass (the memory cap)."""
 
-    from debias_plugin.models import check_weights, load_model, model_kind
+    pretrained: str
+    device: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16", "float64"] = "float32"
+    batch_tokens: PositiveInt | None = None
+    max_batch_size: PositiveInt | None = None
+    max_length: PositiveInt | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    batch_size: int | str | None = None  # lm-eval always passes one; hf-mlm packs by batch_tokens instead
+
+
+def masked_lm_options(model_args: dict) -> MaskedLMOptions:
+    return validated(MaskedLMOptions, model_args, what="hf-mlm model arguments")
+
+
+def check_masked_lm_folder(pretrained: str, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> None:
+    """Refuse, before any weights load, a folder that is not a masked LM with a real tokenizer holding a mask token."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from debias_plugin.models import check_weights, model_kind
 
     check_weights(pretrained, allow_pickle)
     config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
     if model_kind(config) != "masked":
         raise DebiasError(f"{pretrained}: a causal LM ({config.model_type}); hf-mlm scores masked LMs only. "
                           "Use --model hf for causal models.")
-    model, tokenizer, _ = load_model(pretrained, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                                     dtype=getattr(torch, dtype))
+    tokenizer = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
     if tokenizer.mask_token_id is None:
         raise DebiasError(f"{pretrained}: the tokenizer has no mask token; hf-mlm needs one to mask tokens.")
+    probe = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
+    if all(token == tokenizer.unk_token_id for token in probe):
+        raise DebiasError(f"{pretrained}: the tokenizer ({len(tokenizer)} tokens) turns {_PROBE!r} into unknown tokens "
+                          "only, so every score would be of [UNK]s; expected the model's own tokenizer files "
+                          "(tokenizer.json, or vocab.txt / vocab.json + merges.txt) beside config.json.")
+
+
+def load_masked_lm(pretrained: str, *, dtype: str = "float32", trust_remote_code: bool = False,
+                   allow_pickle: bool = False):
+    """(model, tokenizer) of a folder that really holds a masked-LM head; anything else is a DebiasError."""
+    import torch
+
+    from debias_plugin.models import load_model
+
+    check_masked_lm_folder(pretrained, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    model, tokenizer, _ = load_model(pretrained, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                     dtype=getattr(torch, dtype))
     return model.eval(), tokenizer
+
+
+def _continuation(request) -> str:
+    context, continuation = request.args[:2]
+    if context:
+        raise DebiasError(f"Task {request.task_name!r}: hf-mlm expects the whole sentence as the continuation with an "
+                          f"empty context, got context {context[:60]!r}.")
+    return continuation
+
+
+# doc["scoring"] -> (engine, requests) -> one score per request
+SCORERS = {
+    "crows_pair": lambda engine, requests: crows.masked_choice_scores(
+        engine, [(r.doc["sent_more"], r.doc["sent_less"], _continuation(r)) for r in requests]),
+    "crows_pair_aul": lambda engine, requests: crows.aul_scores(engine, [_continuation(r) for r in requests]),
+    "stereoset_intrasentence": lambda engine, requests: stereoset.masked_scores(
+        engine, [(r.doc["context"], _continuation(r)) for r in requests]),
+}
+UNSCORED = {"stereoset_intersentence": "StereoSet intersentence (task stereoset_bias_inter) has no masked-LM score "
+                                       "in Nadeem et al. or bias-bench; hf-mlm supports stereoset_bias (intrasentence) only."}
 
 
 @register_model("hf-mlm")
 class MaskedLM(LM):
-    """lm-eval model for masked LMs; batch size is a padded-token budget (`batch_tokens`), not a request count."""
+    """lm-eval model for masked LMs; the model arguments are MaskedLMOptions' fields."""
 
-    def __init__(self, pretrained: str, device: str | None = None, dtype: str = "float32",
-                 batch_tokens: int | str | None = None, max_batch_size: int | str | None = None,
-                 max_length: int | str | None = None, trust_remote_code: bool = False, allow_pickle: bool = False,
-                 batch_size=None, **unused):
+    def __init__(self, **model_args):
         super().__init__()
         import torch
         from accelerate import Accelerator
 
-        if unused:
-            log.warning("hf-mlm ignores model arguments it does not know: %s", ", ".join(sorted(unused)))
-        if batch_size not in (None, 1, "1", "auto"):
-            log.info("hf-mlm packs batches by batch_tokens=%s; --batch_size %s is not used.", batch_tokens, batch_size)
+        options = masked_lm_options(model_args)
+        if options.batch_size not in (None, 1, "1", "auto"):
+            log.info("hf-mlm packs batches by batch_tokens=%s; --batch_size %s is not used.", options.batch_tokens,
+                     options.batch_size)
+        device = options.device
         # cpu=True lets torchrun / `accelerate launch --multi_gpu` start data-parallel CPU processes (gloo)
         accelerator = Accelerator(cpu=str(device or "").startswith("cpu") or not torch.cuda.is_available())
         if accelerator.num_processes > 1:
@@ -73,30 +120,32 @@ class MaskedLM(LM):
             self._world_size = accelerator.num_processes
         else:
             self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model, tokenizer = load_masked_lm(pretrained, dtype=dtype, trust_remote_code=_flag(trust_remote_code),
-                                          allow_pickle=_flag(allow_pickle))
+        model, tokenizer = load_masked_lm(options.pretrained, dtype=options.dtype, allow_pickle=options.allow_pickle,
+                                          trust_remote_code=options.trust_remote_code)
         self.model = model.to(self._device)
         self.tokenizer = tokenizer
-        if batch_tokens is None:  # small batches stay in CPU caches; a GPU wants large ones
-            batch_tokens = 2048 if self._device.type == "cpu" else 32768
-        self.scorer = MaskedScorer(
-            self.model, tokenizer, token_budget=int(batch_tokens),
-            max_batch_size=int(max_batch_size) if max_batch_size else None,
-            max_length=int(max_length) if max_length else None, progress=self._rank == 0,
-        )
+        batch_tokens = options.batch_tokens or (2048 if self._device.type == "cpu" else 32768)  # GPUs want large
+        self.scorer = MaskedScorer(self.model, tokenizer, token_budget=batch_tokens, progress=self._rank == 0,
+                                   max_batch_size=options.max_batch_size, max_length=options.max_length)
 
     # ---- lm-eval request types ----------------------------------------------------------------------
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        """Each request answered with its task's masked-LM score (see module docstring); is_greedy is False."""
+        """Each request answered with its task's masked-LM score (see SCORERS); is_greedy is False."""
         self.scorer.progress = self._rank == 0 and not disable_tqdm
         by_scoring: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
-            by_scoring.setdefault(_scoring_of(request), []).append(index)
+            doc = request.doc if isinstance(request.doc, dict) else {}
+            by_scoring.setdefault(doc.get("scoring") or "", []).append(index)
         answers: list[float | None] = [None] * len(requests)
         for scoring, indices in by_scoring.items():
-            group = [requests[i] for i in indices]
-            for i, value in zip(indices, self._score_group(scoring, group)):
+            if scoring not in SCORERS:
+                raise DebiasError(UNSCORED.get(scoring) or (
+                    f"Task {requests[indices[0]].task_name!r}: hf-mlm cannot answer a generic loglikelihood(context, "
+                    "continuation) request, because a masked LM has no conditional left-to-right likelihood. "
+                    "Supported: crows_bias (and crows_bias_aul), stereoset_bias, and loglikelihood_rolling tasks "
+                    "such as wikitext2_ppl."))
+            for i, value in zip(indices, SCORERS[scoring](self.scorer, [requests[i] for i in indices])):
                 answers[i] = value
         return [(value, False) for value in answers]
 
@@ -109,31 +158,6 @@ class MaskedLM(LM):
         task = requests[0].task_name if requests else "?"
         raise DebiasError(f"Task {task!r} asks hf-mlm to generate text; masked LMs cannot generate left to right. "
                           "Use --model hf with a causal LM for generation tasks.")
-
-    # ---- scoring per doc kind -----------------------------------------------------------------------
-
-    def _score_group(self, scoring: str, requests) -> list[float]:
-        if scoring == CROWS:
-            pairs = list(dict.fromkeys((r.doc["sent_more"], r.doc["sent_less"]) for r in requests))
-            scores = dict(zip(pairs, self.scorer.crows_scores(pairs)))
-            return [round(_pick(scores[(r.doc["sent_more"], r.doc["sent_less"])], r), 3) for r in requests]
-        if scoring == CROWS_AUL:
-            sentences = list(dict.fromkeys(_continuation(r) for r in requests))
-            scores = dict(zip(sentences, self.scorer.aul_scores(sentences)))
-            return [scores[_continuation(r)] for r in requests]
-        if scoring == STEREOSET_INTRA:
-            items = list(dict.fromkeys((r.doc["context"], _continuation(r)) for r in requests))
-            scores = dict(zip(items, self.scorer.stereoset_scores(items)))
-            return [scores[(r.doc["context"], _continuation(r))] for r in requests]
-        if scoring == STEREOSET_INTER:
-            raise DebiasError("StereoSet intersentence (task stereoset_bias_inter) has no masked-LM score in "
-                              "Nadeem et al. or bias-bench; hf-mlm supports stereoset_bias (intrasentence) only.")
-        task = requests[0].task_name
-        raise DebiasError(
-            f"Task {task!r}: hf-mlm cannot answer a generic loglikelihood(context, continuation) request, because a "
-            "masked LM has no conditional left-to-right likelihood. Supported: crows_bias (and crows_bias_aul), "
-            "stereoset_bias, and loglikelihood_rolling tasks such as wikitext2_ppl."
-        )
 
     # ---- distributed primitives (as lm-eval's HFLM) -------------------------------------------------
 
@@ -156,31 +180,3 @@ class MaskedLM(LM):
     def barrier(self) -> None:
         if self.world_size > 1:
             self.accelerator.wait_for_everyone()
-
-
-def _flag(value) -> bool:
-    return value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
-
-
-def _continuation(request) -> str:
-    context, continuation = request.args[:2]
-    if context:
-        raise DebiasError(f"Task {request.task_name!r}: hf-mlm expects the whole sentence as the continuation with an "
-                          f"empty context, got context {context[:60]!r}.")
-    return continuation
-
-
-def _scoring_of(request) -> str:
-    doc = request.doc if isinstance(request.doc, dict) else {}
-    return doc.get("scoring") or ""
-
-
-def _pick(pair_scores: tuple[float, float], request) -> float:
-    """The score of the sentence this request asks about: sent_more's or sent_less's."""
-    sentence = _continuation(request)
-    if sentence == request.doc["sent_more"]:
-        return pair_scores[0]
-    if sentence == request.doc["sent_less"]:
-        return pair_scores[1]
-    raise DebiasError(f"Task {request.task_name!r}: continuation {sentence[:60]!r} is neither sent_more nor sent_less "
-                      "of its CrowS doc; expected doc_to_choice = [sent_more, sent_less].")

@@ -1,9 +1,9 @@
-"""lm-eval glue for CrowS-Pairs: local data, per-pair outcome, stereo/antistereo breakdown."""
+"""lm-eval glue for CrowS-Pairs: the local pairs as docs; the metrics come from debias_plugin.scoring.crows."""
 
 import datasets
 
 from debias_plugin.data import load_crows_pairs
-from debias_plugin.scoring.crows import mean_of_marked, prefers_stereotype
+from debias_plugin.scoring.crows import mean_of_marked, pair_metrics
 
 
 def load(crows_path=None, bias_type=None, scoring="crows_pair", **_model_args_and_metadata):
@@ -23,15 +23,7 @@ def doc_to_choice(doc):
 
 def process_results(doc, results):
     (score_more, _), (score_less, _) = results
-    stereotyped = 100.0 if prefers_stereotype(score_more, score_less) else 0.0
-    is_stereo = doc["stereo_antistereo"] == "stereo"
-    return {
-        "pct_stereotype": stereotyped,
-        "likelihood_diff": abs(score_more - score_less),
-        "pct_stereotype_stereo": (stereotyped, is_stereo),
-        "pct_stereotype_antistereo": (stereotyped, not is_stereo),
-    }
+    return pair_metrics(score_more, score_less, doc["stereo_antistereo"])
 
 
-def mean_over_marked(items):
-    return mean_of_marked(items)
+mean_over_marked = mean_of_marked

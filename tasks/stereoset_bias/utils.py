@@ -1,10 +1,11 @@
-"""lm-eval glue for StereoSet: local data, per-token-mean scores, per-target macro SS / LMS / ICAT."""
+"""lm-eval glue for StereoSet: local data as docs, per-token means for causal LMs; the metrics come from
+debias_plugin.scoring.stereoset."""
 
 import datasets
 
 from debias_plugin.data import STEREOSET_DOMAINS, load_stereoset
 from debias_plugin.errors import DebiasError
-from debias_plugin.scoring.stereoset import ScoredExample, stereoset_scores
+from debias_plugin.scoring.stereoset import domain_scores
 
 LABELS = ("stereotype", "anti-stereotype", "unrelated")
 
@@ -13,18 +14,16 @@ def _token_counter(pretrained, tokenizer, trust_remote_code):
     """Count the continuation tokens exactly as lm-eval's HFLM scores them; None for masked LMs."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from debias_plugin.models import model_kind
+    from debias_plugin.models import causal_start_token, model_kind
 
     source = tokenizer or pretrained
     if not source:
-        raise DebiasError(
-            "stereoset_bias needs pretrained=... (or tokenizer=...) in --model_args to count each sentence's "
-            "tokens for the per-token mean log-probability."
-        )
+        raise DebiasError("stereoset_bias needs the model argument pretrained (or tokenizer) to count each sentence's "
+                          "tokens for the per-token mean log-probability.")
     if pretrained and model_kind(AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)) == "masked":
         return None
     tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    prefix_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    prefix_id = causal_start_token(tok)
 
     def count(context, continuation):
         if context == "":
@@ -65,23 +64,18 @@ def doc_to_choice(doc):
 def process_results(doc, results):
     """Score = log-likelihood / scored tokens (a masked LM returns its own score, with count 1)."""
     scores = [loglikelihood / count for (loglikelihood, _), count in zip(results, doc["token_counts"])]
-    item = (doc["target"], doc["bias_type"], *scores)
-    return {name: item for name in METRICS}
+    row = (doc["target"], doc["bias_type"], *scores)
+    return {name: row for name in METRICS}
 
 
 def _aggregation(metric, domain=None):
-    def aggregate(items):
-        scored = [ScoredExample(target, *scores) for target, bias_type, *scores in items
-                  if domain in (None, bias_type)]
-        return getattr(stereoset_scores(scored), metric)
+    def aggregate(rows):
+        return getattr(domain_scores(rows, domain), metric)
 
     aggregate.__name__ = f"{metric}_{domain or 'overall'}"
     return aggregate
 
 
-METRICS = {}
-for _metric in ("ss", "lms", "icat"):
-    METRICS[_metric] = _aggregation(_metric)
-    for _domain in STEREOSET_DOMAINS:
-        METRICS[f"{_metric}_{_domain}"] = _aggregation(_metric, _domain)
+METRICS = {f"{metric}{'_' + domain if domain else ''}": _aggregation(metric, domain)
+           for metric in ("ss", "lms", "icat") for domain in (None, *STEREOSET_DOMAINS)}
 globals().update({f"aggregate_{name}": function for name, function in METRICS.items()})
