@@ -9,6 +9,16 @@ from debias_plugin.errors import DebiasError
 
 DATA_DIR_ENV = "DEBIAS_DATA_DIR"
 _PACKAGE_DIR = Path(__file__).resolve().parent
+# A source checkout with the benchmark files beside it (the layout CI and the tests use): ../shared/data
+CHECKOUT_DATA_DIR = _PACKAGE_DIR.parent.parent / "shared" / "data"
+
+
+def data_root() -> Path | None:
+    """The benchmark data folder: $DEBIAS_DATA_DIR, else ../shared/data beside a source checkout, else None."""
+    root = os.environ.get(DATA_DIR_ENV)
+    if root:
+        return Path(root).expanduser()
+    return CHECKOUT_DATA_DIR if CHECKOUT_DATA_DIR.is_dir() else None
 
 
 def bundled_path(name: str) -> Path:
@@ -40,14 +50,16 @@ def data_file(
         if not path.is_file():
             raise DebiasError(f"{what}: the file {path} does not exist.")
         return path
-    root = os.environ.get(DATA_DIR_ENV)
+    root = data_root()
     if root:
-        path = Path(root).expanduser() / relative
+        path = root / relative
         if not path.is_file():
-            raise DebiasError(f"{what}: ${DATA_DIR_ENV}={root} has no file {relative} (looked for {path}).")
+            raise DebiasError(f"{what}: the data folder {root} (${DATA_DIR_ENV}, or ../shared/data beside a "
+                              f"checkout) has no file {relative} (looked for {path}).")
         return path
     if hub is None:
-        raise DebiasError(f"{what}: no path given and ${DATA_DIR_ENV} is not set; pass the file's path.")
+        raise DebiasError(f"{what}: no path given and ${DATA_DIR_ENV} is not set; pass the file's path or set "
+                          f"{DATA_DIR_ENV} to the folder holding {relative}.")
     repo_id, filename = hub
     try:
         from huggingface_hub import hf_hub_download

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-os.environ.setdefault("DEBIAS_DATA_DIR", str(SHARED_DATA))
+from debias_plugin.paths import CHECKOUT_DATA_DIR  # the one data-folder default, shared with the CLI
+
+os.environ.setdefault("DEBIAS_DATA_DIR", str(CHECKOUT_DATA_DIR))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from debias_plugin.data._io import csv_rows, jsonl_rows, read_text
 from debias_plugin.errors import DataError
 from debias_plugin.errors import DebiasError
-from debias_plugin.paths import DATA_DIR_ENV, data_file
+from debias_plugin.paths import DATA_DIR_ENV, data_file, data_root
 
 WIKITEXT_RELATIVE_PATH = "wikitext2/wiki.test.raw"
 WIKITEXT_HUB_DATASET = ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1")
@@ -69,7 +68,7 @@ def split_wikitext_documents(raw: str) -> list[str]:
 
 def load_wikitext_documents(path: str | Path | None = None) -> list[str]:
     """WikiText-2 test articles: explicit raw file > $DEBIAS_DATA_DIR > the hub's document-level dataset."""
-    if path or os.environ.get(DATA_DIR_ENV):
+    if path or data_root():
         return split_wikitext_documents(read_text(data_file(path, WIKITEXT_RELATIVE_PATH, "WikiText-2")))
     try:
         import datasets
