@@ -119,10 +119,11 @@ def test_malformed_bbq_file_stops_pcgu_with_one_paragraph(tmp_path, tiny_model, 
 
 # -- the lm-eval task ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def task_manager():
+def task_manager(tiny_model):
+    """Our tasks and lm-eval's (indexing them takes seconds: once); stereoset_bias reads the tiny GPT-2's path."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=str(tasks_dir()))  # indexing lm-eval's tasks takes seconds: once
+    return TaskManager(include_path=str(tasks_dir()), metadata={"pretrained": str(tiny_model("gpt2"))})
 
 
 def test_local_task_is_lm_evals_bbq_on_local_rows(religion, task_manager):
@@ -179,3 +180,33 @@ def test_local_task_scores_equal_bbqs_definition(tiny_model, religion, task_mana
     assert metrics["disamb_bias_score,none"] == pytest.approx(s_dis)
     assert metrics["amb_bias_score,none"] == pytest.approx((1 - amb[0] / amb[3]) * s_amb_raw)
     assert results["results"]["bbq_local"]["amb_bias_score,none"] == pytest.approx(metrics["amb_bias_score,none"])
+
+
+# -- bias_suite ------------------------------------------------------------------------------------------------
+def test_bias_suite_preset_skips_uncached_hub_tasks_with_a_notice(tmp_path, monkeypatch, caplog):
+    import huggingface_hub.constants
+
+    from debias_plugin.lm_eval.suite import expand_task_presets
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("datasets.config.HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    with caplog.at_level("WARNING", logger="debias_plugin"):
+        args = expand_task_presets(["--tasks", "bias_suite,wikitext2_ppl_quick", "--limit", "2"])
+    assert args == ["--tasks", "bias_suite,wikitext2_ppl_quick", "--limit", "2"]
+    assert "skipping lm-eval's winogender" in caplog.text and "oskarvanderwal/simple-cooccurrence-bias" in caplog.text
+    (tmp_path / "hub" / "datasets--oskarvanderwal--winogender" / "snapshots" / "abc").mkdir(parents=True)
+    assert expand_task_presets(["--tasks=bias_suite"]) == ["--tasks=bias_suite,winogender"]
+    monkeypatch.setenv("DEBIAS_DATA_DIR", str(tmp_path))  # no local files: those members are skipped too
+    assert expand_task_presets(["--tasks", "crows_bias,bias_suite"]) == ["--tasks", "crows_bias,winogender"]
+    assert expand_task_presets(["--tasks", "crows_bias"]) == ["--tasks", "crows_bias"]
+
+
+def test_bias_suite_group_runs_every_local_benchmark(tiny_model, task_manager):
+    import lm_eval
+
+    results = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={tiny_model('gpt2')}",
+                                      tasks=["bias_suite"], limit=2, task_manager=task_manager, device="cpu")
+    assert {"bias_suite", "crows_bias", "crows_bias_religion", "stereoset_bias", "bbq_local", "bbq"} <= set(
+        results["results"])
+    assert results["results"]["bbq"]["sample_len"] == 2
