@@ -9,6 +9,7 @@ task definitions and the data folder: the same request is answered from disk wit
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -61,13 +62,27 @@ def _task_definitions_hash() -> str:
     return digest.hexdigest()
 
 
+_HASHES: dict[tuple, str] = {}
+
+
+def _model_hash(model_dir: str | Path) -> str:
+    """content_hash of a model folder, read once per process while its files' names, sizes and mtimes stay put."""
+    from debias_plugin.outputs import content_hash
+
+    root = Path(model_dir).expanduser().resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    signature = (str(root), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    if signature not in _HASHES:
+        _HASHES[signature] = content_hash(root)
+    return _HASHES[signature]
+
+
 def cache_key(model_dir: str | Path, tasks: list[str], *, model_class: str | None = None,
               model_args: dict | None = None, limit: int | float | None = None) -> str:
     """The cache entry name for one evaluation request (the model by content, never by path)."""
-    from debias_plugin.outputs import content_hash
     from debias_plugin.paths import DATA_DIR_ENV
 
-    payload = {"schema": _KEY_SCHEMA, "model_sha256": content_hash(model_dir), "tasks": sorted(set(tasks)),
+    payload = {"schema": _KEY_SCHEMA, "model_sha256": _model_hash(model_dir), "tasks": sorted(set(tasks)),
                "limit": limit, "model_class": model_class or "auto", "model_args": model_args or {},
                "lm_eval": _version("lm-eval"), "debias_plugin": _version("debias-plugin"),
                "task_definitions": _task_definitions_hash(), "data_dir": os.environ.get(DATA_DIR_ENV)}
@@ -171,13 +186,19 @@ def _subtasks(manager, name: str) -> list[str]:
     return [n for n in names if isinstance(n, str)]
 
 
+@functools.lru_cache(maxsize=1)
+def _task_catalog():
+    """lm-eval's task index with ours (building it reads every task YAML: seconds, so once per process)."""
+    return _task_manager()
+
+
 def describe_tasks(tasks: list[str]) -> dict[str, set[str] | None]:
     """Every task and group the request will report (groups expanded), with its declared metrics (None: unknown).
 
     Lets a caller check task/metric names before any model loads; raises UnknownTaskError for a name lm-eval
     does not know.
     """
-    manager = _task_manager()
+    manager = _task_catalog()
     known = set(manager.all_tasks)
     described: dict[str, set[str] | None] = {}
     pending = list(tasks)

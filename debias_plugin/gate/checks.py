@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +36,7 @@ class CheckResult:
     p_value: float | None = None
     method: str = ""
     note: str = ""
+    seconds: float = 0.0
 
 
 def is_centered(metric: str) -> bool:
@@ -236,6 +238,10 @@ def _compared(check, index: int, gate: Gate, candidate: Results, baseline: Resul
 
 
 def run_check(check, index: int, gate: Gate, candidate: Results, baseline: Results | None) -> CheckResult:
+    started = time.perf_counter()
     if check.kind in ("within", "min", "max"):
-        return _single(check, index, gate, candidate)
-    return _compared(check, index, gate, candidate, baseline)
+        result = _single(check, index, gate, candidate)
+    else:
+        result = _compared(check, index, gate, candidate, baseline)
+    result.seconds = time.perf_counter() - started
+    return result

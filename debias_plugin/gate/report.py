@@ -119,7 +119,10 @@ def terminal_table(report: GateReport) -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+    """Markdown table cell: HTML-escaped (names may hold <, >, &), pipes escaped, one line."""
+    import html
+
+    return html.escape(text, quote=False).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
 
 
 def markdown_summary(report: GateReport) -> str:
@@ -153,7 +156,7 @@ def junit_xml(report: GateReport) -> str:
             ET.SubElement(properties, "property", name=name, value=str(value))
     classname = "debias_gate." + Path(report.gate).stem.replace(".", "_")
     for check in report.checks:
-        case = ET.SubElement(suite, "testcase", name=check.title, classname=classname, time="0")
+        case = ET.SubElement(suite, "testcase", name=check.title, classname=classname, time=f"{check.seconds:.3f}")
         detail = _detail(check)
         if not check.passed:
             failure = ET.SubElement(case, "failure", type="GateCheckFailed",
