@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import debias_plugin.default_model as default_model
+from debias_plugin import default_model
 from debias_plugin.errors import DebiasError
 from debias_plugin.outputs import MANIFEST_NAME, MANIFEST_SCHEMA
 

@@ -109,7 +109,7 @@ def test_negation_from_full_model_is_exact(kind, tiny_model, work):
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_row_chunked_merge_is_bit_identical_to_whole_tensors(kind, tiny_model, work, monkeypatch):
     """The memory-saving row blocks (on for big tensors) change no bit, tied embeddings included."""
-    import debias_plugin.merge.engine as engine
+    from debias_plugin.merge import engine
 
     base = tiny_model(kind)
     biased = perturbed_copy(kind, base, work / f"{kind}_biased", seed=1)
@@ -256,21 +256,21 @@ def test_exactly_one_source_is_required(tiny_model, work):
      "unknown key"),
     ("merge_method: task_arithmetic", "merge_method: task_arithmetc", "merge_method", "unknown method"),
 ])
-def test_unknown_template_keys_are_refused_with_their_line(old, new, key, why, tiny_model, work):
+def test_unknown_template_keys_are_refused_with_their_line(old, new, key, why, tiny_model, work, tmp_path):
     """A typo would otherwise be ignored by mergekit (the config then computes something else, silently)."""
     text = (merge_configs_dir() / "negate.yml").read_text()
     assert text.count(old) == 1
     text = text.replace(old, new)
     typo = new.splitlines()[-1].split(":")[0].strip()
     line = next(n for n, row in enumerate(text.splitlines(), start=1) if row.strip().startswith(typo + ":"))
-    path = work / "typo.yml"
+    path = tmp_path / "typo.yml"
     path.write_text(text)
     with pytest.raises(DataError) as error:
         negate(tiny_model("llama"), biased=perturbed_copy("llama", tiny_model("llama"), work / "llama_biased", 1),
-               lambdas=[1], out=work / "typo_out", template=path, progress=False)
+               lambdas=[1], out=tmp_path / "out", template=path, progress=False)
     message = str(error.value)
     assert str(path) in message and f"{key} (line {line})" in message and why in message, message
-    assert not (work / "typo_out").exists()
+    assert not (tmp_path / "out").exists()
 
 
 def test_bundled_configs_pass_the_strict_key_check():
@@ -332,7 +332,8 @@ def test_manifest_schema_and_stale_staging(tiny_model, work):
 
     base = tiny_model("llama")
     biased = perturbed_copy("llama", base, work / "llama_biased", seed=1)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
     stale = work / f".manifest_out.tmp-{int(dead.stdout)}-deadbeef"
     stale.mkdir()
     (out,) = negate(base, biased=biased, lambdas=["0.25"], out=work / "manifest_out", progress=False)
@@ -377,7 +378,7 @@ def test_negate_merges_in_blocks_and_patches_nothing(tiny_model, work, monkeypat
     """The run goes through our registered method; mergekit's own classes are untouched; the YAML stays plain."""
     from mergekit.merge_methods import GeneralizedTaskArithmeticMerge
 
-    import debias_plugin.merge.engine as engine
+    from debias_plugin.merge import engine
 
     whole_tensor = GeneralizedTaskArithmeticMerge.merge_group
     blocked_calls = []

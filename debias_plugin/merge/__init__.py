@@ -1,11 +1,5 @@
-"""Bias-vector negation as mergekit configs: render a merge_configs/ template, validate it, run mergekit lazily.
-
-theta_debiased = theta_base - lambda * (theta_biased - theta_base) is mergekit's ``task_arithmetic`` with one
-model at weight -lambda and ``normalize: false`` (mergekit #213). Everything that can be checked is checked
-before the first byte is written (`config`: lambda, keys, signs; `checkpoints`: architectures and shapes from
-safetensors headers). `engine` then streams one tensor at a time through mergekit, read with plain reads and
-merged by `task_arithmetic_blocked`, task_arithmetic in row blocks; `negate` ties them together.
-"""
+"""Bias-vector negation, theta = base - lambda * (biased - base), as mergekit task_arithmetic configs: `config`
+(templates, signs), `checkpoints` (safetensors headers), `engine` (mergekit runs), `negate` (one staged output)."""
 
 from debias_plugin.merge.checkpoints import TensorInfo, check_adapter, check_same_model, model_tensors
 from debias_plugin.merge.config import (

@@ -25,8 +25,6 @@ def read_json(path: Path) -> dict:
     """A JSON object file; bad JSON is a DataError with its line."""
     from debias_plugin.data._io import json_document
 
-    if not path.is_file():
-        raise DebiasError(f"{path}: file not found.")
     data = json_document(path)
     if not isinstance(data, dict):
         raise DataError(path, "top level", "a JSON object", type(data).__name__)
@@ -39,12 +37,10 @@ def file_tensors(path: Path) -> dict[str, TensorInfo]:
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            slices = {name: handle.get_slice(name) for name in handle.keys()}
-            return {name: TensorInfo(s.get_dtype(), tuple(s.get_shape()), path.name) for name, s in slices.items()}
-    except SafetensorError as err:
+            return {name: TensorInfo(s.get_dtype(), tuple(s.get_shape()), path.name)
+                    for name in handle.keys() for s in [handle.get_slice(name)]}
+    except SafetensorError as err:  # a truncated file fails here: the header promises more bytes than exist
         raise DataError(path, "header", "a complete safetensors file", f"{err} (truncated or corrupt?)") from None
-    except OSError as err:
-        raise DebiasError(f"{path}: cannot be read ({err.strerror}).") from None
 
 
 def model_tensors(model_dir: str | Path) -> dict[str, TensorInfo]:
@@ -62,10 +58,8 @@ def model_tensors(model_dir: str | Path) -> dict[str, TensorInfo]:
     if (model_dir / "model.safetensors").is_file():
         return file_tensors(model_dir / "model.safetensors")
     found = sorted(path.name for path in model_dir.glob("*.safetensors"))
-    raise DebiasError(
-        f"{model_dir}: neither model.safetensors nor model.safetensors.index.json exists (found {found}); "
-        "mergekit only reads those names. Re-save the model with save_pretrained(safe_serialization=True)."
-    )
+    raise DebiasError(f"{model_dir}: no model.safetensors or model.safetensors.index.json (found {found}); mergekit "
+                      "reads only those names. Re-save the model with save_pretrained(safe_serialization=True).")
 
 
 def _sharded_tensors(model_dir: Path, index_path: Path) -> dict[str, TensorInfo]:
@@ -128,22 +122,6 @@ def check_same_model(base_dir: Path, other_dir: Path, base_tensors: dict[str, Te
         )
 
 
-def _peft_type(adapter_dir: Path, config_path: Path) -> str:
-    """The adapter's peft_type, read by peft's own PeftConfig; its failures name the file."""
-    import json
-
-    from peft import PeftConfig
-
-    try:
-        return str(PeftConfig.from_pretrained(str(adapter_dir)).peft_type.value)
-    except json.JSONDecodeError as err:
-        raise DataError(config_path, f"line {err.lineno}", "valid JSON", f"bad JSON ({err.msg})") from None
-    except KeyError as err:
-        raise DataError(config_path, "peft_type", "a peft type such as 'LORA'", str(err)) from None
-    except (TypeError, ValueError, AttributeError) as err:
-        raise DataError(config_path, "top level", "a peft adapter config", str(err)) from None
-
-
 def check_adapter(base_dir: Path, base_tensors: dict[str, TensorInfo], adapter_dir: Path) -> None:
     """A LoRA adapter fits the base when every module it targets exists there with matching dimensions."""
     if not adapter_dir.is_dir():
@@ -152,18 +130,21 @@ def check_adapter(base_dir: Path, base_tensors: dict[str, TensorInfo], adapter_d
     if not config_path.is_file():
         raise DebiasError(f"{adapter_dir}: no adapter_config.json; expected a peft adapter folder "
                           "(for a full fine-tuned model use --biased).")
-    peft_type = _peft_type(adapter_dir, config_path)
+    read_json(config_path)  # bad JSON is named with its line; peft's PeftConfig then reads the fields
+    from peft import PeftConfig
+
+    try:
+        peft_type = str(PeftConfig.from_pretrained(str(adapter_dir)).peft_type.value)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise DataError(config_path, "peft_type", "a peft adapter config (peft_type 'LORA')", repr(err)) from None
     if peft_type != "LORA":
         raise DataError(config_path, "peft_type", "'LORA' (only LoRA adapters merge into the base weights)",
                         repr(peft_type))
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
-        pickled = (adapter_dir / "adapter_model.bin").is_file()
-        raise DebiasError(
-            f"{adapter_dir}: no adapter_model.safetensors"
-            + (" (only adapter_model.bin, a pickle, which can run code when loaded; convert it to safetensors)"
-               if pickled else "") + "."
-        )
+        pickled = " (only adapter_model.bin, a pickle, which can run code when loaded; convert it to safetensors)"
+        raise DebiasError(f"{adapter_dir}: no adapter_model.safetensors"
+                          f"{pickled if (adapter_dir / 'adapter_model.bin').is_file() else ''}.")
     dims: dict[str, dict[str, int]] = {}
     for name, info in file_tensors(weights).items():
         stem = name.removeprefix("base_model.model.")
@@ -195,12 +176,10 @@ def check_adapter(base_dir: Path, base_tensors: dict[str, TensorInfo], adapter_d
 
 
 def architecture_mode(base_dir: Path, base_tensors: dict[str, TensorInfo]) -> str:
-    """'json' when mergekit's bundled description matches the checkpoint exactly, else 'inferred'/'forced'.
+    """'json' when mergekit's bundled description covers exactly the checkpoint's tensors, else 'inferred'/'forced'.
 
-    mergekit writes only the tensors its JSON architecture lists and requires the non-optional ones; for
-    BertForMaskedLM (0.1.5) it requires a pooler that transformers' MLM checkpoints lack and omits the MLM
-    head's transform layer. Then we make mergekit infer the layout from the checkpoint's own tensor names.
-    """
+    mergekit writes only the tensors its JSON lists and requires the non-optional ones; for BertForMaskedLM it
+    wants a pooler MLM checkpoints lack and omits the MLM head's transform: then mergekit must infer the layout."""
     from mergekit.architecture import arch_info_for_config
     from transformers import AutoConfig
 

@@ -1,22 +1,17 @@
-"""Negation configs: load a merge_configs/ template strictly, render it, and prove it subtracts the bias vector.
-
-Structure, types and key names are checked by mergekit's own `MergeConfiguration` (with unknown keys
-forbidden) and parameter names and defaults come from mergekit's method registry, so a typo is an error
-naming its YAML line instead of a silently ignored key.
-"""
+"""Negation configs: load a template strictly (mergekit's MergeConfiguration, its registry's parameters), render
+it, and prove it subtracts the bias vector. A typo is an error naming its YAML line, not a silently ignored key."""
 
 from __future__ import annotations
 
 import copy
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import yaml
 
 from debias_plugin.errors import DataError, DebiasError
-from debias_plugin.paths import merge_configs_dir
 
 NEGATION_FORMULA = "theta = base - lambda * (biased - base)"
 BASE_PLACEHOLDER = "/path/to/base_model"
@@ -47,61 +42,35 @@ def parse_size(value: str | int, model_bytes: int = 0) -> int:
         return value
     if str(value).strip().lower() == "auto":
         return int(min(1e9, max(1e8, model_bytes / 8)))
-    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?)I?B?\s*", str(value).upper())
-    try:
-        number = float(match.group(1)) if match else None
-    except ValueError:
-        number = None
-    if number is None or number <= 0:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:E\+?\d+)?)\s*([KMGT]?)I?B?\s*", str(value).upper())
+    if match is None or float(match.group(1)) <= 0:
         raise DebiasError(f"shard size must look like 500MB, 2GB or a byte count, got {value!r}.")
-    return int(number * 1000 ** " KMGT".index(match.group(2) or " "))
+    return int(float(match.group(1)) * 1000 ** " KMGT".index(match.group(2) or " "))
 
 
 # ------------------------------------------------------------------------------- strict mergekit parsing
 
-def method_default(method: str, parameter: str):
-    """A merge method's default for one parameter, from mergekit's registry (not a copied table)."""
-    from mergekit import merge_methods
-
-    return next(p.default for p in merge_methods.get(method).spec.parameters if p.name == parameter)
-
-
-def _walk(config, loc: tuple) -> list:
-    """The part of a pydantic error location that names keys and indexes of the config (not union labels)."""
-    parts, node = [], config
+def _locate(config, root, loc: tuple) -> tuple[str, int | None]:
+    """('models[0].parameters.x', its YAML line) for a pydantic error location, skipping its union labels."""
+    data, node, key, line = config, root, "", None
     for part in loc:
-        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int) \
-                and part < len(node):
-            parts.append(part)
-            node = node[part]
-    return parts
-
-
-def _line(text: str | None, parts: list) -> int | None:
-    """1-based YAML line of the key (or list item) at `parts`, from the composed node tree."""
-    if not text:
-        return None
-    node, line = yaml.compose(text, Loader=yaml.SafeLoader), None
-    for part in parts:
-        key = None
+        if not (isinstance(data, dict) and part in data or isinstance(data, list) and isinstance(part, int)):
+            continue
+        data, key, mark = data[part], key + (f"[{part}]" if isinstance(part, int) else f".{part}"), None
         if isinstance(node, yaml.MappingNode):
-            key, node = next(((k, v) for k, v in node.value if k.value == str(part)), (None, None))
+            mark, node = next(((k, v) for k, v in node.value if k.value == str(part)), (None, None))
         elif isinstance(node, yaml.SequenceNode):
-            key = node = node.value[part]
-        if key is None:
-            break
-        line = key.start_mark.line + 1
-    return line
+            mark = node = node.value[part]
+        line = mark.start_mark.line + 1 if mark is not None else line
+    return key.lstrip(".") or "top level", line
 
 
 def _refuse(source, config: dict, text: str | None, problems: list[tuple[tuple, str]], expected: str):
-    described: dict[str, str] = {}  # one reason per key: a bad value fails every branch of mergekit's unions
-    where = None
+    root = yaml.compose(text, Loader=yaml.SafeLoader) if text else None
+    described, where = {}, None  # one reason per key: a bad value fails every branch of mergekit's unions
     for loc, why in problems:
-        parts = _walk(config, loc)
-        line = _line(text, parts)
-        key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts).lstrip(".") or "top level"
-        described.setdefault(f"{key}{f' (line {line})' if line else ''}", why)
+        key, line = _locate(config, root, loc)
+        described.setdefault(f"{key} (line {line})" if line else key, why)
         where = where or (f"line {line}" if line else f"key {key}")
     raise DataError(source, where, expected, "; ".join(f"{key}: {why}" for key, why in list(described.items())[:5]))
 
@@ -115,25 +84,25 @@ def parse_config(config: dict, source="config", text: str | None = None):
     try:
         parsed = MergeConfiguration.model_validate(config, extra="forbid")
     except ValidationError as err:
-        unknown = all(e["type"] == "extra_forbidden" for e in err.errors())
-        _refuse(source, config, text, [(e["loc"], "unknown key" if e["type"] == "extra_forbidden" else e["msg"])
-                                       for e in err.errors()],
-                "only keys mergekit reads (it ignores the others silently)" if unknown else "a mergekit config")
+        problems = [(e["loc"], "unknown key" if e["type"] == "extra_forbidden" else e["msg"]) for e in err.errors()]
+        _refuse(source, config, text, problems, "only keys mergekit reads (it ignores the others silently)"
+                if all(why == "unknown key" for _, why in problems) else "a mergekit config")
     except RuntimeError as err:  # mergekit's own validators raise these
         raise DataError(source, "top level", "a mergekit config", str(err)) from None
-    names = [m.spec.name for m in merge_methods.registered_methods()]
-    if parsed.merge_method not in names:
+    try:
+        spec = merge_methods.get(parsed.merge_method).spec
+    except RuntimeError:
+        names = sorted(m.spec.name for m in merge_methods.registered_methods())
         _refuse(source, config, text, [(("merge_method",), f"unknown method {parsed.merge_method!r}")],
-                f"one of mergekit's merge methods ({', '.join(sorted(names))})")
-    spec = merge_methods.get(parsed.merge_method).spec
+                f"one of mergekit's merge methods ({', '.join(names)})")
     shared, per_model = [p.name for p in spec.parameters], [p.name for p in spec.input_parameters]
     problems = [(("parameters", key), f"not a parameter of {spec.name} (it takes {', '.join(shared)})")
                 for key in parsed.parameters or {} if key not in shared]
-    for index, entry in enumerate(parsed.models or []):
-        problems += [(("models", index, "parameters", key),
-                      f"not a per-model parameter of {spec.name} (per model: {', '.join(per_model)}"
-                      + ("; this one belongs under the top-level parameters)" if key in shared else ")"))
-                     for key in entry.parameters or {} if key not in per_model]
+    hint = "; this one belongs under the top-level parameters"
+    problems += [(("models", index, "parameters", key),
+                  f"not a per-model parameter of {spec.name} (those: {', '.join(per_model)}{hint * (key in shared)})")
+                 for index, entry in enumerate(parsed.models or []) for key in entry.parameters or {}
+                 if key not in per_model]
     if problems:
         _refuse(source, config, text, problems, "only parameters the merge method reads (others are ignored)")
     return parsed
@@ -141,14 +110,14 @@ def parse_config(config: dict, source="config", text: str | None = None):
 
 def load_template(path: str | Path) -> dict:
     """A merge_configs/ template: yaml.safe_load, then every key checked against what mergekit reads."""
+    from debias_plugin.data._io import read_text
+
     path = Path(path)
+    if not path.is_file():
+        raise DebiasError(f"{path}: template not found.")
+    text = read_text(path)  # UTF-8 and not empty, or a DataError
     try:
-        text = path.read_text(encoding="utf-8")
         config = yaml.safe_load(text)
-    except (FileNotFoundError, IsADirectoryError):
-        raise DebiasError(f"{path}: template not found.") from None
-    except UnicodeDecodeError as err:
-        raise DataError(path, f"byte {err.start}", "UTF-8 text") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         raise DataError(path, f"line {mark.line + 1}" if mark else "YAML", "valid YAML") from None
@@ -156,10 +125,6 @@ def load_template(path: str | Path) -> dict:
         raise DataError(path, "top level", "a mapping (a mergekit config)", type(config).__name__)
     parse_config(config, path, text)
     return config
-
-
-def default_template(adapter: bool) -> Path:
-    return merge_configs_dir() / ("negate_lora.yml" if adapter else "negate.yml")
 
 
 # ----------------------------------------------------------------------------------------------- signs
@@ -180,11 +145,12 @@ def _numbers(setting, where: str) -> list[float]:
     raise DebiasError(f"{where} must be a number, got {setting!r}.")
 
 
-def validate_negation_config(config: dict, bias_models: Iterable[str], source: str = "config") -> None:
-    """Refuse a config whose arithmetic would not subtract every bias vector (mergekit #213 and TIES signs)."""
+def validate_negation_config(config: dict, bias_models: Iterable[str], source: str = "config",
+                             exact_lambda: float | None = None) -> None:
+    """Refuse a config that would not subtract every bias vector (mergekit #213, TIES signs), or with
+    exact_lambda anything but base - exact_lambda * (biased - base) from one task_arithmetic model."""
     from mergekit import merge_methods
 
-    bias_models = set(bias_models)
     method = config.get("merge_method")
     if method not in CHECKED_METHODS:
         raise DebiasError(f"{source}: merge_method {method!r} is not checked by debias-plugin; expected one of "
@@ -194,23 +160,20 @@ def validate_negation_config(config: dict, bias_models: Iterable[str], source: s
         raise DebiasError(f"{source}: no base_model; a task vector is measured from the base model.")
     if not parsed.models:
         raise DebiasError(f"{source}: expected a `models:` list (slices/modules are not supported for negation).")
-    shared = parsed.parameters or {}
-    normalize = shared.get("normalize", method_default(method, "normalize"))
+    shared, defaults = parsed.parameters or {}, {p.name: p.default for p in merge_methods.get(method).spec.parameters}
+    normalize = shared.get("normalize", defaults["normalize"])
     if not isinstance(normalize, bool):
         raise DebiasError(f"{source}: parameters.normalize must be true or false, got {normalize!r}.")
-    lambdas = _numbers(shared.get("lambda", method_default(method, "lambda")), f"{source}: parameters.lambda")
+    lambdas = _numbers(shared.get("lambda", defaults["lambda"]), f"{source}: parameters.lambda")  # registry defaults
     if any(value == 0 for value in lambdas):
         raise DebiasError(f"{source}: parameters.lambda is 0, which removes every task vector.")
     weights: dict[str, list[float]] = {}
-    for entry in parsed.models:
-        key = str(entry.model)
-        if entry.model == parsed.base_model:
-            continue
+    for entry in (e for e in parsed.models if e.model != parsed.base_model):
         setting = (entry.parameters or {}).get("weight", shared.get("weight"))
         if setting is None:
-            raise DebiasError(f"{source}: model {key} has no weight.")
-        weights[key] = _numbers(setting, f"{source}: weight of {key}")
-    unknown = bias_models - set(weights)
+            raise DebiasError(f"{source}: model {entry.model} has no weight.")
+        weights[str(entry.model)] = _numbers(setting, f"{source}: weight of {entry.model}")
+    unknown = set(bias_models) - set(weights)
     if unknown:
         raise DebiasError(f"{source}: the bias model(s) {sorted(unknown)} are not among its models.")
     signs = {math.copysign(1, w) for values in weights.values() for w in values}
@@ -225,13 +188,23 @@ def validate_negation_config(config: dict, bias_models: Iterable[str], source: s
             f"{source}: {method} with weights of both signs: its sign election would let added vectors outvote "
             "subtracted ones entry by entry. Use task_arithmetic, or positive weights with a negative lambda."
         )
-    for key in bias_models:
+    for key in set(bias_models):
         if any(lam * w >= 0 for lam in lambdas for w in weights[key]):
             raise DebiasError(
                 f"{source}: the bias vector of {key} enters with a positive coefficient (weight {weights[key]} x "
                 f"lambda {lambdas}), so it would be ADDED, not subtracted. Negate with a negative weight "
                 "(normalize: false) or a negative lambda."
             )
+    if exact_lambda is None:
+        return
+    values = [w for ws in weights.values() for w in ws]
+    if len(values) != 1 or len(lambdas) != 1 or method != "task_arithmetic":
+        raise DebiasError(f"{source}: `debias negate` renders one bias model with task_arithmetic; found "
+                          f"{len(weights)} model(s) with {method}. Run multi-vector configs with mergekit-yaml.")
+    coefficient = lambdas[0] * (1.0 if normalize else values[0])
+    if not math.isclose(coefficient, -exact_lambda, rel_tol=1e-9):
+        raise DebiasError(f"{source}: the config computes base + {coefficient:g} * (biased - base), not "
+                          f"base - {exact_lambda:g} * (biased - base); keep normalize: false and the weight at -1.0.")
 
 
 # ----------------------------------------------------------------------------------------------- render
@@ -260,19 +233,3 @@ def render_negation(template: dict, *, base: str, lam: float, biased: str | None
         if other is not entry and other.get("model") == BASE_PLACEHOLDER:
             other["model"] = str(base)
     return config, bias_key
-
-
-def check_exact_negation(config: dict, lam: float, source: str = "config") -> None:
-    """The rendered one-model config must compute exactly base - lambda * (biased - base)."""
-    parsed = parse_config(config, source)
-    method, shared = parsed.merge_method, parsed.parameters or {}
-    others = [e for e in parsed.models or [] if e.model != parsed.base_model]
-    if len(others) != 1 or method != "task_arithmetic":
-        raise DebiasError(f"{source}: `debias negate` renders one bias model with task_arithmetic; found "
-                          f"{len(others)} model(s) with {method}. Run multi-vector configs with mergekit-yaml.")
-    weight = float(others[0].parameters["weight"])
-    normalize = shared.get("normalize", method_default(method, "normalize"))
-    coefficient = float(shared.get("lambda", method_default(method, "lambda"))) * (1.0 if normalize else weight)
-    if not math.isclose(coefficient, -lam, rel_tol=1e-9):
-        raise DebiasError(f"{source}: the config computes base + {coefficient:g} * (biased - base), not "
-                          f"base - {lam:g} * (biased - base); keep normalize: false and the weight at -1.0.")

@@ -1,9 +1,7 @@
 """mergekit I/O for `debias negate`: a row-block task_arithmetic registered with mergekit, plain-read inputs.
 
-This is the one module of the package that imports torch and mergekit at the top; only a running merge
-imports it. Importing it registers `task_arithmetic_blocked` through mergekit's public
-`merge_methods.register`, the same call mergekit uses for its own methods; no mergekit class is changed.
-"""
+The one module here importing torch and mergekit at the top (only a running merge imports it). Importing it
+registers `task_arithmetic_blocked` with mergekit's public `merge_methods.register`; no mergekit class changes."""
 
 from __future__ import annotations
 
@@ -29,18 +27,15 @@ from debias_plugin.errors import DataError, DebiasError
 
 BLOCKED_METHOD = "task_arithmetic_blocked"
 CHUNK_ELEMENTS = 1 << 18  # a tensor larger than this is merged in row blocks of about this many elements
-TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                "BOOL": torch.bool}
+TORCH_DTYPES = dict(F64=torch.float64, F32=torch.float32, F16=torch.float16, BF16=torch.bfloat16, I64=torch.int64,
+                    I32=torch.int32, I16=torch.int16, I8=torch.int8, U8=torch.uint8, BOOL=torch.bool)
 
 
 class BlockedTaskArithmetic(GeneralizedTaskArithmeticMerge):
     """mergekit's task_arithmetic on big tensors in row blocks: the same bits with a fraction of the memory.
 
-    Its merge_group keeps base, the other inputs, a stacked delta, the mixed delta and the result alive at
-    once: five copies of an embedding matrix. Without sparsification the method is elementwise, so row
-    blocks give bit-identical results while only base, inputs and the result are whole tensors.
-    """
+    Its merge_group holds base, inputs, stacked deltas, mixed delta and result at once (five embedding matrices);
+    the method is elementwise, so row blocks give the same bits with only base, inputs and result whole."""
 
     @cached_property
     def spec(self):
@@ -69,7 +64,7 @@ def register_blocked_method() -> None:
     if BLOCKED_METHOD not in {method.spec.name for method in merge_methods.registered_methods()}:
         plain = merge_methods.get("task_arithmetic")
         fields = {field.name: getattr(plain, field.name) for field in dataclasses.fields(plain)}
-        merge_methods.register(BlockedTaskArithmetic(**{**fields, "method_name": BLOCKED_METHOD}))
+        merge_methods.register(BlockedTaskArithmetic(**fields | {"method_name": BLOCKED_METHOD}))
 
 
 register_blocked_method()
@@ -77,26 +72,12 @@ register_blocked_method()
 
 def model_bytes(tensors) -> int:
     """Bytes of a model's tensors, which sets the 'auto' output shard size."""
-    return sum(math.prod(info.shape) * getattr(TORCH_DTYPES.get(info.dtype), "itemsize", 4)
-               for info in tensors.values())
-
-
-def data_layout(path: str) -> tuple[int, dict[str, dict]]:
-    """(where tensor data starts, each tensor's data_offsets) of a .safetensors file, for plain reads."""
-    try:
-        with open(path, "rb") as handle:
-            size = int.from_bytes(handle.read(8), "little")
-            return 8 + size, json.loads(handle.read(size))
-    except (OSError, ValueError) as err:
-        raise DataError(path, "header", "a readable safetensors header", str(err)) from None
+    return sum(math.prod(i.shape) * getattr(TORCH_DTYPES.get(i.dtype), "itemsize", 4) for i in tensors.values())
 
 
 class PlainReadLoader(LazyTensorLoader):
-    """A mergekit tensor loader that reads each tensor with read() instead of mmap.
-
-    safetensors' mmap keeps every touched page of an input file resident until the shard is closed, so a
-    single-file model counts fully in the process's RSS; plain reads keep only the tensors in flight.
-    """
+    """A mergekit tensor loader reading each tensor with read(): safetensors' mmap keeps every touched page of a
+    file resident until the shard closes (a whole single-file model in RSS); plain reads hold only tensors in flight."""
 
     def __init__(self, model_dir: str):
         super().__init__(ShardedTensorIndex.from_disk(model_dir), lazy_unpickle=False)
@@ -104,15 +85,19 @@ class PlainReadLoader(LazyTensorLoader):
 
     def get_tensor(self, key, device="cpu", aliases=None, raise_on_missing=True):
         paths = self.index.tensor_paths
-        if key not in paths:
-            key = next((alias for alias in aliases or () if alias in paths), key)
+        key = next((name for name in (key, *(aliases or ())) if name in paths), key)
         if key not in paths:
             if raise_on_missing:
                 raise KeyError(key)
             return None
         file = os.path.join(self.index.base_path, paths[key])
-        if file not in self.layouts:
-            self.layouts[file] = data_layout(file)
+        if file not in self.layouts:  # (where tensor data starts, the header) of each file, read once
+            try:
+                with open(file, "rb") as handle:
+                    size = int.from_bytes(handle.read(8), "little")
+                    self.layouts[file] = 8 + size, json.loads(handle.read(size))
+            except (OSError, ValueError) as err:
+                raise DataError(file, "header", "a readable safetensors header", str(err)) from None
         offset, header = self.layouts[file]
         entry = header[key]
         start, end = entry["data_offsets"]
