@@ -32,7 +32,7 @@ with torch.no_grad():  # in place: the cheapest way to do it with both models lo
         p_base.sub_(lam * (p_biased - p_base))
 base.save_pretrained(out_dir, safe_serialization=True)
 """
-IMPORTS_ONLY = "import torch, transformers, mergekit.merge, debias_plugin.merge, debias_plugin.cli"
+IMPORTS_ONLY = "import torch, transformers, mergekit.merge, debias_plugin.merge.engine, debias_plugin.cli"
 
 
 def make_biased_copy(base: Path, out: Path) -> None:
