@@ -793,3 +793,11 @@ def test_bundled_example_gate_is_valid_and_names_real_tasks_and_metrics():
     gate = load_gate(Path(__file__).resolve().parents[1] / "gates" / "example.yml")
     assert gate.config.model == "default" and gate.config.checks
     _check_names_before_running(gate)
+
+
+def test_model_class_follows_the_config_not_the_name(tiny_model, tmp_path):
+    from debias_plugin.evaluation import resolve_model_class
+
+    masked = shutil.copytree(tiny_model("bert"), tmp_path / "gpt2-looking-name")
+    assert resolve_model_class(masked) == "hf-mlm"
+    assert resolve_model_class(tiny_model("gpt2")) == "hf"

@@ -168,6 +168,8 @@ def _explain(error: dict, loc: tuple) -> str:
         return f"unknown key '{loc[-1]}'; allowed keys: {', '.join(allowed)}"
     if kind == "missing":
         return "required key missing"
+    if kind == "string_pattern_mismatch" and loc[-1:] == ("metric",):
+        return f"expected task/metric, e.g. crows_bias/pct_stereotype (found {error['input']!r})"
     message = error["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, "):]
@@ -203,7 +205,10 @@ def load_gate(path: str | Path) -> Gate:
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         line = mark.line + 1 if mark else 1
-        raise DataError(path, f"line {line}", "valid YAML", f"{err.problem or err.context}") from None
+        found = err.problem or err.context
+        if err.problem and err.context and err.context_mark and err.context_mark.line + 1 != line:
+            found += f" ({err.context} started on line {err.context_mark.line + 1})"
+        raise DataError(path, f"line {line}", "valid YAML", found) from None
     except yaml.YAMLError as err:
         raise DataError(path, "line 1", "valid YAML", str(err)) from None
     if not isinstance(data, dict):
@@ -221,7 +226,7 @@ def load_gate(path: str | Path) -> Gate:
         for error in err.errors():
             loc = _display_loc(tuple(error["loc"]), lines)
             problems.append((_line_of(lines, loc), _field_text(loc), _explain(error, loc)))
-        raise GateFileError(path, problems) from None
+        raise GateFileError(path, sorted(problems, key=lambda problem: problem[0])) from None
     gate = Gate(path, config, lines)
     problems = [(gate.line(*loc), _field_text(loc), message) for loc, message in _cross_field_problems(config)]
     if problems:
