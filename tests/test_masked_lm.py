@@ -219,3 +219,79 @@ def test_cli_error_is_one_paragraph_without_traceback(tmp_path, capsys):
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err
     assert "masked-LM head" in stderr and "Traceback" not in stderr
+
+
+# ---- `debias eval` refuses bad input in one paragraph, before lm-eval or any model starts -------------------------
+
+def _eval_error(args, capsys, monkeypatch) -> str:
+    """Exit code 2, no traceback, exactly one `Error:` paragraph (returned), and lm-eval never started."""
+    from debias_plugin.cli import main
+
+    monkeypatch.setattr("lm_eval.__main__.cli_evaluate", lambda: pytest.fail("lm-eval started despite bad input"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", *args])
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("Error:")]
+    assert exit_info.value.code == 2 and "Traceback" not in stderr and len(errors) == 1, stderr
+    return errors[0]
+
+
+def _copy_without(folder, tmp_path, name, *dropped):
+    copy = tmp_path / name
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns(*dropped))
+    return copy
+
+
+@pytest.mark.parametrize("model_class, kind", [("hf", "gpt2"), ("hf-mlm", "bert")])
+def test_eval_refuses_pickle_only_folder(tiny_model, tmp_path, capsys, monkeypatch, model_class, kind):
+    import torch
+    from safetensors.torch import load_file
+
+    folder = _copy_without(tiny_model(kind), tmp_path, "pickled", "*.safetensors")
+    torch.save(load_file(tiny_model(kind) / "model.safetensors"), folder / "pytorch_model.bin")
+    message = _eval_error(["--model", model_class, "--model_args", f"pretrained={folder}", "--tasks", "crows_bias_age"],
+                          capsys, monkeypatch)
+    assert str(folder) in message and "pickle" in message and "--allow-pickle" in message
+
+
+def test_allow_pickle_is_ours_and_lets_the_folder_through(tiny_model, tmp_path):
+    """With --allow-pickle the pickled folder is evaluated: lm-eval never sees the flag (it would reject it)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from debias_plugin.cli import main
+
+    folder = _copy_without(tiny_model("gpt2"), tmp_path, "pickled", "*.safetensors")
+    torch.save(load_file(tiny_model("gpt2") / "model.safetensors"), folder / "pytorch_model.bin")
+    main(["eval", "--allow-pickle", "--model", "hf", "--model_args", f"pretrained={folder}", "--tasks",
+          "crows_bias_age", "--limit", "1", "--device", "cpu", "--output_path", str(tmp_path / "out")])
+    (results,) = (tmp_path / "out").glob("*/results_*.json")
+    assert "crows_bias_age" in json.loads(results.read_text())["results"]
+
+
+@pytest.mark.parametrize("model_class, kind", [("hf", "gpt2"), ("hf-mlm", "bert")])
+def test_eval_refuses_folder_without_tokenizer(tiny_model, tmp_path, capsys, monkeypatch, model_class, kind):
+    folder = _copy_without(tiny_model(kind), tmp_path, "no_tokenizer", "tokenizer*", "vocab*", "merges*", "special*")
+    message = _eval_error(["--model", model_class, "--model_args", f"pretrained={folder}", "--tasks", "crows_bias_age"],
+                          capsys, monkeypatch)
+    assert str(folder) in message and "tokenizer" in message
+
+
+def test_eval_refuses_unknown_task_and_bad_model_argument(tiny_model, capsys, monkeypatch):
+    model_args = f"pretrained={tiny_model('bert')}"
+    message = _eval_error(["--model", "hf-mlm", "--model_args", model_args, "--tasks", "crows_bias,crows_bias_nope"],
+                          capsys, monkeypatch)
+    assert "--tasks" in message and "'crows_bias_nope'" in message and "'crows_bias'" not in message
+    message = _eval_error(["--model", "hf-mlm", "--model_args", model_args + ",batch_tokens=abc", "--tasks",
+                           "crows_bias"], capsys, monkeypatch)
+    assert "batch_tokens" in message and "'abc'" in message and "integer" in message
+
+
+@pytest.mark.parametrize("bad, field", [({"batch_tokens": "abc"}, "batch_tokens"), ({"max_length": 0}, "max_length"),
+                                        ({"revision": "main"}, "revision"), ({"dtype": "auto"}, "dtype")])
+def test_hf_mlm_checks_its_arguments_before_loading(tiny_model, monkeypatch, bad, field):
+    from debias_plugin.lm_eval import masked_lm
+
+    monkeypatch.setattr(masked_lm, "load_masked_lm", lambda *a, **k: pytest.fail("model loaded despite bad arguments"))
+    with pytest.raises(DebiasError, match=f"hf-mlm model arguments: {field}"):
+        masked_lm.MaskedLM(pretrained=str(tiny_model("bert")), **bad)

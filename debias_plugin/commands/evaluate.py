@@ -1,12 +1,23 @@
-"""`debias eval`: lm-eval's own `run` command, with our tasks on the include path and hf-mlm registered."""
+"""`debias eval`: lm-eval's own `run` command, with our tasks on the include path and hf-mlm registered.
+
+Before lm-eval starts, the task names, hf-mlm's model arguments and the model folder are checked, so a typo or an
+unsafe folder is one paragraph (exit 2) instead of a traceback after minutes of loading. Pickled weights are refused
+for every model class unless --allow-pickle (ours; not passed to lm-eval).
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+from pathlib import Path
 
 import click
 
+from debias_plugin.errors import DebiasError
+
 _CONTEXT = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
+ALLOW_PICKLE = "--allow-pickle"
 
 
 def _has_flag(args: list[str], flag: str) -> bool:
@@ -34,20 +45,101 @@ def lm_eval_arguments(args: list[str]) -> list[str]:
     return args
 
 
+def _checked_flags(args: list[str]) -> argparse.Namespace:
+    """The few `lm_eval run` flags we check, spelled as lm-eval spells them; the rest pass through unread."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flags, options in ((("--model", "-M"), {}), (("--model_args", "-a"), {"nargs": "+", "action": "append"}),
+                           (("--tasks", "-t"), {"nargs": "+", "action": "append"}), (("--include_path",), {}),
+                           (("--config", "-C"), {}), (("--trust_remote_code",), {"action": "store_true"})):
+        parser.add_argument(*flags, **options)
+    return parser.parse_known_args(args)[0]
+
+
+def model_arguments(groups: list[list[str]] | None) -> dict:
+    """--model_args as lm-eval merges them: JSON objects or key=value,key=value strings, later ones winning."""
+    from lm_eval.utils import simple_parse_args_string
+
+    merged = {}
+    for value in (value for group in groups or [] for value in group):
+        try:
+            merged.update(json.loads(value) if value.lstrip().startswith("{") else simple_parse_args_string(value))
+        except json.JSONDecodeError as err:
+            raise DebiasError(f"--model_args {value!r}: expected a JSON object or key=value pairs ({err}).") from None
+    return merged
+
+
+def check_tasks(names: list[str], include_path: str | None) -> None:
+    """Every --tasks name must be one of the included tasks or lm-eval's (its full index is read only if needed)."""
+    from lm_eval.tasks import TaskManager
+
+    missing = [name for name in names if not name.endswith(".yaml") and not Path(name).is_dir()]
+    for include_defaults in (False, True):
+        if missing:
+            manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
+            missing = [name for name in missing if not manager.match_tasks([name])]
+    if missing:
+        raise DebiasError(f"--tasks: no task named {', '.join(map(repr, missing))} in {include_path or 'lm-eval'} "
+                          f"or among lm-eval's own tasks; expected task or group names such as crows_bias, "
+                          f"stereoset_bias, wikitext2_ppl (`lm_eval ls tasks --include_path DIR` lists them all).")
+
+
+def model_folder(pretrained: str, revision: str | None = None) -> Path:
+    """A local folder as is; a hub id as its snapshot (config, tokenizer, safetensors), so the checks see real files."""
+    if Path(pretrained).is_dir():
+        return Path(pretrained)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(pretrained, revision=revision,
+                                      allow_patterns=["*.json", "*.txt", "*.model", "*.safetensors"]))
+    except (OSError, ValueError) as err:  # invalid id, unknown repo, offline without a cached copy
+        raise DebiasError(f"pretrained={pretrained}: not a model folder on this machine, nor a hub model that can "
+                          f"be fetched or is cached ({str(err).splitlines()[0]}).") from None
+
+
+def check_arguments(args: list[str], allow_pickle: bool) -> list[str]:
+    """Check tasks, model arguments, weights and tokenizer before anything loads; the lm-eval arguments to run."""
+    from debias_plugin.lm_eval.masked_lm import check_masked_lm_folder, masked_lm_options
+    from debias_plugin.models import check_weights, load_tokenizer
+    from debias_plugin.paths import tasks_dir
+
+    flags = _checked_flags(args)
+    names = [name for group in flags.tasks or [] for value in group for name in value.split(",") if name]
+    if not names and not flags.config:
+        raise DebiasError("--tasks is required: expected task or group names, e.g. --tasks crows_bias,stereoset_bias.")
+    check_tasks(names, flags.include_path or str(tasks_dir()))
+    model_args = model_arguments(flags.model_args)
+    trust_remote_code = flags.trust_remote_code or str(model_args.get("trust_remote_code")).lower() == "true"
+    if flags.model == "hf-mlm":
+        allow_pickle = allow_pickle or masked_lm_options(model_args).allow_pickle
+        args = [*args, "--model_args", "allow_pickle=True"] if allow_pickle else args
+    if model_args.get("pretrained"):
+        folder = model_folder(str(model_args["pretrained"]), model_args.get("revision"))
+        if flags.model == "hf-mlm":
+            check_masked_lm_folder(str(folder), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        else:
+            check_weights(folder, allow_pickle)
+            if not model_args.get("tokenizer"):  # lm-eval's hf reads the tokenizer from the model folder
+                load_tokenizer(folder, trust_remote_code=trust_remote_code)
+    return args
+
+
 def run_lm_eval(args: list[str]) -> None:
-    """Hand the arguments to lm-eval's CLI after registering our models: same flags, same results JSON."""
-    from lm_eval._cli import HarnessCLI
-    from lm_eval.utils import setup_logging
+    """Check the arguments, register our models, then run lm-eval's CLI: same flags, same results JSON."""
+    # lm_eval.__main__.cli_evaluate is lm-eval's public console entry (the `lm_eval` command), the only public
+    # function that parses exactly `lm_eval run`'s flags; it reads them from sys.argv and takes no argument list,
+    # so sys.argv is set for the call (the parser itself, HarnessCLI, is in the private lm_eval._cli).
+    from lm_eval.__main__ import cli_evaluate
 
     from debias_plugin.lm_eval import register_models
 
-    register_models()
-    setup_logging()
+    register_models()  # before the checks import hf-mlm: lm-eval's own registry must be filled first
+    allow_pickle = ALLOW_PICKLE in args
+    args = check_arguments([arg for arg in args if arg != ALLOW_PICKLE], allow_pickle)
     saved_argv = sys.argv
     sys.argv = ["lm-eval", "run", *lm_eval_arguments(args)]
     try:
-        parser = HarnessCLI()
-        parser.execute(parser.parse_args())
+        cli_evaluate()
     finally:
         sys.argv = saved_argv
 
@@ -58,7 +150,7 @@ def eval_command(ctx):
     """Run lm-eval (same flags as `lm_eval run`) with the bundled tasks and the hf-mlm model registered.
 
     Without --model_args it evaluates the built-in SmolLM2-135M (max_length=1024); --include_path defaults to
-    our tasks/.
+    our tasks/. Pickled weights are refused unless --allow-pickle.
     """
     if "--help" in ctx.args or "-h" in ctx.args:
         click.echo(ctx.get_help())

@@ -22,7 +22,6 @@ from debias_plugin.scoring import crows, stereoset
 from debias_plugin.scoring.masked import MaskedScorer
 
 log = logging.getLogger(__name__)
-_PROBE = "The doctor thanked the nurse for her help."
 
 
 class MaskedLMOptions(Options):
@@ -45,23 +44,15 @@ def masked_lm_options(model_args: dict) -> MaskedLMOptions:
 
 def check_masked_lm_folder(pretrained: str, *, trust_remote_code: bool = False, allow_pickle: bool = False) -> None:
     """Refuse, before any weights load, a folder that is not a masked LM with a real tokenizer holding a mask token."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from debias_plugin.models import check_weights, model_kind
+    from debias_plugin.models import check_weights, load_config, load_tokenizer, model_kind
 
     check_weights(pretrained, allow_pickle)
-    config = AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+    config = load_config(pretrained, trust_remote_code=trust_remote_code)
     if model_kind(config) != "masked":
         raise DebiasError(f"{pretrained}: a causal LM ({config.model_type}); hf-mlm scores masked LMs only. "
                           "Use --model hf for causal models.")
-    tokenizer = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
-    if tokenizer.mask_token_id is None:
+    if load_tokenizer(pretrained, trust_remote_code=trust_remote_code).mask_token_id is None:
         raise DebiasError(f"{pretrained}: the tokenizer has no mask token; hf-mlm needs one to mask tokens.")
-    probe = tokenizer(_PROBE, add_special_tokens=False)["input_ids"]
-    if all(token == tokenizer.unk_token_id for token in probe):
-        raise DebiasError(f"{pretrained}: the tokenizer ({len(tokenizer)} tokens) turns {_PROBE!r} into unknown tokens "
-                          "only, so every score would be of [UNK]s; expected the model's own tokenizer files "
-                          "(tokenizer.json, or vocab.txt / vocab.json + merges.txt) beside config.json.")
 
 
 def load_masked_lm(pretrained: str, *, dtype: str = "float32", trust_remote_code: bool = False,

@@ -12,17 +12,15 @@ LABELS = ("stereotype", "anti-stereotype", "unrelated")
 
 def _token_counter(pretrained, tokenizer, trust_remote_code):
     """Count the continuation tokens exactly as lm-eval's HFLM scores them; None for masked LMs."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    from debias_plugin.models import causal_start_token, model_kind
+    from debias_plugin.models import causal_start_token, load_config, load_tokenizer, model_kind
 
     source = tokenizer or pretrained
     if not source:
         raise DebiasError("stereoset_bias needs the model argument pretrained (or tokenizer) to count each sentence's "
                           "tokens for the per-token mean log-probability.")
-    if pretrained and model_kind(AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)) == "masked":
+    if pretrained and model_kind(load_config(pretrained, trust_remote_code=trust_remote_code)) == "masked":
         return None
-    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    tok = load_tokenizer(source, trust_remote_code=trust_remote_code)
     prefix_id = causal_start_token(tok)
 
     def count(context, continuation):
