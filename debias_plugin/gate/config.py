@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -243,6 +244,10 @@ def _cross_field_problems(config: GateConfig) -> list[tuple[tuple, str]]:
     evaluates = config.model is not None or (config.baseline is not None and not is_results_file(config.baseline))
     if evaluates and not config.tasks:
         problems.append((("tasks",), "a model is evaluated, so list the lm-eval tasks to run"))
+    if (config.resamples + 1) * config.alpha <= 2:
+        problems.append((("resamples",), f"at alpha {config.alpha:g} a bootstrap check needs more than "
+                         f"{math.ceil(2 / config.alpha - 1)} resamples to be able to fail (its smallest p-value is "
+                         "2 / (resamples + 1))"))
     for index, check in enumerate(config.checks):
         if check.kind in BASELINE_KINDS and config.baseline is None:
             problems.append((("checks", index, check.kind), f"{check.kind} needs a 'baseline' (a model folder or a "
