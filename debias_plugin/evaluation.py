@@ -152,11 +152,9 @@ def cached_results(model_dir: str | Path, tasks: list[str], *, model_class: str 
 
 def resolve_model_class(model_dir: str | Path) -> str:
     """hf for causal LMs, hf-mlm for masked LMs, from the folder's config (never its name)."""
-    from transformers import AutoConfig
+    from debias_plugin.models import load_config, model_kind
 
-    from debias_plugin.models import model_kind
-
-    return "hf-mlm" if model_kind(AutoConfig.from_pretrained(model_dir)) == "masked" else "hf"
+    return "hf-mlm" if model_kind(load_config(model_dir)) == "masked" else "hf"
 
 
 def _task_manager(metadata: dict | None = None):
