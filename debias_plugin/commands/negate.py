@@ -13,7 +13,7 @@ import click
               help="Negation strength L > 0: theta = base - L * (biased - base). Repeat for several; each goes "
                    "to OUT/lambda_L.")
 @click.option("--out", required=True, help="Output model folder (a parent folder when several --lambda are given).")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (an OUT overlapping an input is refused even so).")
 @click.option("--template", default=None,
               help="A mergekit YAML to render instead of the bundled merge_configs/negate.yml / negate_lora.yml.")
 @click.option("--max-shard-size", default="auto", show_default=True,
