@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from debias_plugin.data._io import json_document
 from debias_plugin.errors import DataError, DebiasError
 from debias_plugin.models import check_weights
 
@@ -23,8 +24,6 @@ class TensorInfo:
 
 def read_json(path: Path) -> dict:
     """A JSON object file; bad JSON is a DataError with its line."""
-    from debias_plugin.data._io import json_document
-
     data = json_document(path)
     if not isinstance(data, dict):
         raise DataError(path, "top level", "a JSON object", type(data).__name__)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from debias_plugin.data._io import read_text
 from debias_plugin.errors import DataError, DebiasError
 
 NEGATION_FORMULA = "theta = base - lambda * (biased - base)"
@@ -65,14 +66,15 @@ def _locate(config, root, loc: tuple) -> tuple[str, int | None]:
     return key.lstrip(".") or "top level", line
 
 
-def _refuse(source, config: dict, text: str | None, problems: list[tuple[tuple, str]], expected: str):
+def _refusal(source, config: dict, text: str | None, problems: list[tuple[tuple, str]], expected: str) -> DataError:
+    """One DataError naming every offending key with its YAML line (when the text is known)."""
     root = yaml.compose(text, Loader=yaml.SafeLoader) if text else None
     described, where = {}, None  # one reason per key: a bad value fails every branch of mergekit's unions
     for loc, why in problems:
         key, line = _locate(config, root, loc)
         described.setdefault(f"{key} (line {line})" if line else key, why)
         where = where or (f"line {line}" if line else f"key {key}")
-    raise DataError(source, where, expected, "; ".join(f"{key}: {why}" for key, why in list(described.items())[:5]))
+    return DataError(source, where, expected, "; ".join(f"{key}: {why}" for key, why in list(described.items())[:5]))
 
 
 def parse_config(config: dict, source="config", text: str | None = None):
@@ -85,16 +87,17 @@ def parse_config(config: dict, source="config", text: str | None = None):
         parsed = MergeConfiguration.model_validate(config, extra="forbid")
     except ValidationError as err:
         problems = [(e["loc"], "unknown key" if e["type"] == "extra_forbidden" else e["msg"]) for e in err.errors()]
-        _refuse(source, config, text, problems, "only keys mergekit reads (it ignores the others silently)"
-                if all(why == "unknown key" for _, why in problems) else "a mergekit config")
+        unknown_only = all(why == "unknown key" for _, why in problems)
+        raise _refusal(source, config, text, problems, "only keys mergekit reads (it ignores the others silently)"
+                       if unknown_only else "a mergekit config") from None
     except RuntimeError as err:  # mergekit's own validators raise these
         raise DataError(source, "top level", "a mergekit config", str(err)) from None
     try:
         spec = merge_methods.get(parsed.merge_method).spec
     except RuntimeError:
         names = sorted(m.spec.name for m in merge_methods.registered_methods())
-        _refuse(source, config, text, [(("merge_method",), f"unknown method {parsed.merge_method!r}")],
-                f"one of mergekit's merge methods ({', '.join(names)})")
+        raise _refusal(source, config, text, [(("merge_method",), f"unknown method {parsed.merge_method!r}")],
+                       f"one of mergekit's merge methods ({', '.join(names)})") from None
     shared, per_model = [p.name for p in spec.parameters], [p.name for p in spec.input_parameters]
     problems = [(("parameters", key), f"not a parameter of {spec.name} (it takes {', '.join(shared)})")
                 for key in parsed.parameters or {} if key not in shared]
@@ -104,14 +107,12 @@ def parse_config(config: dict, source="config", text: str | None = None):
                  for index, entry in enumerate(parsed.models or []) for key in entry.parameters or {}
                  if key not in per_model]
     if problems:
-        _refuse(source, config, text, problems, "only parameters the merge method reads (others are ignored)")
+        raise _refusal(source, config, text, problems, "only parameters the merge method reads (others are ignored)")
     return parsed
 
 
 def load_template(path: str | Path) -> dict:
     """A merge_configs/ template: yaml.safe_load, then every key checked against what mergekit reads."""
-    from debias_plugin.data._io import read_text
-
     path = Path(path)
     if not path.is_file():
         raise DebiasError(f"{path}: template not found.")
