@@ -145,20 +145,15 @@ def pool_hidden_states(hidden, attention_mask, mode: str):
     raise DebiasError(f"SEAT: unknown pooling '{mode}'; expected one of {', '.join(POOLINGS)}.")
 
 
-def _read_json_file(path: Path):
-    from debias_plugin.data._io import json_document
-
-    return json_document(path)
-
-
 def sentence_transformers_layout(model_dir: Path) -> dict | None:
     """For a sentence-transformers folder: transformer path, pooling modes, normalisation, length, case."""
+    from debias_plugin.data._io import json_document
     from debias_plugin.errors import DataError
 
     modules_file = model_dir / "modules.json"
     if not modules_file.is_file():
         return None
-    modules = _read_json_file(modules_file)
+    modules = json_document(modules_file)
     if not isinstance(modules, list) or not all(isinstance(m, dict) and "type" in m for m in modules):
         raise DataError(modules_file, "top level", "a list of modules, each with 'type' and 'path'")
     layout = {"transformer": None, "pooling": None, "normalize": False}
@@ -169,7 +164,7 @@ def sentence_transformers_layout(model_dir: Path) -> dict | None:
             layout["transformer"] = path
         elif kind == "Pooling" and layout["pooling"] is None:
             config_file = path / "config.json"
-            config = _read_json_file(config_file)
+            config = json_document(config_file)
             if not isinstance(config, dict):
                 raise DataError(config_file, "top level", "a pooling configuration object")
             if config.get("pooling_mode_weightedmean_tokens"):
@@ -189,7 +184,7 @@ def sentence_transformers_layout(model_dir: Path) -> dict | None:
     settings_file = layout["transformer"] / "sentence_bert_config.json"
     if not settings_file.is_file():
         settings_file = model_dir / "sentence_bert_config.json"
-    settings = _read_json_file(settings_file) if settings_file.is_file() else {}
+    settings = json_document(settings_file) if settings_file.is_file() else {}
     layout["max_length"] = settings.get("max_seq_length") if isinstance(settings, dict) else None
     layout["lowercase"] = bool(settings.get("do_lower_case")) if isinstance(settings, dict) else False
     return layout
