@@ -1,0 +1,113 @@
+"""Per-point numbers: every reported lm-eval metric with its interval (the gate's statistics), and the choice.
+
+Intervals: CrowS-style 0/100 outcomes get the exact Clopper-Pearson interval, perplexities (over documents),
+StereoSet SS/LMS/ICAT (over target terms) and other means a percentile bootstrap, all at 1 - alpha.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+
+def finite_or_none(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _interval(samples, metric: str, alpha: float, resamples: int, seed: int) -> dict | None:
+    from debias_plugin.gate import stats
+    from debias_plugin.gate.checks import statistic_for
+
+    if samples.kind == "binary":
+        interval = stats.clopper_pearson(int(round(samples.columns["outcome"].sum())), samples.units, alpha)
+        return {"low": interval.low * samples.scale, "high": interval.high * samples.scale, "method": interval.method}
+    if samples.units < 2:
+        return None
+    result = stats.bootstrap(statistic_for(samples, metric), samples.units, alpha, resamples=resamples, seed=seed,
+                             what=samples.unit_name)
+    low, high = finite_or_none(result.interval.low), finite_or_none(result.interval.high)
+    if low is None or high is None:
+        return None
+    return {"low": low, "high": high, "method": result.interval.method}
+
+
+def summarize(results: dict, *, alpha: float, resamples: int, seed: int, source: str = "results") -> dict:
+    """{"task/metric": {"value", "low", "high", "method", "units"}} for every numeric metric in lm-eval results."""
+    from debias_plugin.gate.results import (
+        metric_key,
+        metric_names,
+        metric_samples,
+        results_from_dict,
+    )
+
+    loaded = results_from_dict(results, source)
+    summary = {}
+    for task in sorted(loaded.data.get("results", {})):
+        for metric in metric_names(loaded, task):
+            key = metric_key(loaded, task, metric)
+            value = finite_or_none(loaded.data["results"][task].get(key)) if key else None
+            entry = {"value": value}
+            if value is not None:
+                samples, _ = metric_samples(loaded, task, metric)
+                interval = _interval(samples, metric, alpha, resamples, seed) if samples is not None else None
+                if interval is not None:
+                    entry.update(interval, units=samples.units)
+            summary[f"{task}/{metric}"] = entry
+    return summary
+
+
+def value_of(summary: dict, metric: str) -> float | None:
+    entry = summary.get(metric)
+    return None if entry is None else entry.get("value")
+
+
+def point_values(summary: dict, sweep) -> list[float | None]:
+    """Optuna's objective values for a point: |objective - target|, then each budget metric."""
+    objective = value_of(summary, sweep.config.objective)
+    values = [None if objective is None else abs(objective - sweep.config.target)]
+    return values + [value_of(summary, metric) for metric in sweep.config.budget]
+
+
+def feasibility(summary: dict, reference: dict, sweep) -> dict[str, dict]:
+    """Each budget rule at this point: value, limit (from the reference where relative), holds."""
+    checks = {}
+    for metric, rule in sweep.config.budget.items():
+        value, base = value_of(summary, metric), value_of(reference, metric)
+        limit = rule.limit(base)
+        checks[metric] = {"value": value, "reference": base, "limit": limit, "rule": rule.describe(),
+                          "holds": rule.holds(value, base),
+                          "relative_change": None if value is None or not base else value / base - 1}
+    return checks
+
+
+def choose(points: Iterable[dict]) -> str | None:
+    """The feasible point closest to the target; ties go to the smaller budget cost, then the earlier point."""
+    best, best_rank = None, None
+    for order, point in enumerate(points):
+        distance = point.get("distance")
+        if distance is None or not point.get("feasible"):
+            continue
+        costs = [c if d == "minimize" else -c for c, d in zip(point.get("budget_values", []), point.get("directions", []))]
+        rank = (distance, *costs, order)
+        if best_rank is None or rank < best_rank:
+            best, best_rank = point["key"], rank
+    return best
+
+
+def leaf_metrics(summary: dict, metric: str) -> dict[str, float | None]:
+    """task/metric of a group's subtasks in the summary: crows_bias/pct_stereotype -> each crows_bias_<type>."""
+    task, name = metric.split("/", 1)
+    prefix = task + "_"
+    found = {}
+    for key, entry in sorted(summary.items()):
+        leaf, leaf_metric = key.split("/", 1)
+        if leaf.startswith(prefix) and leaf_metric == name and leaf[len(prefix):] not in _NOT_SUBTASKS:
+            found[leaf[len(prefix):]] = entry.get("value")
+    return found
+
+
+_NOT_SUBTASKS = ("overall", "aul", "inter")  # sibling tasks over the same data, not parts of the group

@@ -1,0 +1,463 @@
+"""sweep.json, sweep.csv, report.md, plots and best/ from the Optuna study alone (so `sweep report` re-renders).
+
+sweep.json is deterministic apart from its "run" section (timings, requests scored, hosts, when): the same sweep
+gives the same file whether it ran in one go, was killed and resumed, or was shared by several processes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+from debias_plugin.errors import DebiasError
+from debias_plugin.sweep import metrics
+from debias_plugin.sweep.config import SCHEMA, Sweep, load_sweep
+from debias_plugin.sweep.search import next_step
+from debias_plugin.sweep.study import (
+    Studies,
+    open_storage,
+    pareto_keys,
+    recorded_points,
+    storage_url,
+)
+
+STATE_FILE = "sweep_state.json"
+PLOTS = "plots"
+
+
+def write_state(out: Path, sweep: Sweep, url: str, *, external: bool) -> None:
+    """Where the study lives, for `debias sweep report DIR` (a URL with a password is not written down)."""
+    from sqlalchemy.engine import make_url
+
+    from debias_plugin.sweep.runner import _write_text
+
+    try:
+        secret = make_url(url).password is not None
+    except Exception:
+        secret = True
+    state = {"study": sweep.study_name, "storage": None if not external else (None if secret else url)}
+    _write_text(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ collect
+
+def _ordered_keys(sweep: Sweep, recorded: dict) -> list[str]:
+    """Reference, then the plan's order (grid / checkpoints), then search points by knob value."""
+    keys = [point.key for job in sweep.jobs() for point in job.points if point.key in recorded]
+    if sweep.config.search:
+        knob = sweep.search_knob
+        search = [k for k, t in recorded.items() if t.user_attrs.get("role") == "search"]
+        keys += sorted(search, key=lambda k: float(recorded[k].user_attrs["params"][knob]))
+    return keys
+
+
+def _point_entry(sweep: Sweep, trial, full, reference_summary: dict, front: set) -> dict:
+    attrs = trial.user_attrs
+    summary = dict(attrs.get("summary", {}))
+    suites, tasks = ["screen"], list(attrs.get("tasks", []))
+    notes = []
+    if full is not None and full.user_attrs.get("summary") is not None:
+        summary.update(full.user_attrs["summary"])
+        suites.append("full")
+        tasks += full.user_attrs.get("tasks", [])
+        if full.user_attrs.get("model_sha256") != attrs.get("model_sha256"):
+            notes.append("the full suite ran on a rebuilt model whose files differ from the screened one")
+    elif full is not None and full.user_attrs.get("error"):
+        notes.append(f"full suite failed: {full.user_attrs['error']}")
+    objective = metrics.value_of(summary, sweep.config.objective)
+    checks = metrics.feasibility(summary, reference_summary, sweep)
+    error = attrs.get("error")
+    return {
+        "key": attrs["key"], "name": attrs["name"], "role": attrs["role"], "params": attrs.get("params", {}),
+        "model": attrs.get("model"), "model_sha256": attrs.get("model_sha256"),
+        "suite": "full" if "full" in suites else "screen", "tasks": tasks,
+        "metrics": {key: summary[key] for key in sorted(summary)},
+        "objective": {"metric": sweep.config.objective, "value": objective, "target": sweep.config.target,
+                      "distance": None if objective is None else abs(objective - sweep.config.target)},
+        "budget": checks, "feasible": error is None and objective is not None and all(c["holds"] for c in checks.values()),
+        "pareto": attrs["key"] in front, "error": error, "notes": notes,
+    }
+
+
+def search_summary(sweep: Sweep, points: list[dict], reference_summary: dict) -> dict | None:
+    """The budget search replayed from the recorded points (the runner stopped at exactly this state)."""
+    if not sweep.config.search:
+        return None
+    from debias_plugin.sweep.config import search_is_integer
+    from debias_plugin.sweep.runner import observation
+
+    knob = sweep.search_knob
+    low, high = sweep.config.search[knob]
+    observations = {}
+    for point in points:
+        if point["role"] == "search":
+            x = float(point["params"][knob])
+        elif point["role"] == "reference" and sweep.reference_knob_value is not None:
+            x = sweep.reference_knob_value
+        else:
+            continue
+        observations[x] = observation(point["metrics"], reference_summary, sweep)
+    result = next_step(low, high, observations, target=sweep.config.target, tolerance=sweep.config.tolerance,
+                       max_evaluations=sweep.config.max_evaluations, integer=search_is_integer(sweep))
+    return {"knob": knob, "range": [low, high], "max_evaluations": sweep.config.max_evaluations,
+            "tolerance": sweep.config.tolerance, "finished": result.proposal is None, "next": result.proposal,
+            "evaluations": result.evaluations, "bracket": [result.low, result.high], "best_value": result.best,
+            "reason": result.reason, "monotonicity_violations": result.violations,
+            "reference_used_as_low_end": sweep.reference_knob_value == low}
+
+
+def collect(sweep: Sweep, studies: Studies, *, base: Path | None = None) -> tuple[dict, dict]:
+    """(the deterministic sweep.json content, the run section: costs and timings)."""
+    recorded = recorded_points(studies.results)
+    if "base" not in recorded:
+        raise DebiasError("The study has no result for the base model yet: the sweep has not started there.")
+    full = recorded_points(studies.full)
+    front = set(pareto_keys(studies.results))
+    reference_summary = recorded["base"].user_attrs.get("summary", {})
+    points = [_point_entry(sweep, recorded[key], full.get(key), reference_summary, front)
+              for key in _ordered_keys(sweep, recorded)]
+    directions = sweep.directions[1:]
+    chosen = metrics.choose({**p, "distance": p["objective"]["distance"], "directions": directions,
+                             "budget_values": [p["budget"][m]["value"] for m in sweep.config.budget]}
+                            for p in points)
+    for point in points:
+        point["best"] = point["key"] == chosen
+    counts = {"screen": sum(1 for p in points if not p["error"]),
+              "full": sum(1 for p in points if p["suite"] == "full")}
+    content = {
+        "schema": SCHEMA, "study": sweep.study_name, "sweep_sha256": sweep.sha256,
+        "sweep": sweep.config.model_dump(mode="json"),
+        "base": str(base) if base else sweep.config.base,
+        "tasks": {"screen": sweep.screen_tasks, "full": sweep.config.evaluate},
+        "points": points, "pareto_front": [p["key"] for p in points if p["pareto"]], "best": chosen,
+        "best_name": next((p["name"] for p in points if p["key"] == chosen), None),
+        "search": search_summary(sweep, points, reference_summary),
+        "evaluations": counts,
+    }
+    costs = {}
+    for key, trial in recorded.items():
+        costs[trial.user_attrs["name"]] = {"screen": trial.user_attrs.get("cost")}
+        if key in full:
+            costs[trial.user_attrs["name"]]["full"] = full[key].user_attrs.get("cost")
+    run = {"generated_utc": datetime.now(UTC).isoformat(timespec="seconds"), "cost": costs,
+           "requests_scored": _total(costs, "scored"), "requests_received": _total(costs, "received"),
+           "evaluation_seconds": round(sum((c or {}).get("seconds", 0) for entry in costs.values()
+                                           for c in entry.values()), 1)}
+    return content, run
+
+
+def _total(costs: dict, kind: str) -> int:
+    return sum(value for entry in costs.values() for cost in entry.values() if cost
+               for key, value in cost.items() if key.endswith("_" + kind))
+
+
+def full_suite_keys(sweep: Sweep, studies: Studies) -> list[str]:
+    """Points that get the remaining tasks: the Pareto front and the chosen point, in report order."""
+    content, _ = collect(sweep, studies)
+    wanted = set(content["pareto_front"]) | ({content["best"]} if content["best"] else set())
+    return [p["key"] for p in content["points"] if p["key"] in wanted and not p["error"]]
+
+
+# ------------------------------------------------------------------------------------------------ render
+
+def render(out: Path, sweep: Sweep, studies: Studies, *, base: Path | None = None) -> dict:
+    """Write sweep.json, sweep.csv, report.md and the plots into DIR; returns the sweep.json content."""
+    from debias_plugin.sweep.runner import _write_text
+
+    content, run = collect(sweep, studies, base=base)
+    (out / PLOTS).mkdir(exist_ok=True)
+    plots = plot(out / PLOTS, sweep, content)
+    _write_text(out / "sweep.json", json.dumps({**content, "run": run}, indent=2, sort_keys=True) + "\n")
+    _write_text(out / "sweep.csv", table_csv(sweep, content))
+    _write_text(out / "report.md", markdown(sweep, content, run, plots))
+    return content
+
+
+def link_best(out: Path, sweep: Sweep, studies: Studies, content: dict, *, base: Path | None) -> Path | None:
+    """DIR/best -> the chosen point's model folder (relative inside DIR), replaced atomically."""
+    chosen = next((p for p in content["points"] if p["best"]), None)
+    if chosen is None:
+        return None
+    target = Path(chosen["model"]) if chosen["model"] else None
+    if target is None:
+        return None
+    absolute = target if target.is_absolute() else out / target
+    if not absolute.is_dir():
+        return None
+    link = out / "best"
+    staging = out / f".best.tmp-{os.getpid()}"
+    if staging.is_symlink() or staging.exists():
+        staging.unlink()
+    staging.symlink_to(target if not target.is_absolute() else absolute, target_is_directory=True)
+    if link.exists() and not link.is_symlink():
+        raise DebiasError(f"{link} exists and is not a link the sweep wrote; move it away.")
+    os.replace(staging, link)
+    return link
+
+
+def render_folder(out: str | Path, storage: str | None = None) -> Path:
+    """`debias sweep report DIR`: re-render from the stored study, without evaluating anything."""
+    out = Path(out).expanduser().resolve()
+    if not (out / "sweep.yml").is_file():
+        raise DebiasError(f"{out} holds no sweep.yml: not a sweep output folder.")
+    sweep = load_sweep(out / "sweep.yml")
+    state = json.loads((out / STATE_FILE).read_text()) if (out / STATE_FILE).is_file() else {}
+    url = storage or state.get("storage")
+    if url is None and state and state.get("storage") is None and not (out / "study.db").is_file():
+        raise DebiasError(f"{out}: the sweep's study is in an external storage; pass --storage URL.")
+    url = storage_url(url, out)
+    studies = Studies.open(open_storage(url), sweep.study_name, sweep.directions, create=False)
+    base = None if sweep.config.base == "default" else Path(sweep.config.base).expanduser().resolve()
+    content = render(out, sweep, studies, base=base)
+    link_best(out, sweep, studies, content, base=base)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ formats
+
+def _number(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    magnitude = abs(value)
+    if magnitude >= 1000:
+        return f"{value:.0f}"
+    if magnitude >= 100:
+        return f"{value:.1f}"
+    return f"{value:.{digits}f}" if magnitude >= 1 or magnitude == 0 else f"{value:.4g}"
+
+
+def _with_interval(entry: dict | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "–"
+    text = _number(entry["value"])
+    if entry.get("low") is not None:
+        text += f" [{_number(entry['low'])}, {_number(entry['high'])}]"
+    return text
+
+
+def _param_columns(content: dict) -> list[str]:
+    keys = []
+    for point in content["points"]:
+        for key in point["params"]:
+            if key not in keys:
+                keys.append(key)
+    return keys
+
+
+def table_csv(sweep: Sweep, content: dict) -> str:
+    params = _param_columns(content)
+    metric_names = sorted({key for p in content["points"] for key in p["metrics"]})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["name", "role", *params, "suite", "feasible", "pareto", "best", "objective", "distance",
+                     *[f"{m}{suffix}" for m in metric_names for suffix in ("", "_low", "_high")], "error"])
+    for p in content["points"]:
+        row = [p["name"], p["role"], *[p["params"].get(k, "") for k in params], p["suite"], p["feasible"],
+               p["pareto"], p["best"], p["objective"]["value"], p["objective"]["distance"]]
+        for m in metric_names:
+            entry = p["metrics"].get(m, {})
+            row += [entry.get("value"), entry.get("low"), entry.get("high")]
+        writer.writerow(["" if v is None else v for v in row] + [p["error"] or ""])
+    return buffer.getvalue()
+
+
+def _task_tables(sweep: Sweep, content: dict) -> list[str]:
+    """One table per evaluated task: a group's per-type values, else the task's own metrics."""
+    lines = []
+    for task in sweep.config.evaluate:
+        objective_task, objective_metric = sweep.config.objective.split("/", 1)
+        rows = [p for p in content["points"] if any(k.startswith(task + "/") for k in p["metrics"])]
+        if not rows:
+            continue
+        if task == objective_task or any(k.startswith(task + "_") for k in rows[0]["metrics"]):
+            metric = objective_metric if task == objective_task else _first_metric(rows[0]["metrics"], task)
+            leaves = sorted({leaf for p in rows for leaf in metrics.leaf_metrics(p["metrics"], f"{task}/{metric}")})
+            columns = [(f"{task}_{leaf}/{metric}", leaf) for leaf in leaves] + [(f"{task}/{metric}", "all")]
+            title = f"### {task}: {metric} per type"
+        else:
+            names = sorted({k.split("/", 1)[1] for p in rows for k in p["metrics"] if k.startswith(task + "/")},
+                           key=lambda n: (n.count("_"), n))
+            columns = [(f"{task}/{name}", name) for name in names]
+            title = f"### {task}"
+        lines += ["", title, "", "| point | " + " | ".join(label for _, label in columns) + " |",
+                  "|---|" + "---:|" * len(columns)]
+        for p in rows:
+            cells = [_with_interval(p["metrics"].get(key)) for key, _ in columns]
+            lines.append(f"| {p['name']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _first_metric(summary: dict, task: str) -> str:
+    names = sorted(k.split("/", 1)[1] for k in summary if k.startswith(task + "/"))
+    return names[0] if names else ""
+
+
+def _param_cell(sweep: Sweep, point: dict, key: str) -> str:
+    if key in point["params"]:
+        return f"{point['params'][key]:g}" if isinstance(point["params"][key], float) else str(point["params"][key])
+    if point["role"] == "reference" and key == sweep.knob and sweep.reference_knob_value is not None:
+        return f"{sweep.reference_knob_value:g} (base)"
+    return ""
+
+
+def markdown(sweep: Sweep, content: dict, run: dict, plots: list[str]) -> str:
+    config = sweep.config
+    budget_text = "; ".join(f"`{m}` {rule.describe()}" for m, rule in config.budget.items()) or "none"
+    lines = [f"# Sweep: {config.name or config.method} ({config.method} on {content['base']})", "",
+             f"Objective: |`{config.objective}` − {config.target:g}| minimised. Budget: {budget_text}. "
+             f"Intervals: {100 * (1 - config.alpha):g}% (Clopper-Pearson for pair outcomes, percentile bootstrap "
+             f"with {config.resamples} resamples otherwise)."
+             + (f" lm-eval `limit: {config.limit}` (a slice of every task)." if config.limit else ""), ""]
+    best = next((p for p in content["points"] if p["best"]), None)
+    if best:
+        budget = "; ".join(f"`{m}` {_number(c['value'])} (limit {_number(c['limit'])}"
+                           + (f", {100 * c['relative_change']:+.1f}% vs base" if c["relative_change"] is not None else "")
+                           + ")" for m, c in best["budget"].items())
+        lines += [f"**Chosen: `{best['name']}`** — `{config.objective}` "
+                  f"{_with_interval(best['metrics'].get(config.objective))}" + (f"; {budget}" if budget else "")
+                  + f". Model: `best/` → `{best['model']}` (its `debias_manifest.json` records how it was made).", ""]
+    else:
+        lines += ["**No setting keeps the budget**: nothing was chosen.", ""]
+    if content["search"]:
+        s = content["search"]
+        lines += [f"Budget search over `{s['knob']}` in [{s['range'][0]:g}, {s['range'][1]:g}]: "
+                  f"{s['evaluations']} evaluations" + (" (the low end is the base model)" if s["reference_used_as_low_end"] else "")
+                  + f", {s['reason']}." + ("" if s["finished"] else f" Not finished: next {s['next']:g}."), ""]
+        for problem in s["monotonicity_violations"]:
+            lines.append(f"- Warning: {problem}; the bisection assumes monotone metrics, so the result may be local.")
+    params = _param_columns(content)
+    budget_metrics = list(config.budget)
+    header = ["point", *params, f"{config.objective}", *budget_metrics, "feasible", "Pareto", "suite"]
+    lines += ["## Points", "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for p in content["points"]:
+        cells = [("**" + p["name"] + "**") if p["best"] else p["name"], *[_param_cell(sweep, p, k) for k in params],
+                 _with_interval(p["metrics"].get(config.objective))]
+        for m in budget_metrics:
+            check = p["budget"][m]
+            change = f" ({100 * check['relative_change']:+.1f}%)" if check["relative_change"] is not None else ""
+            cells.append(_with_interval(p["metrics"].get(m)) + change)
+        cells += ["error: " + p["error"] if p["error"] else ("yes" if p["feasible"] else "no"),
+                  "yes" if p["pareto"] else "", p["suite"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += _task_tables(sweep, content)
+    notes = [f"- `{p['name']}`: {note}" for p in content["points"] for note in p["notes"]]
+    if notes:
+        lines += ["", "Notes:", *notes]
+    screened, full = content["evaluations"]["screen"], content["evaluations"]["full"]
+    full_names = ", ".join(f"`{p['name']}`" for p in content["points"] if p["suite"] == "full")
+    lines += ["", "## Cost", "",
+              f"- Screening suite ({', '.join(content['tasks']['screen'])}) on all {screened} points; "
+              + (f"the other tasks ({', '.join(sweep.full_tasks)}) only on {full} point(s): the Pareto front and "
+                 f"the chosen point ({full_names})." if sweep.full_tasks else "it is the whole suite."),
+              f"- lm-eval requests scored: {run['requests_scored']} of {run['requests_received']} received "
+              "(identical requests across tasks scored once; cached or resumed evaluations score none); "
+              f"evaluation time {run['evaluation_seconds']} s in this study's processes.", ""]
+    if plots:
+        lines += ["## Plots", ""] + [f"![{name}]({PLOTS}/{name}.png) ([SVG]({PLOTS}/{name}.svg))" for name in plots]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+def _save(figure, folder: Path, name: str) -> None:
+    figure.tight_layout()
+    figure.savefig(folder / f"{name}.png", dpi=120)
+    figure.savefig(folder / f"{name}.svg", metadata={"Date": None})
+
+
+def _knob_value(sweep: Sweep, point: dict):
+    knob = sweep.knob
+    if knob is None:
+        return None
+    if knob in point["params"]:
+        return float(point["params"][knob])
+    return sweep.reference_knob_value if point["role"] == "reference" else None
+
+
+def plot(folder: Path, sweep: Sweep, content: dict) -> list[str]:
+    """bias_vs_budget (Pareto front, budget line) and bias_by_type (per-type bias vs the knob), PNG + SVG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    config, made = sweep.config, []
+    points = [p for p in content["points"] if not p["error"] and p["objective"]["value"] is not None]
+    if config.budget and points:
+        metric, rule = next(iter(config.budget.items()))
+        figure, axis = plt.subplots(figsize=(6.4, 4.4))
+        xs = [p["budget"][metric]["value"] for p in points]
+        ys = [p["objective"]["value"] for p in points]
+        xerr = [[_gap(p["metrics"].get(metric), "low"), _gap(p["metrics"].get(metric), "high")] for p in points]
+        yerr = [[_gap(p["metrics"].get(config.objective), "low"), _gap(p["metrics"].get(config.objective), "high")]
+                for p in points]
+        axis.errorbar(xs, ys, xerr=list(zip(*xerr)), yerr=list(zip(*yerr)), fmt="o", color="tab:gray", alpha=0.6,
+                      label="settings (with intervals)")
+        for p, x, y in zip(points, xs, ys):
+            if x is not None:
+                axis.annotate(p["name"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front = sorted((x, y) for p, x, y in zip(points, xs, ys) if p["pareto"] and x is not None)
+        if front:
+            axis.plot(*zip(*front), "-", color="tab:blue", marker="o", label="Pareto front")
+        limit = points[0]["budget"][metric]["limit"]
+        if limit is not None:
+            axis.axvline(limit, color="tab:red", linestyle="--", label=f"budget ({rule.describe()})")
+        axis.axhline(config.target, color="tab:green", linestyle=":", label=f"target {config.target:g}")
+        best = next((p for p in points if p["best"]), None)
+        if best:
+            axis.plot([best["budget"][metric]["value"]], [best["objective"]["value"]], "*", color="tab:orange",
+                      markersize=16, label=f"chosen: {best['name']}")
+        axis.set_xlabel(metric)
+        axis.set_ylabel(config.objective)
+        axis.legend(fontsize=7)
+        _save(figure, folder, "bias_vs_budget")
+        plt.close(figure)
+        made.append("bias_vs_budget")
+    series = [p for p in points if _knob_value(sweep, p) is not None]
+    groups = _series(sweep, series)
+    if series:
+        figure, axis = plt.subplots(figsize=(6.4, 4.4))
+        if len(groups) == 1:  # one run or one knob: every type of the objective's group against the knob
+            members = groups[0][1]
+            xs = [_knob_value(sweep, p) for p in members]
+            leaves = sorted({leaf for p in members for leaf in metrics.leaf_metrics(p["metrics"], config.objective)})
+            for leaf in leaves:
+                ys = [metrics.leaf_metrics(p["metrics"], config.objective).get(leaf) for p in members]
+                axis.plot(xs, [float("nan") if y is None else y for y in ys], marker=".", linewidth=1, label=leaf)
+            axis.plot(xs, [p["objective"]["value"] for p in members], "k-", marker="o", linewidth=2.5, label="all")
+        else:  # several grid settings: the objective of each against the knob
+            for label, members in groups:
+                axis.plot([_knob_value(sweep, p) for p in members], [p["objective"]["value"] for p in members],
+                          marker="o", label=label)
+        axis.axhline(config.target, color="tab:green", linestyle=":")
+        axis.set_xlabel(sweep.knob)
+        axis.set_ylabel(config.objective)
+        axis.legend(fontsize=7, ncol=2)
+        _save(figure, folder, "bias_by_type")
+        plt.close(figure)
+        made.append("bias_by_type")
+    return made
+
+
+def _series(sweep: Sweep, points: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Points grouped by everything but the knob (one group per training run of a checkpoint grid), by knob."""
+    groups: dict[str, list[dict]] = {}
+    for point in points:
+        rest = {k: v for k, v in point["params"].items() if k != sweep.knob}
+        label = ", ".join(f"{k}={v}" for k, v in rest.items()) or "sweep"
+        groups.setdefault(label, []).append(point)
+    if len(groups) > 1 and "sweep" in groups:  # the base model starts every run
+        reference = groups.pop("sweep")
+        groups = {label: reference + members for label, members in groups.items()}
+    return [(label, sorted(members, key=lambda p: _knob_value(sweep, p))) for label, members in groups.items()]
+
+
+def _gap(entry: dict | None, side: str) -> float:
+    if not entry or entry.get(side) is None or entry.get("value") is None:
+        return 0.0
+    return abs(entry["value"] - entry[side])

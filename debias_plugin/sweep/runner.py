@@ -1,0 +1,442 @@
+"""`run_sweep`: make each setting's model with the stage itself, evaluate it with lm-eval, record it in Optuna.
+
+Layout of the output folder (DIR):
+  sweep.yml                   the sweep file as given (a rerun with another file is refused)
+  study.db                    the Optuna storage, unless --storage names another
+  trials/<point>/model/       negate or training output (a normal stage folder with its debias_manifest.json)
+  runs/<job>/model/           a checkpoint sweep's one training run; its points are model.snapshots/step-N/
+  trials/<point>/results/     lm-eval results of the screening tasks (evaluation.evaluate's results folder)
+  trials/<point>/results_full/  the remaining tasks, for points on the Pareto front
+  sweep.json, sweep.csv, report.md, plots/, best -> the chosen point's model folder
+
+Phases: the base model (the reference every relative budget compares with), then every grid point / checkpoint
+(or the budget search's evaluations) on the screening tasks, then the other tasks on the Pareto front only.
+Every step checks what is already there (a published folder, a recorded trial), so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from debias_plugin.errors import DebiasError
+from debias_plugin.sweep import metrics
+from debias_plugin.sweep.config import (
+    Job,
+    Point,
+    Sweep,
+    check_tasks,
+    load_sweep,
+    search_is_integer,
+    training_settings,
+)
+from debias_plugin.sweep.search import Observation, SearchResult, next_step
+from debias_plugin.sweep.study import (
+    Heartbeat,
+    JobBoard,
+    Studies,
+    add_point,
+    distributions,
+    open_storage,
+    recorded_points,
+    storage_url,
+)
+
+logger = logging.getLogger(__name__)
+
+ABORT_ENV = "DEBIAS_SWEEP_ABORT_IN_JOB"  # test hook: SIGKILL inside the k-th job, after its model is written
+POLL_ENV = "DEBIAS_SWEEP_POLL_SECONDS"
+SWEEP_FILE = "sweep.yml"
+STATE_FILE = "sweep_state.json"
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str | None) -> Shard | None:
+        if not text:
+            return None
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise DebiasError(f"--shard expects i/n, e.g. 0/2 (found {text!r}).") from None
+        if count < 1 or not 0 <= index < count:
+            raise DebiasError(f"--shard {text}: need 0 <= i < n.")
+        return cls(index, count)
+
+    def owns(self, position: int) -> bool:
+        return position % self.count == self.index
+
+
+def _write_text(path: Path, text: str) -> None:
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, path)
+
+
+def prepare_folder(sweep: Sweep, out: Path, *, force: bool, inputs: list[Path]) -> None:
+    """DIR is new, or holds this same sweep (resume); another sweep's folder is replaced only with --force."""
+    from debias_plugin.outputs import overlaps
+
+    for given in inputs:
+        if overlaps(out, given.resolve()):
+            raise DebiasError(f"--out {out} overlaps the input {given}: choose an output folder outside every input.")
+    if out.is_file():
+        raise DebiasError(f"--out {out} is a file; choose a folder.")
+    if out.is_dir() and any(out.iterdir()):
+        previous = out / SWEEP_FILE
+        same = previous.is_file() and _same_sweep(previous, sweep)
+        if not same and not force:
+            raise DebiasError(f"--out {out} is not empty and does not hold this sweep (no {SWEEP_FILE}, or one with "
+                              "other settings); pass --force to replace it, or choose another folder. A folder "
+                              "holding the same sweep is resumed.")
+        if not same:
+            shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / SWEEP_FILE).is_file():
+        _write_text(out / SWEEP_FILE, sweep.text)
+
+
+def _same_sweep(path: Path, sweep: Sweep) -> bool:
+    try:
+        return load_sweep(path).sha256 == sweep.sha256
+    except DebiasError:
+        return False
+
+
+def resolve_base(sweep: Sweep) -> Path:
+    from debias_plugin.sweep.config import DEFAULT_BASE
+
+    if sweep.config.base == DEFAULT_BASE:
+        from debias_plugin.default_model import materialize_default_model
+
+        return materialize_default_model()
+    base = Path(sweep.config.base).expanduser().resolve()
+    if not base.is_dir():
+        raise sweep.error(("base",), f"the model folder {base} does not exist")
+    return base
+
+
+def _inputs(sweep: Sweep) -> list[Path]:
+    paths = []
+    if sweep.config.base != "default":
+        paths.append(Path(sweep.config.base).expanduser())
+    for key in ("biased", "adapter", "template", "corpus", "heldout", "retain", "words"):
+        value = sweep.config.fixed.get(key)
+        if isinstance(value, str):
+            paths.append(Path(value).expanduser())
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+def evaluate_model(model_dir: Path, tasks: list[str], sweep: Sweep, output_dir: Path) -> tuple[dict, dict]:
+    """lm-eval results of `tasks` on a model folder (through debias_plugin.evaluation), and what it cost.
+
+    A published results folder is read back instead (resume). Causal LMs go through `hf-dedup`, which scores
+    identical requests once and counts what it scored; evaluation's cache answers repeated requests for the same
+    model content without scoring anything.
+    """
+    from debias_plugin.evaluation import (
+        RESULTS_NAME,
+        evaluate,
+        read_results_folder,
+        resolve_model_class,
+    )
+
+    if (output_dir / RESULTS_NAME).is_file():
+        return read_results_folder(output_dir), {"from": "results folder"}
+    config = sweep.config
+    model_class = resolve_model_class(model_dir)
+    counts = None
+    if model_class == "hf":
+        from debias_plugin.lm_eval import register_models
+
+        register_models()
+        from debias_plugin.lm_eval import dedup
+
+        model_class, counts = dedup.MODEL_NAME, dedup.REQUEST_COUNTS
+    before = dict(counts or {})
+    started = time.monotonic()
+    results = evaluate(model_dir, tasks, model_class=model_class, model_args=dict(config.model_args),
+                       batch_size=config.batch_size, limit=config.limit, device=config.device, output_dir=output_dir)
+    cost = {"seconds": round(time.monotonic() - started, 3), "model_class": model_class}
+    if counts is not None:
+        cost.update({key: counts[key] - before.get(key, 0) for key in counts})
+    return results, cost
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+@dataclass
+class SweepRun:
+    sweep: Sweep
+    out: Path
+    storage: str | None = None
+    shard: Shard | None = None
+    force: bool = False
+    poll_seconds: float = field(default_factory=lambda: float(os.environ.get(POLL_ENV, "5")))
+
+    def __post_init__(self):
+        self.out = Path(self.out).expanduser().resolve()
+        self.jobs_started = 0
+        self._reference_summary: dict | None = None
+
+    # -- entry ------------------------------------------------------------------------------------------
+    def run(self) -> Path:
+        from debias_plugin.sweep import report
+
+        sweep = self.sweep
+        check_tasks(sweep)  # lm-eval knows every task and metric: before any model loads
+        prepare_folder(sweep, self.out, force=self.force, inputs=_inputs(sweep))
+        self.base = resolve_base(sweep)
+        url = storage_url(self.storage, self.out)
+        self.studies = Studies.open(open_storage(url), sweep.study_name, sweep.directions)
+        report.write_state(self.out, sweep, url, external=self.storage is not None)
+        self.board = JobBoard(self.studies.jobs)
+        self.known = distributions(sweep)
+
+        self._work([sweep.jobs()[0]], "screen")
+        reference = recorded_points(self.studies.results).get("base")
+        if reference is None or reference.user_attrs.get("error"):
+            raise DebiasError(f"The base model could not be evaluated: "
+                              f"{reference.user_attrs.get('error') if reference else 'no result recorded'}")
+        if sweep.config.search:
+            self._search()
+        else:
+            self._work(sweep.jobs()[1:], "screen")
+        self._full_suite()
+        summary = report.render(self.out, sweep, self.studies, base=self.base)
+        best = summary.get("best")
+        if best is not None:
+            point = self._point(best)
+            self._models(self._job_of(point))  # the chosen model exists here (rebuilt if another host made it)
+            report.link_best(self.out, sweep, self.studies, summary, base=self.base)
+        failed = [p for p in summary["points"] if p.get("error") and p["role"] != "reference"]
+        if failed and len(failed) == len(summary["points"]) - 1:
+            raise DebiasError(f"Every setting failed; the first: {failed[0]['error']} (see {self.out / 'report.md'}).")
+        return self.out
+
+    # -- scheduling -------------------------------------------------------------------------------------
+    def _work(self, jobs: list[Job], phase: str, *, sharded: bool = True) -> None:
+        """Claim and run the jobs (this shard's share), then wait until every one is done by someone."""
+        pending = list(enumerate(jobs))
+        waited_since = None
+        while pending:
+            progressed = False
+            for position, job in list(pending):
+                key = f"{phase}:{job.key}"
+                if self.board.done(key):
+                    pending.remove((position, job))
+                    continue
+                if sharded and self.shard is not None and not self.shard.owns(position):
+                    continue
+                trial = self.board.claim(key)
+                if trial is None:
+                    continue
+                self._run_job(trial, job, phase)
+                pending.remove((position, job))
+                progressed = True
+            if pending and not progressed:
+                if waited_since is None:
+                    waited_since = time.monotonic()
+                    logger.info("Waiting for %d job(s) other processes are running: %s", len(pending),
+                                ", ".join(job.name for _, job in pending[:5]))
+                time.sleep(self.poll_seconds)
+
+    def _run_job(self, trial, job: Job, phase: str) -> None:
+        self.jobs_started += 1
+        with Heartbeat(trial):
+            try:
+                if phase == "screen":
+                    self._screen(job)
+                else:
+                    self._full(job)
+            except DebiasError as err:
+                logger.warning("%s (%s): %s", job.name, phase, err)
+                study = self.studies.results if phase == "screen" else self.studies.full
+                for point in job.points:
+                    add_point(study, point, None, {"error": str(err), "suite": phase}, self.known)
+                self.board.finish(trial, error=str(err))
+                return
+            except BaseException:
+                self.board.abandon(trial)
+                raise
+        self.board.finish(trial)
+
+    def _abort_hook(self) -> None:
+        wanted = int(os.environ.get(ABORT_ENV, "0") or 0)
+        if wanted and self.jobs_started == wanted:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    # -- one job ----------------------------------------------------------------------------------------
+    def _screen(self, job: Job) -> None:
+        models = self._models(job)
+        self._abort_hook()
+        for point in job.points:
+            self._record(self.studies.results, point, models[point.key], self.sweep.screen_tasks, "results", "screen")
+
+    def _full(self, job: Job) -> None:
+        point = job.points[0]
+        models = self._models(self._job_of(point))
+        self._abort_hook()
+        self._record(self.studies.full, point, models[point.key], self.sweep.full_tasks, "results_full", "full")
+
+    def _record(self, study, point: Point, model: Path, tasks: list[str], folder: str, suite: str) -> None:
+        config = self.sweep.config
+        results, cost = evaluate_model(model, tasks, self.sweep, self.out / "trials" / point.name / folder)
+        summary = metrics.summarize(results, alpha=config.alpha, resamples=config.resamples, seed=config.seed,
+                                    source=str(self.out / "trials" / point.name / folder))
+        if suite == "full":
+            screened = recorded_points(self.studies.results)[point.key].user_attrs.get("summary", {})
+            values = metrics.point_values(screened, self.sweep)
+        else:
+            values = metrics.point_values(summary, self.sweep)
+        attrs = {"summary": summary, "suite": suite, "tasks": tasks, "model": self._relative(model),
+                 "model_sha256": weights_sha256(model), "cost": cost}
+        add_point(study, point, values, attrs, self.known)
+
+    def _relative(self, path: Path) -> str:
+        path = Path(path).resolve()
+        return str(path.relative_to(self.out)) if self.out in path.parents else str(path)
+
+    # -- models -----------------------------------------------------------------------------------------
+    def _point(self, key: str) -> Point:
+        recorded = recorded_points(self.studies.results)[key]
+        role = recorded.user_attrs["role"]
+        params = recorded.user_attrs["params"]
+        if role == "reference":
+            return self.sweep.reference_point()
+        if role == "search":
+            return self.sweep.search_job(params[self.sweep.search_knob]).points[0]
+        return next(point for job in self.sweep.jobs() for point in job.points if point.key == key)
+
+    def _job_of(self, point: Point) -> Job:
+        if point.role == "reference":
+            return self.sweep.jobs()[0]
+        if point.role == "search":
+            return self.sweep.search_job(point.params[self.sweep.search_knob])
+        return next(job for job in self.sweep.jobs() if job.key == point.job)
+
+    def _models(self, job: Job) -> dict[str, Path]:
+        """Each point's model folder: made by the stage unless already published here."""
+        if job.key == "reference":
+            return {job.points[0].key: self.base}
+        if self.sweep.is_negate:
+            return {job.points[0].key: self._negated(job)}
+        return self._trained(job)
+
+    def _negated(self, job: Job) -> Path:
+        from debias_plugin.merge import negate
+        from debias_plugin.outputs import MANIFEST_NAME
+
+        fixed = self.sweep.config.fixed
+        out = self.out / "trials" / job.name / "model"
+        if (out / MANIFEST_NAME).is_file():
+            return out
+        try:
+            negate(self.base, lambdas=[job.settings["lambda"]], out=out, biased=fixed.get("biased"),
+                   adapter=fixed.get("adapter"), template=fixed.get("template"),
+                   **({"shard_size": fixed["shard_size"]} if fixed.get("shard_size") else {}), progress=False)
+        except DebiasError:
+            if (out / MANIFEST_NAME).is_file():  # another process sharing DIR published it meanwhile
+                return out
+            raise
+        return out
+
+    def _trained(self, job: Job) -> dict[str, Path]:
+        from debias_plugin.methods import method_class
+        from debias_plugin.outputs import MANIFEST_NAME
+        from debias_plugin.training import train
+
+        checkpoints = self.sweep.config.checkpoints
+        out = (self.out / "runs" / job.name / "model") if checkpoints else (self.out / "trials" / job.name / "model")
+        snapshots = out.parent / f"{out.name}.snapshots"
+        if checkpoints:
+            models = {point.key: snapshots / f"step-{point.params['step']}" for point in job.points}
+        else:
+            models = {job.points[0].key: out}
+        if (out / MANIFEST_NAME).is_file() and all((m / MANIFEST_NAME).is_file() for m in models.values()):
+            return models
+        config, options = training_settings(self.sweep, job.settings, out, base=str(self.base))
+        method = method_class(self.sweep.config.method)
+        if out.exists() and not (out / MANIFEST_NAME).is_file():
+            shutil.rmtree(out)  # never a published folder: the Trainer publishes atomically
+        train(config, method(options))
+        return models
+
+    # -- phases -----------------------------------------------------------------------------------------
+    def _observations(self) -> dict[float, Observation]:
+        sweep, knob = self.sweep, self.sweep.search_knob
+        recorded = recorded_points(self.studies.results)
+        reference = recorded["base"].user_attrs.get("summary", {})
+        found = {}
+        for trial in recorded.values():
+            role = trial.user_attrs.get("role")
+            if role == "search":
+                x = float(trial.user_attrs["params"][knob])
+            elif role == "reference" and sweep.reference_knob_value is not None:
+                x = sweep.reference_knob_value
+            else:
+                continue
+            found[x] = observation(trial.user_attrs.get("summary", {}), reference, sweep)
+        return found
+
+    def _search(self) -> SearchResult:
+        sweep = self.sweep
+        low, high = sweep.config.search[sweep.search_knob]
+        integer = search_is_integer(sweep)
+        while True:
+            step = next_step(low, high, self._observations(), target=sweep.config.target,
+                             tolerance=sweep.config.tolerance, max_evaluations=sweep.config.max_evaluations,
+                             integer=integer)
+            if step.proposal is None:
+                return step
+            logger.info("Budget search: %s = %g (%s).", sweep.search_knob, step.proposal, step.reason)
+            self._work([sweep.search_job(step.proposal)], "screen", sharded=False)
+
+    def _full_suite(self) -> None:
+        from debias_plugin.sweep import report
+
+        if not self.sweep.full_tasks:
+            return
+        keys = report.full_suite_keys(self.sweep, self.studies)
+        jobs = [Job(f"point:{key}", self._point(key).name, {}, (self._point(key),)) for key in keys]
+        self._work(jobs, "full")
+
+
+def weights_sha256(folder: Path) -> str:
+    """Hash of a model's weights and config.json: its identity (mergekit's README.md names the staging folder)."""
+    import hashlib
+
+    from debias_plugin.outputs import sha256_file
+
+    digest = hashlib.sha256()
+    for file in sorted(Path(folder).iterdir()):
+        if file.is_file() and (file.suffix == ".safetensors" or file.name in ("config.json", "adapter_config.json")):
+            digest.update(f"{file.name}\0{sha256_file(file)}\0".encode())
+    return digest.hexdigest()
+
+
+def observation(summary: dict, reference: dict, sweep: Sweep) -> Observation:
+    """What the budget search sees of a point: the signed objective metric and whether every budget rule holds."""
+    value = metrics.value_of(summary, sweep.config.objective)
+    checks = metrics.feasibility(summary, reference, sweep)
+    if value is None:
+        return Observation(float("nan"), False)
+    return Observation(value, all(check["holds"] for check in checks.values()))
+
+
+def run_sweep(path: str | Path, out: str | Path, *, storage: str | None = None, shard: str | None = None,
+              force: bool = False) -> Path:
+    """Run (or resume, or join) the sweep of a sweep file into DIR; returns DIR (sweep.json, report.md, best/)."""
+    sweep = load_sweep(path)
+    return SweepRun(sweep, Path(out), storage=storage, shard=Shard.parse(shard), force=force).run()

@@ -1,0 +1,263 @@
+"""The sweep's Optuna storage: results as multi-objective trials, and a job board so processes share the work.
+
+Three studies per sweep in one storage (SQLite in the output folder by default, or any RDB URL):
+  NAME        one COMPLETE trial per screened point: values = (|objective - target|, budget metrics...), the
+              point's parameters, and its metrics / intervals / model hash as user attributes;
+              `study.best_trials` is the Pareto front;
+  NAME.full   the same for points that also got the full evaluation suite;
+  NAME.jobs   claims: a RUNNING trial per job being worked on (user attrs: job key, host, pid, heartbeat);
+              COMPLETE when the job's results are in.
+A claim whose process is gone (same host, pid not alive) or whose heartbeat stopped is stale: it is failed and
+the job claimed again, which is how a rerun resumes after kill -9 and how a sweep outlives a lost machine.
+Two processes claiming one job at the same moment both see both claims; the lower trial number keeps it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from debias_plugin.errors import DebiasError
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 30.0
+STALE_AFTER_SECONDS = 600.0  # a claim from another host with no heartbeat for this long is taken over
+
+
+def storage_url(url: str | None, out: Path) -> str:
+    return url or f"sqlite:///{out / 'study.db'}"
+
+
+def open_storage(url: str):
+    """An Optuna RDB storage; SQLite waits for the file lock instead of failing when processes share it."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    except Exception as err:  # bad URL, missing driver, unreachable server: one paragraph
+        raise DebiasError(f"--storage {url}: Optuna could not open it ({type(err).__name__}: {err}).") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Studies:
+    """The three studies of one sweep."""
+
+    results: object
+    full: object
+    jobs: object
+
+    @classmethod
+    def open(cls, storage, name: str, directions: list[str], *, create: bool = True) -> Studies:
+        import optuna
+
+        def study(suffix: str, directions_: list[str]):
+            if create:
+                return optuna.create_study(storage=storage, study_name=name + suffix, directions=directions_,
+                                           load_if_exists=True)
+            try:
+                return optuna.load_study(storage=storage, study_name=name + suffix)
+            except KeyError:
+                raise DebiasError(f"The storage holds no study '{name + suffix}': the sweep has not run "
+                                  "there (or ran with another sweep file).") from None
+
+        return cls(study("", directions), study(".full", directions), study(".jobs", ["minimize"]))
+
+
+def _trials(study, state=None):
+    states = None if state is None else (state,)
+    return study.get_trials(deepcopy=False, states=states) if states else study.get_trials(deepcopy=False)
+
+
+class JobBoard:
+    """Claims on jobs, shared by every process working the sweep through one storage."""
+
+    def __init__(self, study):
+        self.study = study
+        self.host, self.pid = socket.gethostname(), os.getpid()
+
+    def _claims(self, key: str):
+        return [t for t in _trials(self.study) if t.user_attrs.get("job") == key]
+
+    def done(self, key: str) -> bool:
+        import optuna
+
+        return any(t.state == optuna.trial.TrialState.COMPLETE for t in self._claims(key))
+
+    def _stale(self, trial) -> bool:
+        attrs = trial.user_attrs
+        if attrs.get("host") == self.host:
+            return not _alive(int(attrs.get("pid", -1))) and attrs.get("pid") != self.pid
+        beat = attrs.get("heartbeat", 0.0)
+        return time.time() - float(beat) > STALE_AFTER_SECONDS
+
+    def status(self, key: str) -> str:
+        """done, busy (a live claim elsewhere) or free; stale claims found on the way are failed."""
+        import optuna
+
+        running = False
+        for trial in self._claims(key):
+            if trial.state == optuna.trial.TrialState.COMPLETE:
+                return "done"
+            if trial.state == optuna.trial.TrialState.RUNNING:
+                if self._stale(trial):
+                    logger.info("Job %s: the claim of %s (pid %s) is stale; taking it over.", key,
+                                trial.user_attrs.get("host"), trial.user_attrs.get("pid"))
+                    self.study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+                else:
+                    running = True
+        return "busy" if running else "free"
+
+    def claim(self, key: str):
+        """A RUNNING claim trial for the job, or None when another live process has it (or just took it)."""
+        import optuna
+
+        if self.status(key) != "free":
+            return None
+        trial = self.study.ask()
+        for name, value in (("job", key), ("host", self.host), ("pid", self.pid), ("heartbeat", time.time())):
+            trial.set_user_attr(name, value)
+        rivals = [t for t in self._claims(key)
+                  if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE)]
+        if min(t.number for t in rivals) != trial.number:
+            trial.set_user_attr("duplicate", True)
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return None
+        return trial
+
+    def finish(self, trial, error: str | None = None) -> None:
+        if error:
+            trial.set_user_attr("error", error)
+        self.study.tell(trial, values=[0.0])
+
+    def abandon(self, trial) -> None:
+        import optuna
+
+        self.study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+
+
+class Heartbeat:
+    """Refreshes a claim's heartbeat attribute while its job runs, so other hosts see it is alive."""
+
+    def __init__(self, trial, interval: float = HEARTBEAT_SECONDS):
+        self.trial, self.interval = trial, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.trial.set_user_attr("heartbeat", time.time())
+            except Exception:  # a storage hiccup must not kill the job; the next beat retries
+                logger.debug("heartbeat failed", exc_info=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+# ------------------------------------------------------------------------------------------ results trials
+
+def distributions(sweep) -> dict:
+    """One Optuna distribution per parameter, from the whole grid / range, so every trial declares the same."""
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
+    from debias_plugin.sweep.config import STEP
+
+    config, found = sweep.config, {}
+    for key, values in (config.grid or {}).items():
+        numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(numbers) == len(values) and all(isinstance(v, int) for v in values):
+            found[key] = IntDistribution(min(values), max(values))
+        elif len(numbers) == len(values):
+            found[key] = FloatDistribution(float(min(values)), float(max(values)))
+        else:
+            found[key] = CategoricalDistribution(sorted({_categorical(v) for v in values}, key=str))
+    for key, (low, high) in (config.search or {}).items():
+        found[key] = FloatDistribution(float(low), float(high))
+    if config.checkpoints:
+        found[STEP] = IntDistribution(1, config.checkpoints[-1])
+    return found
+
+
+def _categorical(value):
+    import json
+
+    return value if isinstance(value, (str, int, float, bool)) or value is None else json.dumps(value)
+
+
+def trial_params(point, known: dict) -> tuple[dict, dict]:
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    params, dists = {}, {}
+    for key, value in point.params.items():
+        distribution = known[key]
+        if isinstance(distribution, CategoricalDistribution):
+            value = _categorical(value)
+        elif isinstance(distribution, FloatDistribution):
+            value = float(value)
+        params[key], dists[key] = value, distribution
+    return params, dists
+
+
+def add_point(study, point, values: list[float] | None, attrs: dict, known: dict) -> None:
+    """Record a point's results once (a second add of the same point, e.g. after a crash, is skipped)."""
+    import optuna
+
+    if any(t.user_attrs.get("key") == point.key for t in _trials(study, optuna.trial.TrialState.COMPLETE)):
+        return
+    params, dists = trial_params(point, known)
+    finite = values is not None and all(v is not None and math.isfinite(v) for v in values)
+    attrs = {**attrs, "key": point.key, "name": point.name, "role": point.role, "params": point.params}
+    if not finite:
+        attrs["no_values"] = "objective or budget metric missing or not finite"
+    trial = optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE if finite else optuna.trial.TrialState.FAIL,
+                                      values=values if finite else None, params=params, distributions=dists,
+                                      user_attrs=attrs)
+    study.add_trial(trial)
+
+
+def recorded_points(study) -> dict[str, object]:
+    """key -> the first finished trial recorded for that point (COMPLETE, or FAIL with the reason)."""
+    import optuna
+
+    found = {}
+    for trial in sorted(_trials(study), key=lambda t: t.number):
+        key = trial.user_attrs.get("key")
+        if key is None or trial.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL):
+            continue
+        if key not in found or (found[key].state != optuna.trial.TrialState.COMPLETE
+                                and trial.state == optuna.trial.TrialState.COMPLETE):
+            found[key] = trial
+    return found
+
+
+def pareto_keys(study) -> list[str]:
+    """Point keys on Optuna's Pareto front of (|objective - target|, budget metrics)."""
+    return sorted({t.user_attrs["key"] for t in study.best_trials if "key" in t.user_attrs})

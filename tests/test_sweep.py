@@ -1,0 +1,395 @@
+"""`debias sweep`: the sweep file, the budget search, and whole sweeps on a tiny GPT-2 (negation of a perturbed copy).
+
+The end-to-end sweeps share one evaluation cache (models are evaluated once per content), so the kill/rerun and
+two-process runs re-evaluate only what they rebuild. Every number the report shows is checked against its
+definition here: lm-eval run directly, the Clopper-Pearson interval from scipy, the Pareto front and the choice
+by brute force, the negated weights by their formula.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from debias_plugin.errors import DebiasError
+from debias_plugin.sweep.config import SweepFileError, load_sweep
+from debias_plugin.sweep.search import Observation, run_search
+
+BUDGET = 0.05
+LIMIT = 8
+GRID_SWEEP = """\
+base: {base}
+method: negate
+fixed: {{biased: {biased}, adapter: null}}
+grid: {{lambda: [0.25, 0.5, 1.0]}}
+evaluate: [crows_bias_gender, wikitext2_ppl, stereoset_bias]
+objective: crows_bias_gender/pct_stereotype
+budget: {{wikitext2_ppl/word_perplexity: {{max_relative_increase: {budget}}}}}
+limit: {limit}
+resamples: 200
+"""
+SEARCH_SWEEP = """\
+base: {base}
+method: negate
+fixed: {{biased: {biased}}}
+search: {{lambda: [0, 1]}}
+max_evaluations: 4
+evaluate: [crows_bias_gender, wikitext2_ppl]
+objective: crows_bias_gender/pct_stereotype
+budget: {{wikitext2_ppl/word_perplexity: {{max_relative_increase: {budget}}}}}
+limit: {limit}
+resamples: 200
+"""
+
+
+def _debias_command(*args) -> list[str]:
+    return [sys.executable, "-c", "from debias_plugin.cli import main; main()", *args]
+
+
+def _deterministic(path: Path) -> dict:
+    content = json.loads(path.read_text())
+    content.pop("run")
+    return content
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """One evaluation cache for the module's sweeps (subprocesses inherit it), and a short poll interval."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DEBIAS_CACHE_DIR", str(tmp_path_factory.mktemp("sweep_cache")))
+        patch.setenv("DEBIAS_SWEEP_POLL_SECONDS", "0.5")
+        yield
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model, tmp_path_factory):
+    """(base, biased): a tiny GPT-2 and a copy with every weight perturbed (the 'bias vector')."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model("gpt2")
+    biased = tmp_path_factory.mktemp("sweep_models") / "biased"
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    model.save_pretrained(biased, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (biased / name).write_bytes((base / name).read_bytes())
+    return base, biased
+
+
+def _sweep_file(folder: Path, template: str, models, **extra) -> Path:
+    base, biased = models
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "sweep.yml"
+    path.write_text(template.format(base=base, biased=biased, budget=BUDGET, limit=LIMIT, **extra))
+    return path
+
+
+@pytest.fixture(scope="module")
+def grid_run(env, models, tmp_path_factory):
+    """The 3-point grid, uninterrupted, in-process: (sweep file, output folder)."""
+    from debias_plugin.sweep import run_sweep
+
+    folder = tmp_path_factory.mktemp("grid")
+    path = _sweep_file(folder, GRID_SWEEP, models)
+    return path, run_sweep(path, folder / "out")
+
+
+# ------------------------------------------------------------------------------------------------ the sweep file
+
+def _load(tmp_path, text: str):
+    path = tmp_path / "bad.yml"
+    path.write_text(text)
+    return load_sweep(path)
+
+
+VALID = """\
+base: /m
+method: negate
+fixed: {biased: /b}
+grid: {lambda: [0.1, 0.2]}
+evaluate: [crows_bias, wikitext2_ppl]
+objective: crows_bias/pct_stereotype
+budget: {wikitext2_ppl/word_perplexity: {max_relative_increase: 0.02}}
+"""
+
+
+@pytest.mark.parametrize("edit, line, field, words", [
+    (("budget: {", "budgit: {"), 7, "budgit", "unknown key 'budgit'"),
+    (("[0.1, 0.2]", "[0.1, -1]"), 4, "grid.lambda[1]", "lambda must be a number >= 0"),
+    (("fixed: {biased: /b}", "fixed: {}"), 3, "fixed", "exactly one of biased"),
+    (("grid: {lambda: [0.1, 0.2]}", "grid: {k: [0.1]}"), 4, "grid.k", "negate varies only 'lambda'"),
+    (("{max_relative_increase: 0.02}", "{max_relative_increase: 0.02, max: 3}"), 7,
+     "budget.wikitext2_ppl/word_perplexity", "exactly one of"),
+    (("objective: crows_bias/pct_stereotype", "objective: pct_stereotype"), 6, "objective", "pattern"),
+    (("evaluate: [crows_bias, wikitext2_ppl]", "evaluate: [crows_bias, wikitext2_ppl]\nscreen: [stereoset_bias]"),
+     6, "screen[0]", "not in evaluate"),
+    (("grid: {lambda: [0.1, 0.2]}", "grid: {lambda: [0.1]}\nsearch: {lambda: [0, 1]}"), 5, "search", "not both"),
+    (("grid: {lambda: [0.1, 0.2]}", "search: {lambda: [1, 0]}"), 4, "search.lambda", "low < high"),
+    (("grid: {lambda: [0.1, 0.2]}", "grid: {lambda: [0.1]}\ncheckpoints: [10]"), 5, "checkpoints", "no training steps"),
+])
+def test_sweep_file_errors_name_line_and_field(tmp_path, edit, line, field, words):
+    old, new = edit
+    assert old in VALID
+    with pytest.raises(SweepFileError) as caught:
+        _load(tmp_path, VALID.replace(old, new))
+    message = str(caught.value)
+    assert f"line {line}, field '{field}'" in message and words in message, message
+    assert str(tmp_path / "bad.yml") in message
+
+
+def test_valid_file_plans_reference_then_one_job_per_lambda(tmp_path):
+    sweep = _load(tmp_path, VALID.replace("[0.1, 0.2]", "[0, 0.1, 0.2, 0.1]"))
+    jobs = sweep.jobs()
+    assert [job.name for job in jobs] == ["base", "lambda_0.1", "lambda_0.2"]  # 0 is the base; repeats once
+    assert sweep.screen_tasks == ["crows_bias", "wikitext2_ppl"] and sweep.full_tasks == []
+    assert sweep.directions == ["minimize", "minimize"]
+    reformatted = VALID.replace("grid: {lambda: [0.1, 0.2]}", "grid:\n  lambda: [0, 0.1, 0.2, 0.1]  # comment")
+    assert _load(tmp_path, reformatted).sha256 == sweep.sha256  # one study per content, not per layout
+
+
+def test_training_stage_options_are_checked_before_any_model_loads(tmp_path):
+    text = """\
+base: /m
+method: unlearn
+fixed: {corpus: /c.csv, domains: [gender], lr: 1e-5}
+grid: {batch_size: [8, 0]}
+checkpoints: [10, 20]
+evaluate: [crows_bias]
+objective: crows_bias/pct_stereotype
+"""
+    with pytest.raises(SweepFileError) as caught:
+        _load(tmp_path, text)
+    assert "line 4, field 'grid.batch_size[1]'" in str(caught.value), str(caught.value)
+    with pytest.raises(SweepFileError) as caught:
+        _load(tmp_path, text.replace("lr: 1e-5", "lr: 1e-5, learning_rate: 2").replace("[8, 0]", "[8]"))
+    assert "line 3, field 'fixed.learning_rate'" in str(caught.value) and "unknown option" in str(caught.value)
+    with pytest.raises(SweepFileError) as caught:
+        _load(tmp_path, text.replace("lr: 1e-5", "lr: 1e-5, steps: 5").replace("[8, 0]", "[8]"))
+    assert "fixed.steps" in str(caught.value) and "last checkpoint 20" in str(caught.value)
+    sweep = _load(tmp_path, text.replace("[8, 0]", "[8, 16]"))
+    assert [len(job.points) for job in sweep.jobs()] == [1, 2, 2]  # one run per batch size, two checkpoints each
+    from debias_plugin.sweep.config import training_settings
+
+    config, options = training_settings(sweep, sweep.jobs()[2].settings, tmp_path / "o", base="/m")
+    assert (config.batch_size, config.steps, config.snapshot_steps, config.lr) == (16, 20, [10, 20], 1e-5)
+    assert options.domains == ["gender"] and options.corpus == "/c.csv"
+
+
+def test_cli_error_exits_2_without_traceback(tmp_path):
+    result = subprocess.run(_debias_command("sweep", str(tmp_path / "missing.yml"), "--out", str(tmp_path / "o")),
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "the sweep file does not exist" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ budget search
+
+def _synthetic(boundary: float, crossing: float | None = None, bias_start: float = 60.0):
+    """Bias falls linearly from bias_start (reaching 50 at `crossing`); the budget holds up to `boundary`."""
+    slope = 0.0 if crossing is None else (bias_start - 50.0) / crossing
+    slope = slope or 5.0  # never reaches 50 inside [0, 1] when no crossing is given
+    calls = []
+
+    def evaluate(x: float) -> Observation:
+        calls.append(x)
+        value = bias_start - slope * x if crossing is not None else bias_start - 5.0 * x
+        return Observation(value, x <= boundary)
+
+    return evaluate, calls
+
+
+@pytest.mark.parametrize("boundary", [0.013, 0.25, 0.3137, 0.5, 0.77, 0.999])
+def test_search_finds_the_budget_boundary_within_tolerance_in_8_evaluations(boundary):
+    evaluate, calls = _synthetic(boundary)
+    result = run_search(evaluate, 0.0, 1.0, max_evaluations=8)
+    assert result.evaluations == len(set(calls)) <= 8
+    tolerance = 1.0 / 64  # the default reached with 8 evaluations on [0, 1]
+    assert result.low <= boundary < result.high and result.high - result.low <= tolerance
+    assert result.best == result.low and boundary - result.best <= tolerance  # the objective falls all the way
+    assert "budget boundary" in result.reason and not result.violations
+
+
+def test_search_stops_at_the_target_crossing_inside_the_budget():
+    evaluate, calls = _synthetic(boundary=0.9, crossing=0.4)
+    result = run_search(evaluate, 0.0, 1.0, max_evaluations=9, tolerance=0.01)  # 2 ends + 7 halvings
+    assert result.low <= 0.4 <= result.high and result.high - result.low <= 0.01
+    assert abs(result.best - 0.4) <= 0.01 and "target crossing" in result.reason
+    assert len(set(calls)) == result.evaluations <= 2 + math.ceil(math.log2(1 / 0.01))
+
+
+def test_search_end_cases_and_brute_force_agreement():
+    evaluate, calls = _synthetic(boundary=2.0)  # the whole range keeps the budget, no crossing: take the high end
+    result = run_search(evaluate, 0.0, 1.0)
+    assert (result.best, result.evaluations) == (1.0, 2)
+    evaluate, _ = _synthetic(boundary=-1.0)
+    assert run_search(evaluate, 0.0, 1.0).best is None
+    for boundary, crossing in [(0.2, 0.6), (0.6, 0.2), (0.45, 0.45), (0.07, 0.93)]:  # vs a dense grid
+        evaluate, _ = _synthetic(boundary, crossing)
+        result = run_search(evaluate, 0.0, 1.0, max_evaluations=10)
+        grid = [i / 4000 for i in range(4001)]
+        truth = min((x for x in grid if x <= boundary), key=lambda x: abs(60 - 10 / crossing * x - 50))
+        assert abs(result.best - truth) <= 1.0 / 256 + 1e-12, (boundary, crossing, result)
+
+
+def test_search_integer_knob_and_reported_violations():
+    result = run_search(lambda x: Observation(160 - x, x <= 37), 0, 100, integer=True, max_evaluations=12)
+    assert (result.low, result.high, result.best) == (37, 38, 37)
+    result = run_search(lambda x: Observation(60 - 20 * x + 30 * x * x, x <= 1), 0.0, 1.0)  # not monotone
+    assert result.violations
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+def test_grid_sweep_end_to_end(grid_run, models):
+    """3 lambdas + the base: metrics equal lm-eval run directly, intervals, front and choice by brute force."""
+    import lm_eval
+    import numpy as np
+    from lm_eval.tasks import TaskManager
+    from safetensors import safe_open
+    from scipy.stats import binomtest
+
+    from debias_plugin.paths import tasks_dir
+
+    path, out = grid_run
+    base, biased = models
+    content = _deterministic(out / "sweep.json")
+    points = {p["name"]: p for p in content["points"]}
+    assert list(points) == ["base", "lambda_0.25", "lambda_0.5", "lambda_1"]
+    objective, budget = "crows_bias_gender/pct_stereotype", "wikitext2_ppl/word_perplexity"
+
+    # each model is the negation: base - lambda * (biased - base)
+    name = "transformer.h.0.mlp.c_fc.weight"
+    with safe_open(base / "model.safetensors", "np") as b, safe_open(biased / "model.safetensors", "np") as d:
+        theta, tau = b.get_tensor(name), d.get_tensor(name) - b.get_tensor(name)
+    for lam in (0.25, 0.5, 1.0):
+        folder = out / points[f"lambda_{lam:g}"]["model"]
+        with safe_open(folder / "model.safetensors", "np") as got:
+            assert np.allclose(got.get_tensor(name), theta - lam * tau, atol=1e-6)
+
+    # the objective equals lm-eval's own run on the chosen model; the interval is scipy's Clopper-Pearson
+    best = points[content["best_name"]]
+    direct = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(out / best["model"])},
+                                     tasks=["crows_bias_gender"], limit=LIMIT, device="cpu", batch_size=16,
+                                     task_manager=TaskManager(include_path=str(tasks_dir()), include_defaults=False))
+    assert best["metrics"][objective]["value"] == direct["results"]["crows_bias_gender"]["pct_stereotype,none"]
+    for point in points.values():
+        entry = point["metrics"][objective]
+        k = round(entry["value"] * entry["units"] / 100)
+        ci = binomtest(k, entry["units"]).proportion_ci(0.95, method="exact")
+        assert math.isclose(entry["low"], 100 * ci.low) and math.isclose(entry["high"], 100 * ci.high)
+
+    # feasibility, Pareto front and the choice, recomputed from the reported values
+    reference = points["base"]["metrics"][budget]["value"]
+    score = {n: (abs(p["metrics"][objective]["value"] - 50), p["metrics"][budget]["value"]) for n, p in points.items()}
+    for n, point in points.items():
+        assert point["feasible"] == (score[n][1] <= reference * (1 + BUDGET))
+        dominated = any(all(o <= s for o, s in zip(other, score[n])) and other != score[n] for other in score.values())
+        assert point["pareto"] == (not dominated), n
+    feasible = [n for n in points if points[n]["feasible"]]
+    assert content["best_name"] == min(feasible, key=lambda n: (score[n], list(points).index(n)))
+    assert not points["lambda_1"]["feasible"], "the test's perturbation should put lambda 1 over the 5% budget"
+
+    # the full suite (StereoSet) only on the Pareto front and the chosen point
+    for n, point in points.items():
+        on_front = point["pareto"] or point["best"]
+        assert point["suite"] == ("full" if on_front else "screen"), n
+        assert any(key.startswith("stereoset_bias/") for key in point["metrics"]) == on_front
+    assert content["evaluations"] == {"screen": 4, "full": sum(p["suite"] == "full" for p in points.values())}
+
+    # the files: table, CSV, plots, best/ with its manifest
+    report = (out / "report.md").read_text()
+    assert f"**Chosen: `{best['name']}`**" in report and "crows_bias_gender: pct_stereotype per type" not in report
+    assert "| stereoset_bias" not in report and "### stereoset_bias" in report and "Pareto" in report
+    assert len((out / "sweep.csv").read_text().splitlines()) == 5
+    for plot in ("bias_vs_budget", "bias_by_type"):
+        assert (out / "plots" / f"{plot}.png").stat().st_size > 1000 and (out / "plots" / f"{plot}.svg").is_file()
+    assert (out / "best").resolve() == (out / best["model"]).resolve()
+    assert json.loads((out / "best" / "debias_manifest.json").read_text())["stage"] == "negate"
+
+
+def test_report_re_renders_from_the_study_without_evaluating(grid_run):
+    import optuna
+
+    from debias_plugin.cli import main
+
+    _, out = grid_run
+    before = _deterministic(out / "sweep.json")
+    trials = len(optuna.load_study(study_name=before["study"], storage=f"sqlite:///{out / 'study.db'}").trials)
+    for name in ("sweep.json", "report.md", "sweep.csv"):
+        (out / name).unlink()
+    with pytest.raises(SystemExit) as done:
+        main(["sweep", "report", str(out)])
+    assert done.value.code in (0, None)
+    assert _deterministic(out / "sweep.json") == before and (out / "report.md").is_file()
+    assert len(optuna.load_study(study_name=before["study"], storage=f"sqlite:///{out / 'study.db'}").trials) == trials
+
+
+def test_budget_search_end_to_end(env, models, tmp_path):
+    from debias_plugin.sweep import run_sweep
+    from debias_plugin.sweep.search import next_step
+
+    out = run_sweep(_sweep_file(tmp_path, SEARCH_SWEEP, models), tmp_path / "out")
+    content = _deterministic(out / "sweep.json")
+    search = content["search"]
+    assert search["finished"] and search["evaluations"] <= 4 and search["reference_used_as_low_end"]
+    points = content["points"]
+    assert len(points) == search["evaluations"]  # every evaluation is one point, the base (lambda 0) included
+    objective, budget = "crows_bias_gender/pct_stereotype", "wikitext2_ppl/word_perplexity"
+    reference = points[0]["metrics"][budget]["value"]
+    seen = {float(p["params"].get("lambda", 0.0)): Observation(p["metrics"][objective]["value"],
+                                                                 p["metrics"][budget]["value"] <= reference * (1 + BUDGET))
+            for p in points}
+    replay = next_step(0.0, 1.0, seen, max_evaluations=4)  # the same decision from the recorded values alone
+    assert replay.proposal is None and replay.best == search["best_value"]
+    chosen = next(p for p in points if p["best"])
+    assert float(chosen["params"].get("lambda", 0.0)) == search["best_value"]
+
+
+def test_kill_mid_sweep_then_rerun_gives_the_same_sweep_json(grid_run, models, tmp_path):
+    import optuna
+
+    expected = _deterministic(grid_run[1] / "sweep.json")
+    path = _sweep_file(tmp_path, GRID_SWEEP, models)
+    command = _debias_command("sweep", str(path), "--out", str(tmp_path / "out"))
+    killed = subprocess.run(command, env={**os.environ, "DEBIAS_SWEEP_ABORT_IN_JOB": "3"}, capture_output=True,
+                            text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    jobs = optuna.load_study(study_name=expected["study"] + ".jobs", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    states = sorted(t.state.name for t in jobs.trials)
+    assert states == ["COMPLETE", "COMPLETE", "RUNNING"], states  # base and one lambda done, one caught mid-job
+    rerun = subprocess.run(command, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _deterministic(tmp_path / "out" / "sweep.json") == expected
+
+
+def test_two_processes_sharing_one_storage_give_the_same_results(grid_run, models, tmp_path):
+    import optuna
+
+    expected = _deterministic(grid_run[1] / "sweep.json")
+    path = _sweep_file(tmp_path, GRID_SWEEP, models)
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    workers = [subprocess.Popen(_debias_command("sweep", str(path), "--out", str(tmp_path / f"out{i}"),
+                                                "--storage", storage, "--shard", f"{i}/2"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=600)
+        assert worker.returncode == 0, stderr[-3000:]
+    for i in range(2):
+        assert _deterministic(tmp_path / f"out{i}" / "sweep.json") == expected
+    claims = optuna.load_study(study_name=expected["study"] + ".jobs", storage=storage).trials
+    done = [t for t in claims if t.state.name == "COMPLETE"]
+    assert len({t.user_attrs["job"] for t in done}) == len(done), "a job was done twice"
+    assert {t.user_attrs["pid"] for t in done} == {w.pid for w in workers}, "both processes took jobs"
