@@ -12,6 +12,13 @@ Checkpoints (every ``checkpoint_every`` steps) hold the weights (safetensors), o
 RNG states, history and method state, in ``<output>.checkpoints/``; a rerun with the same options resumes from
 the latest one. The final folder is published through `outputs.OutputFolder`.
 
+Big models (docs/SCALING.md has the memory formulas): ``weights_dtype="bf16"`` loads, trains and writes bf16
+weights; ``precision="bf16"`` runs the forward passes under accelerate's autocast; ``gradient_checkpointing``
+recomputes layer activations in the backward pass. Full-weight stages also run sharded under FSDP
+(``accelerate launch --config_file`` with ``distributed_type: FSDP``): the optimizer is then prepared together
+with the model, and saving gathers the full state dict first. Stages whose update needs whole gradients (PCGU)
+or that train LoRA refuse FSDP before loading anything (`TrainingMethod.sharding_refusal`); DeepSpeed is refused.
+
 Test hook: the environment variable ``DEBIAS_ABORT_AFTER_STEP=k`` makes every process SIGKILL itself right
 after step k (after any checkpoint of that step), to test resume after a real kill.
 """
@@ -27,6 +34,7 @@ import random
 import shutil
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 ABORT_ENV = "DEBIAS_ABORT_AFTER_STEP"
 _PRECISIONS = {"fp32": "no", "bf16": "bf16"}
+_UNSUPPORTED_DISTRIBUTIONS = ("DEEPSPEED", "MEGATRON_LM", "XLA")
+_NEW_FIELDS = {"weights_dtype": "fp32", "gradient_checkpointing": False}  # left out of old runs' fingerprints
 # transformers schedulers that need nothing beyond warmup and total steps
 Scheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
                     "inverse_sqrt"]
@@ -63,7 +73,14 @@ class TrainConfig(Options):
     max_grad_norm: FiniteFloat = Field(0.0, ge=0, description="0 = no clipping.")
     max_length: int = Field(128, ge=2, description="Tokens per text (truncated).")
     seed: int = Field(0, ge=0)
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: mixed precision through accelerate.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: mixed precision through accelerate "
+                                                                   "(forward passes under autocast).")
+    weights_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32", description="dtype of the weights in memory and in the written model. bf16 halves weight, gradient "
+                            "and optimizer memory (LoRA adapters stay fp32), but a full-weight update smaller than "
+                            "~1/256 of a weight rounds away (docs/SCALING.md).")
+    gradient_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward "
+                                                            "pass: less activation memory, ~1/3 more compute.")
     dropout: bool = Field(True, description="--no-dropout trains in eval mode (identical results for any "
                                             "process count).")
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps in "
@@ -85,6 +102,19 @@ class TrainConfig(Options):
         return self
 
 
+def compute_dtype(config: TrainConfig):
+    """The dtype for frozen copies and held gradients: bf16 when the run computes in bf16, else None (the weights')."""
+    import torch
+
+    return torch.bfloat16 if "bf16" in (config.precision, config.weights_dtype) else None
+
+
+def weights_dtype(config: TrainConfig):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[config.weights_dtype]
+
+
 @dataclass
 class Run:
     """Everything a method may need while training: options, model, tokenizer, accelerator."""
@@ -97,6 +127,23 @@ class Run:
     optimizer: Any = None
     scheduler: Any = None
     step: int = 0
+    full_state: Any = None  # under FSDP while saving: the gathered state dict (main process)
+
+    @property
+    def sharded(self) -> bool:
+        """True under FSDP: each process holds a shard of the weights."""
+        return self.accelerator is not None and self.accelerator.distributed_type == "FSDP"
+
+    @property
+    def eval_model(self):
+        """The model to call outside the training step: the bare model, or under FSDP the sharded root (whose
+        forward gathers the weights)."""
+        return self.model if self.sharded else self.unwrapped
+
+    def save_pretrained(self, model, folder) -> None:
+        """model.save_pretrained as safetensors; under FSDP from the gathered full state dict."""
+        extra = {} if self.full_state is None else {"state_dict": self.full_state}
+        model.save_pretrained(folder, safe_serialization=True, **extra)
 
     @property
     def device(self):
@@ -159,8 +206,9 @@ def _set_rng_state(state: dict) -> None:
 class Trainer:
     """Runs one method under one config: the loop, its checkpoints and the atomic final save."""
 
-    def __init__(self, config: TrainConfig, method: TrainingMethod):
+    def __init__(self, config: TrainConfig, method: TrainingMethod, *, loaded: tuple | None = None):
         self.config, self.method = config, method
+        self.loaded = loaded  # (model, tokenizer, kind) built in place (benchmarks) instead of read from config.model
         self._refuse_unused_options()
         self.folder = OutputFolder(config.output, inputs=[config.model, *method.inputs().values()],
                                    force=config.force)
@@ -179,7 +227,8 @@ class Trainer:
         if named:
             raise DebiasError(f"{self.method.name} does not use {', '.join(named)}: leave them at their defaults.")
 
-    def _validate(self, world_size: int) -> None:
+    def _validate(self, world_size: int, distributed_type: str = "NO") -> None:
+        self._check_distribution(distributed_type)
         accumulation = 1 if self.method.owns_update else self.config.grad_accum
         if self.per_step % (world_size * accumulation):
             raise DebiasError(
@@ -188,9 +237,25 @@ class Trainer:
                 "global batch."
             )
 
+    def _check_distribution(self, distributed_type: str) -> None:
+        """What this loop cannot do under the launcher's distribution, refused before any model loads."""
+        if distributed_type in _UNSUPPORTED_DISTRIBUTIONS:
+            raise DebiasError(f"{self.method.name}: accelerate's {distributed_type} mode is not supported (its engine "
+                              "owns the optimizer step this loop takes). For sharded full-weight training use FSDP "
+                              "(distributed_type: FSDP in the accelerate config; see docs/SCALING.md).")
+        if distributed_type != "FSDP":
+            return
+        refusal = self.method.sharding_refusal()
+        if refusal:
+            raise DebiasError(f"{self.method.name} under FSDP: {refusal}")
+        if self.config.checkpoint_every:
+            raise DebiasError("checkpoint_every: resumable checkpoints are not written under FSDP (the optimizer state "
+                              "is sharded); use snapshot_steps for model folders along the way, or run without FSDP.")
+
     def _fingerprint(self) -> str:
         """Options that change the result; a checkpoint from other options must not be resumed."""
         volatile = {"force", "keep_checkpoints", "checkpoint_every", "output", "snapshot_steps"}
+        volatile |= {name for name, default in _NEW_FIELDS.items() if getattr(self.config, name) == default}
         options = self.config.model_dump(mode="json", exclude=volatile)
         options.update(method=self.method.options(), stage=self.method.name)
         return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()
@@ -215,25 +280,47 @@ class Trainer:
 
             AcceleratorState._reset_state(reset_partial_state=False)
             accelerator = Accelerator(**settings)
-        self._validate(accelerator.num_processes)
+        self._validate(accelerator.num_processes, str(accelerator.distributed_type))
         set_seed(config.seed)
         if accelerator.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
-        model, tokenizer, kind = load_model(config.model, allow_pickle=config.allow_pickle,
-                                            trust_remote_code=config.trust_remote_code)
+        if self.loaded is not None:
+            model, tokenizer, kind = self.loaded
+        else:
+            model, tokenizer, kind = load_model(config.model, allow_pickle=config.allow_pickle,
+                                                trust_remote_code=config.trust_remote_code,
+                                                dtype=weights_dtype(config))
+        if config.gradient_checkpointing:
+            enable_checkpointing(model, config)
         run = Run(config=config, model=model, tokenizer=tokenizer, kind=kind, accelerator=accelerator)
         examples = list(self.method.setup(run))
         if not examples:
             raise DebiasError(f"{self.method.name}: no training examples (the corpus gave nothing to train on).")
+        if run.sharded and self.method.uses_optimizer:  # FSDP: the optimizer is prepared with the model (shards)
+            optimizer = self._optimizer(run.model.parameters(), fused=False)
+            run.model, run.optimizer = accelerator.prepare(run.model, optimizer)
+            self._scheduler(run, run.optimizer.optimizer)
+            return run, examples
         run.model = accelerator.prepare(run.model)  # on the device (and DDP-wrapped) before the optimizer sees it
         if self.method.uses_optimizer:
-            from transformers import get_scheduler
-
-            trainable = [p for p in run.unwrapped.parameters() if p.requires_grad]
-            run.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-            run.scheduler = get_scheduler(config.scheduler, run.optimizer, num_warmup_steps=config.warmup_steps,
-                                          num_training_steps=config.steps)
+            run.optimizer = self._optimizer(run.unwrapped.parameters(), fused=accelerator.device.type == "cuda")
+            self._scheduler(run, run.optimizer)
         return run, examples
+
+    def _optimizer(self, parameters, *, fused: bool):
+        """AdamW over the trainable weights; fused on CUDA (no foreach temporaries the size of the model)."""
+        import torch
+
+        trainable = [p for p in parameters if p.requires_grad]
+        extra = {"fused": True} if fused else {}
+        return torch.optim.AdamW(trainable, lr=self.config.lr, weight_decay=self.config.weight_decay, **extra)
+
+    def _scheduler(self, run: Run, optimizer) -> None:
+        """transformers' schedule on the bare optimizer: stepped once per optimizer step, whatever the processes."""
+        from transformers import get_scheduler
+
+        run.scheduler = get_scheduler(self.config.scheduler, optimizer, num_warmup_steps=self.config.warmup_steps,
+                                      num_training_steps=self.config.steps)
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def _latest_checkpoint(self) -> Path | None:
@@ -248,7 +335,7 @@ class Trainer:
         import torch
         from safetensors.torch import save_model
 
-        check_finite(run.unwrapped, run.step)
+        check_finite(run.unwrapped, run.step, run.accelerator)
         accelerator = run.accelerator
         name = f"step-{run.step:08d}"
         staging = self.checkpoints / f"{name}.tmp"
@@ -320,11 +407,9 @@ class Trainer:
         import torch
 
         model = run.unwrapped
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
+        with modes_kept(model), torch.no_grad(), run.accelerator.autocast():
+            model.eval()
             metrics = self.method.evaluate(run)
-        model.train(was_training)
         return {key: float(value) for key, value in metrics.items()}
 
     def _batch(self, run: Run, examples: list, order: StreamOrder, positions: list[int]) -> dict:
@@ -372,7 +457,7 @@ class Trainer:
         self._resume(run)
         if not self.history and config.eval_every:
             self.history.append({"step": 0, **start_metrics})
-        run.unwrapped.train(config.dropout)
+        train_mode(run.unwrapped, config.dropout)
         order = StreamOrder(len(examples), config.seed)
         bar = tqdm(total=config.steps, initial=run.step, desc=self.method.name, disable=not run.is_main)
         while run.step < config.steps:
@@ -386,7 +471,6 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.4f}")
             if config.eval_every and (run.step % config.eval_every == 0 or run.step == config.steps):
                 self.history.append({"step": run.step, **self._evaluate(run)})
-                run.unwrapped.train(config.dropout)
             if run.step in config.snapshot_steps:
                 self._save_snapshot(run)
             if config.checkpoint_every and run.step % config.checkpoint_every == 0 and run.step < config.steps:
@@ -396,33 +480,38 @@ class Trainer:
         bar.close()
         end_metrics = self.history[-1] if self.history and self.history[-1]["step"] == config.steps else None
         end_metrics = {k: v for k, v in end_metrics.items() if k != "step"} if end_metrics else self._evaluate(run)
-        check_finite(run.unwrapped, run.step)
+        check_finite(run.unwrapped, run.step, run.accelerator)
         results = {"metrics": {"start": start_metrics, "end": end_metrics}, "history": self.history,
                    "losses": self.losses, "report": self.method.report()}
         timings = {"wall_seconds": round(time.time() - started, 2), "processes": run.world_size,
                    "device": str(run.device)}
-        if run.is_main:
-            self._save_final(run, manifest(self.method.name, options={**config.model_dump(mode="json"),
-                                                                      "method": self.method.options()},
-                                           inputs={"model": config.model, **self.method.inputs()},
-                                           results=results, timings=timings))
+        with gathered_weights(run):
+            if run.is_main:
+                self._save_final(run, manifest(self.method.name, options={**config.model_dump(mode="json"),
+                                                                          "method": self.method.options()},
+                                               inputs={"model": config.model, **self.method.inputs()},
+                                               results=results, timings=timings))
         run.accelerator.wait_for_everyone()
         return self.output
 
     def _save_snapshot(self, run: Run) -> None:
         """A loadable model folder of this step (for checkpoint sweeps), published like the final output."""
-        check_finite(run.unwrapped, run.step)
-        if run.is_main:
-            folder = OutputFolder(self.snapshots / f"step-{run.step}", force=True)
-            record = manifest(self.method.name, options={**self.config.model_dump(mode="json"),
-                                                         "method": self.method.options()},
-                              inputs={"model": self.config.model}, hash_inputs=False,
-                              results={"step": run.step, "losses": list(self.losses)})
-            with folder.staging() as staging:
-                self.method.save(run, staging)
-                run.tokenizer.save_pretrained(staging)
-                folder.publish(staging, record)
+        check_finite(run.unwrapped, run.step, run.accelerator)
+        with gathered_weights(run):
+            if run.is_main:
+                self._write_snapshot(run)
         run.accelerator.wait_for_everyone()
+
+    def _write_snapshot(self, run: Run) -> None:
+        folder = OutputFolder(self.snapshots / f"step-{run.step}", force=True)
+        record = manifest(self.method.name, options={**self.config.model_dump(mode="json"),
+                                                     "method": self.method.options()},
+                          inputs={"model": self.config.model}, hash_inputs=False,
+                          results={"step": run.step, "losses": list(self.losses)})
+        with folder.staging() as staging:
+            self.method.save(run, staging)
+            run.tokenizer.save_pretrained(staging)
+            folder.publish(staging, record)
 
     def _save_final(self, run: Run, record: dict) -> None:
         """Model, tokenizer and manifest in a staging folder, then one rename: no half-written model folder."""
@@ -434,16 +523,87 @@ class Trainer:
             shutil.rmtree(self.checkpoints, ignore_errors=True)
 
 
-def check_finite(model, step: int) -> None:
-    """Never checkpoint or publish a model with NaN or infinite weights."""
+def check_finite(model, step: int, accelerator=None) -> None:
+    """Never checkpoint or publish a model with NaN or infinite weights (under FSDP: every process's shards)."""
     import torch
 
-    for name, parameter in model.named_parameters():
-        if not torch.isfinite(parameter.detach()).all():
-            raise DebiasError(f"The weights became non-finite by step {step} (first: {name}); nothing was "
-                              "published. Lower the learning rate (lr) or check the data.")
+    names = [name for name, _ in model.named_parameters()]
+    local = [getattr(p, "to_local", lambda p=p: p)().detach() for _, p in model.named_parameters()]  # FSDP2: shards
+    bad = torch.stack([~torch.isfinite(tensor).all() for tensor in local]) if local else torch.zeros(0, dtype=bool)
+    if accelerator is not None and accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad.to(accelerator.device, torch.int32), reduction="sum") > 0
+    if bool(bad.any()):
+        first = names[int(bad.to(torch.int32).argmax())]
+        raise DebiasError(f"The weights became non-finite by step {step} (first: {first}); nothing was "
+                          "published. Lower the learning rate (lr) or check the data.")
 
 
-def train(config: TrainConfig, method: TrainingMethod) -> Path:
-    """Train `method` under `config` and return the written output folder."""
-    return Trainer(config, method).run()
+@contextmanager
+def modes_kept(model):
+    """Restore every module's train/eval flag afterwards (a plain model.train(flag) would lose per-layer modes)."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def enable_checkpointing(model, config: TrainConfig) -> None:
+    """transformers' activation checkpointing of every layer (non-reentrant: works with LoRA and autograd.grad)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise DebiasError(f"{config.model}: {type(model).__name__} does not support gradient checkpointing in "
+                          "transformers; run without --gradient-checkpointing.")
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # pragma: no cover - transformers before activation_checkpointing_enable
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    if not layers:
+        raise DebiasError(f"{config.model}: {type(model).__name__} has no layers transformers can checkpoint; run "
+                          "without --gradient-checkpointing.")
+    if not config.dropout:  # layers then train in training mode with dropout off: they must not drop out themselves
+        import inspect
+
+        own = sorted({type(m).__name__ for m in layers if "self.training" in inspect.getsource(inspect.unwrap(
+            type(m).forward))})
+        if own:
+            raise DebiasError(f"{config.model}: {', '.join(own)} applies dropout in its own forward, so "
+                              "--gradient-checkpointing cannot train it with --no-dropout; keep dropout on.")
+
+
+def train_mode(model, dropout: bool) -> None:
+    """Training mode for the steps. Without dropout everything is in eval mode except checkpointed layers:
+    transformers recomputes only layers in training mode, and their sublayers (where dropout lives) stay in eval."""
+    model.train(dropout)
+    if dropout:
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module.training = True
+
+
+@contextmanager
+def gathered_weights(run: Run):
+    """Under FSDP every process joins in gathering the full state dict, which the main process then saves."""
+    if not run.sharded:
+        yield
+        return
+    run.full_state = run.accelerator.get_state_dict(run.model)
+    try:
+        yield
+    finally:
+        run.full_state = None
+
+
+def train(config: TrainConfig, method: TrainingMethod, *, loaded: tuple | None = None) -> Path:
+    """Train `method` under `config` and return the written output folder.
+
+    `loaded` = (model, tokenizer, kind) already built (e.g. a random model made on the GPU by a benchmark) is
+    trained instead of loading config.model; it should already be in weights_dtype."""
+    return Trainer(config, method, loaded=loaded).run()

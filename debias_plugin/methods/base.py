@@ -47,6 +47,10 @@ class TrainingMethod:
         """The whole update step, for methods with owns_update = True; returns the loss to display."""
         raise NotImplementedError(f"{type(self).__name__} sets owns_update but has no update()")
 
+    def sharding_refusal(self) -> str | None:
+        """Why this stage cannot run with sharded weights (FSDP), or None when it can (checked before loading)."""
+        return None
+
     def examples_per_step(self, batch_size: int) -> int:
         """Examples consumed by one optimizer step (the stream advances by this)."""
         return batch_size
@@ -56,7 +60,7 @@ class TrainingMethod:
         return {}
 
     def save(self, run, folder: Path) -> None:
-        run.unwrapped.save_pretrained(folder, safe_serialization=True)
+        run.save_pretrained(run.unwrapped, folder)
 
     def state_dict(self) -> dict:
         """Extra state to checkpoint (tensors and plain values only: checkpoints hold no pickled objects)."""
