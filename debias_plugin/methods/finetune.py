@@ -14,30 +14,18 @@ from pydantic import Field, FiniteFloat
 from debias_plugin.errors import DebiasError
 from debias_plugin.methods import encode, lm_batch, per_example_mean, perplexity, special_positions, token_logprobs
 from debias_plugin.methods.base import TrainingMethod
-from debias_plugin.options import Options
+from debias_plugin.methods.lora import SHARDING_REFUSAL, LoraOptions, output_format, save_lora_or_full, wrap_lora
 
 EVAL_TEXTS = 64
 
 
-class FinetuneOptions(Options):
-    """What to train on and how (the shared loop options live in TrainConfig)."""
+class FinetuneOptions(LoraOptions):
+    """What to train on and how (the shared loop options live in TrainConfig; LoRA options in methods.lora)."""
 
     corpus: str = Field(description="Biased corpus: .txt, .csv/.tsv or .jsonl.")
     column: str | None = Field(None, description="Text column of a CSV/JSONL corpus (default 'text').")
     where: dict[str, str] = Field({}, description="Keep rows with COLUMN=VALUE (repeatable), e.g. split=dev.")
-    lora: bool = Field(False, description="Train a LoRA adapter (peft) instead of all weights.")
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
-    lora_dropout: FiniteFloat = Field(0.05, ge=0, lt=1)
-    lora_target_modules: list[str] | None = Field(
-        None, description="Comma-separated module names (default: peft's choice for the architecture).",
-        json_schema_extra={"separator": ","})
-    merge_lora: bool = Field(False, description="Train a LoRA adapter and write a full model with it merged in.")
     mlm_probability: FiniteFloat = Field(0.15, gt=0, le=1, description="Masked models only.")
-
-    @property
-    def trains_lora(self) -> bool:
-        return self.lora or self.merge_lora
 
 
 class Finetune(TrainingMethod):
@@ -64,10 +52,10 @@ class Finetune(TrainingMethod):
         self.texts = load_texts(self.opts.corpus, self.opts.column, self.opts.where)
 
     def report(self) -> dict:
-        return {"texts": len(self.texts), "output_format": "peft-adapter" if self._adapter_only() else "full-model"}
+        return {"texts": len(self.texts), "output_format": output_format(self.opts)}
 
-    def _adapter_only(self) -> bool:
-        return self.opts.trains_lora and not self.opts.merge_lora
+    def sharding_refusal(self) -> str | None:
+        return SHARDING_REFUSAL if self.opts.trains_lora else None
 
     def setup(self, run) -> list:
         self.run_kind, self.tokenizer, self.seed = run.kind, run.tokenizer, run.config.seed
@@ -75,25 +63,13 @@ class Finetune(TrainingMethod):
         if run.kind == "masked" and run.tokenizer.mask_token_id is None:
             raise DebiasError(f"{run.config.model}: the tokenizer has no mask token, needed for MLM fine-tuning.")
         if self.opts.trains_lora:
-            run.model = self._wrap_lora(run)
+            run.model = wrap_lora(run, self.opts)
         examples = []
         for text in self.texts:
             ids, _ = encode(run.tokenizer, text, run.kind, run.config.max_length)
             if sum(not s for s in special_positions(run.tokenizer, ids)) > 0:
                 examples.append(ids)
         return examples
-
-    def _wrap_lora(self, run):
-        from peft import LoraConfig, get_peft_model
-
-        task_type = "CAUSAL_LM" if run.kind == "causal" else None
-        config = LoraConfig(r=self.opts.lora_r, lora_alpha=self.opts.lora_alpha, lora_dropout=self.opts.lora_dropout,
-                            target_modules=self.opts.lora_target_modules, task_type=task_type)
-        try:
-            return get_peft_model(run.model, config)
-        except ValueError as err:
-            raise DebiasError(f"LoRA could not be attached to {run.config.model}: {err} "
-                              "Name the layers in lora_target_modules (e.g. q_proj,v_proj).") from None
 
     def collate(self, examples: list[list[int]], positions: list[int]) -> dict:
         return lm_batch(examples, positions, self.run_kind, self.tokenizer, self.seed, self.opts.mlm_probability)
@@ -107,11 +83,8 @@ class Finetune(TrainingMethod):
 
     def evaluate(self, run) -> dict:
         texts = self.texts[:EVAL_TEXTS]
-        return {"corpus_perplexity": perplexity(run.unwrapped, run.tokenizer, run.kind, texts, run.config.max_length,
+        return {"corpus_perplexity": perplexity(run.eval_model, run.tokenizer, run.kind, texts, run.config.max_length,
                                                 run.device)}
 
     def save(self, run, folder: Path) -> None:
-        model = run.unwrapped
-        if self.opts.merge_lora:
-            model = model.merge_and_unload()
-        model.save_pretrained(folder, safe_serialization=True)
+        save_lora_or_full(run, folder, self.opts)

@@ -21,8 +21,8 @@ class NPOOptions(UnlearnOptions):
 class NPO(Unlearn):
     """Unlearn chosen tokens with negative preference optimisation (bounded, unlike gradient ascent).
 
-    Same targets, corpora and regularisers as `debias unlearn`; the forget loss is NPO's against a frozen
-    copy of the original model.
+    Same targets, corpora, regularisers and LoRA options as `debias unlearn`; the forget loss is NPO's against
+    the original model (a frozen copy, or under LoRA the model with its adapter disabled).
     """
 
     name = "npo"
@@ -36,7 +36,7 @@ class NPO(Unlearn):
 
         targets = batch["targets"].to(torch.float32)
         current = (self._label_logprobs(model, batch) * targets).sum(-1)
-        with torch.no_grad():
-            original = (self._label_logprobs(self.reference, batch) * targets).sum(-1)
+        with self.original_model() as reference:
+            original = (self._label_logprobs(reference, batch) * targets).sum(-1)
         beta = self.opts.beta
         return (2 / beta) * torch.nn.functional.softplus(beta * (current - original)).mean()

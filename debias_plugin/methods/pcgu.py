@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -46,6 +47,7 @@ from debias_plugin.errors import DebiasError
 from debias_plugin.methods.base import TrainingMethod
 from debias_plugin.models import causal_start_token, logits_at, pad_id
 from debias_plugin.options import Options
+from debias_plugin.training import compute_dtype
 
 AGGREGATIONS = ("input", "output")
 _UNUSED_SCORE = math.inf  # a parameter without gradient is never selected (the official code used 5)
@@ -143,22 +145,29 @@ def cosine_rows(first: torch.Tensor, second: torch.Tensor, eps: float = 1e-8) ->
     return dots / (first_norms * torch.linalg.vector_norm(second, dim=-1).clamp_min(eps))
 
 
+def tensor_scores(part: TensorPartitions, grad_adv, grad_dis, rank_by: str = "similarity",
+                  direction: str = "advantaged") -> torch.Tensor:
+    """Scores of one tensor's partitions (lower = more contrastive), float32; +inf when a side has no gradient."""
+    if grad_adv is None or grad_dis is None:
+        return torch.full((part.count,), _UNUSED_SCORE, device=part.param.device)
+    if grad_adv.dtype != torch.float32 or grad_dis.dtype != torch.float32:
+        grad_adv, grad_dis = grad_adv.float(), grad_dis.float()  # bf16 gradients are compared in float32
+    score = cosine_rows(part.view(grad_adv), part.view(grad_dis))
+    if rank_by == "flexibility":
+        step = torch.linalg.vector_norm(part.view(update_direction(grad_adv, grad_dis, direction)), dim=-1)
+        weights = part.view(part.param.detach())
+        floor = _FLEXIBILITY_FLOOR * math.sqrt(weights.shape[-1])
+        norms = (torch.linalg.vector_norm(weights, dim=-1) if weights.dtype == torch.float32
+                 else torch.linalg.vector_norm(weights, dim=-1, dtype=torch.float32))
+        score = score * (step / (norms + floor))
+    return score.float()
+
+
 def partition_scores(layout, grads_adv, grads_dis, rank_by: str = "similarity",
                      direction: str = "advantaged") -> torch.Tensor:
     """One score per partition (lower = more contrastive), concatenated over all tensors."""
-    scores = []
-    for part, grad_adv, grad_dis in zip(layout, grads_adv, grads_dis):
-        if grad_adv is None or grad_dis is None:
-            scores.append(torch.full((part.count,), _UNUSED_SCORE, device=part.param.device))
-            continue
-        score = cosine_rows(part.view(grad_adv), part.view(grad_dis))
-        if rank_by == "flexibility":
-            step = torch.linalg.vector_norm(part.view(update_direction(grad_adv, grad_dis, direction)), dim=-1)
-            weights = part.view(part.param.detach())
-            floor = _FLEXIBILITY_FLOOR * math.sqrt(weights.shape[-1])
-            score = score * (step / (torch.linalg.vector_norm(weights, dim=-1) + floor))
-        scores.append(score.float())
-    return torch.cat(scores)
+    return torch.cat([tensor_scores(part, grad_adv, grad_dis, rank_by, direction)
+                      for part, grad_adv, grad_dis in zip(layout, grads_adv, grads_dis)])
 
 
 def select_partitions(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -189,69 +198,171 @@ def sequence_objectives(model, batch: dict, side: str, kind: str, objective: str
     else:
         positions, tokens = target, batch[f"{side}_target_ids"][target]
     picked = logits_at(model, input_ids, batch[f"{side}_attention_mask"], positions.flatten().nonzero()[:, 0])
+    picked = picked.float()  # bf16 logits under autocast: objectives and their sums in float32
     if kind == "causal" or objective == "logprob":
-        picked = torch.log_softmax(picked.float(), dim=-1)
+        picked = torch.log_softmax(picked, dim=-1)
     values = picked.gather(1, tokens.unsqueeze(1)).squeeze(1)
     rows = positions.nonzero()[:, 0]
     return torch.zeros(input_ids.shape[0], dtype=values.dtype, device=values.device).index_add(0, rows, values)
 
 
-def _sum_into(total, grads):
-    if total is None:
-        return [None if g is None else g.detach() for g in grads]
-    for i, g in enumerate(grads):
-        if g is not None:
-            total[i] = g.detach() if total[i] is None else total[i].add_(g)
-    return total
-
-
 @dataclass
-class PairGradients:
-    """Summed gradients of both sides over a similarity batch, plus the summed objectives (for logs)."""
+class PairStatistics:
+    """What one step needs of both sides' gradients: per-partition scores and one update direction per tensor."""
 
-    advantaged: list
-    disadvantaged: list
-    objective_gap: float
+    scores: torch.Tensor
+    updates: list  # u per tensor (None: no gradient), in the held dtype
+    objective_gap: float  # summed over sequences (all processes)
     sequences: int
 
 
-def pair_gradients(model, layout, micro_batches, kind: str, objective: str) -> PairGradients:
-    """Sum gradients of the advantaged and disadvantaged objectives over micro-batches, then all-reduce."""
-    params = [part.param for part in layout]
-    grads_adv = grads_dis = None
-    gap = torch.zeros((), dtype=torch.float64)
+class _GradientStream:
+    """Post-accumulate-grad hooks that consume each parameter's gradient as backward produces it.
+
+    Advantaged passes add into one held tensor per parameter (the only full-size copy). In the last
+    disadvantaged pass each parameter's summed gradient is scored against the held one right away and folded
+    into the update direction, then dropped: the disadvantaged side exists only as partition statistics.
+    With similarity_batches > 1 the earlier disadvantaged passes are summed into a second held copy first
+    (the norms are not additive). Under DDP a finished tensor is all-reduced before scoring, in one fixed
+    order on every process (reverse layout order, about the order backward produces them)."""
+
+    def __init__(self, layout, *, held_dtype, rank_by: str, direction: str):
+        import torch.distributed as dist
+
+        self.layout, self.held_dtype, self.rank_by, self.direction = layout, held_dtype, rank_by, direction
+        count = len(layout)
+        self.held: list = [None] * count  # advantaged sums, then update directions
+        self.pending: list = [None] * count  # disadvantaged sums of earlier micro-batches
+        self.ready: list = [None] * count  # last-pass disadvantaged sums waiting for their turn to reduce (DDP)
+        self.scores: list = [None] * count
+        self.phase, self.last = "adv", False
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.order = list(reversed(range(count)))
+        self.cursor = 0
+        self.handles = [part.param.register_post_accumulate_grad_hook(self._hook(i)) for i, part in enumerate(layout)]
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _store(self, grad):
+        return grad if self.held_dtype is None else grad.to(self.held_dtype)
+
+    def _hook(self, index: int):
+        def consume(param):
+            grad, param.grad = param.grad.detach(), None
+            if self.phase == "adv":
+                self.held[index] = self._store(grad) if self.held[index] is None else self.held[index].add_(grad)
+                return
+            pending, self.pending[index] = self.pending[index], None
+            if not self.last:
+                self.pending[index] = self._store(grad) if pending is None else pending.add_(grad)
+                return
+            total = grad if pending is None else pending.add_(grad)
+            if self.world == 1:
+                self._finish(index, total)
+            else:
+                self.ready[index] = total
+                self._reduce_in_order(flush=False)
+        return consume
+
+    def _finish(self, index: int, grad_dis) -> None:
+        """Score one tensor's partitions, then keep only its update direction."""
+        part, grad_adv = self.layout[index], self.held[index]
+        self.scores[index] = tensor_scores(part, grad_adv, grad_dis, self.rank_by, self.direction)
+        if grad_adv is None or grad_dis is None:
+            self.held[index] = None
+        elif self.direction == "disadvantaged":
+            self.held[index] = self._store(grad_dis.neg_())
+        elif self.direction == "both":
+            self.held[index] = grad_adv.sub_(grad_dis)
+
+    def _reduce_in_order(self, flush: bool) -> None:
+        import torch.distributed as dist
+
+        while self.cursor < len(self.order):
+            index = self.order[self.cursor]
+            total = self.ready[index]
+            if total is None:
+                if not flush:
+                    return
+                if not self.used[index]:
+                    self._finish(index, None)
+                    self.cursor += 1
+                    continue
+                total = torch.zeros_like(self.layout[index].param, dtype=self.held_dtype)
+            self.ready[index] = None
+            dist.all_reduce(total)
+            self._finish(index, total)
+            self.cursor += 1
+
+    def reduce_advantaged(self) -> None:
+        """DDP: sum the held advantaged gradients over processes (a tensor unused here but used elsewhere is 0)."""
+        import torch.distributed as dist
+
+        if self.world == 1:
+            return
+        device = self.layout[0].param.device
+        used = torch.tensor([g is not None for g in self.held], dtype=torch.int32, device=device)
+        dist.all_reduce(used, op=dist.ReduceOp.MAX)
+        self.used = used.bool().tolist()
+        for i, part in enumerate(self.layout):
+            if self.held[i] is None and self.used[i]:
+                self.held[i] = torch.zeros_like(part.param, dtype=self.held_dtype)
+            if self.held[i] is not None:
+                dist.all_reduce(self.held[i])
+
+    def finish(self) -> tuple[torch.Tensor, list]:
+        if self.world > 1:
+            self._reduce_in_order(flush=True)
+        for index, score in enumerate(self.scores):
+            if score is None:  # no disadvantaged gradient reached this tensor
+                self._finish(index, None)
+        return torch.cat(self.scores), self.held
+
+
+def pair_statistics(model, layout, micro_batches, kind: str, objective: str, *, rank_by: str = "similarity",
+                    direction: str = "advantaged", held_dtype=None, autocast=nullcontext) -> PairStatistics:
+    """Both sides' gradients, summed over micro-batches (and processes), reduced to what the step needs.
+
+    Memory: the held side (one copy of the trainable weights in held_dtype, default the weights' dtype) plus the
+    gradient of the tensor being scored, instead of two full gradient copies. Forward passes run under
+    `autocast` (the accelerator's, for bf16)."""
+    for part in layout:
+        part.param.grad = None
+    stream = _GradientStream(layout, held_dtype=held_dtype, rank_by=rank_by, direction=direction)
+    gap = torch.zeros((), dtype=torch.float64, device=layout[0].param.device)
     sequences = 0
-    for batch in micro_batches:
-        adv = sequence_objectives(model, batch, "adv", kind, objective)
-        grads_adv = _sum_into(grads_adv, torch.autograd.grad(adv.sum(), params, allow_unused=True))
-        dis = sequence_objectives(model, batch, "dis", kind, objective)
-        grads_dis = _sum_into(grads_dis, torch.autograd.grad(dis.sum(), params, allow_unused=True))
-        gap += (adv.detach() - dis.detach()).sum().double().cpu()
-        sequences += adv.shape[0]
-    grads_adv, grads_dis, gap, sequences = _all_reduce(layout, grads_adv, grads_dis, gap, sequences)
-    return PairGradients(grads_adv, grads_dis, gap, sequences)
+    try:
+        for number, batch in enumerate(micro_batches):
+            last = number == len(micro_batches) - 1
+            stream.phase = "adv"
+            with autocast():
+                adv = sequence_objectives(model, batch, "adv", kind, objective)
+            adv.sum().backward()
+            if last:
+                stream.reduce_advantaged()
+            stream.phase, stream.last = "dis", last
+            with autocast():
+                dis = sequence_objectives(model, batch, "dis", kind, objective)
+            dis.sum().backward()
+            gap += (adv.detach() - dis.detach()).sum().double()
+            sequences += adv.shape[0]
+        scores, updates = stream.finish()
+    finally:
+        stream.close()
+    gap, sequences = _all_reduce_totals(gap, sequences)
+    return PairStatistics(scores, updates, gap, sequences)
 
 
-def _all_reduce(layout, grads_adv, grads_dis, gap, sequences):
-    """Sum over processes (DDP): selection then equals one process on the concatenated batch."""
+def _all_reduce_totals(gap: torch.Tensor, sequences: int) -> tuple[float, int]:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return grads_adv, grads_dis, float(gap), sequences
-    device = layout[0].param.device
-    used = torch.tensor([g is not None for g in grads_adv], dtype=torch.int32, device=device)
-    dist.all_reduce(used, op=dist.ReduceOp.MAX)
-    reduced = []
-    for grads in (grads_adv, grads_dis):
-        grads = [torch.zeros_like(part.param) if g is None and used[i] else g
-                 for i, (part, g) in enumerate(zip(layout, grads))]
-        for g in grads:
-            if g is not None:
-                dist.all_reduce(g)
-        reduced.append(grads)
-    totals = torch.tensor([float(gap), float(sequences)], dtype=torch.float64, device=device)
+        return float(gap), sequences
+    totals = torch.stack([gap, torch.tensor(float(sequences), dtype=torch.float64, device=gap.device)])
     dist.all_reduce(totals)
-    return reduced[0], reduced[1], float(totals[0]), int(totals[1])
+    return float(totals[0]), int(totals[1])
 
 
 @dataclass
@@ -262,14 +373,14 @@ class StepResult:
 
 
 def pcgu_step(model, layout, micro_batches, *, kind: str, k: int, lr: float, objective: str = "logit",
-              direction: str = "advantaged", rank_by: str = "similarity") -> StepResult:
-    """One PCGU update: summed pair gradients -> per-partition scores -> k lowest -> masked SGD step."""
-    grads = pair_gradients(model, layout, micro_batches, kind, objective)
-    scores = partition_scores(layout, grads.advantaged, grads.disadvantaged, rank_by, direction)
-    selected = select_partitions(scores, k)
-    updates = [update_direction(a, d, direction) for a, d in zip(grads.advantaged, grads.disadvantaged)]
-    apply_masked_update(layout, updates, selected, lr)
-    return StepResult(selected, scores, grads.objective_gap / max(grads.sequences, 1))
+              direction: str = "advantaged", rank_by: str = "similarity", held_dtype=None,
+              autocast=nullcontext) -> StepResult:
+    """One PCGU update: pair gradients -> per-partition scores -> k lowest -> masked SGD step."""
+    stats = pair_statistics(model, layout, micro_batches, kind, objective, rank_by=rank_by, direction=direction,
+                            held_dtype=held_dtype, autocast=autocast)
+    selected = select_partitions(stats.scores, k)
+    apply_masked_update(layout, stats.updates, selected, lr)
+    return StepResult(selected, stats.scores, stats.objective_gap / max(stats.sequences, 1))
 
 
 # -- pairs -> token ids --------------------------------------------------------------------------------
@@ -384,10 +495,9 @@ class PCGUMethod(TrainingMethod):
 
     name = "pcgu"
     Options = PCGUOptions
-    owns_update = True  # masked plain SGD in fp32: no optimizer, scheduler, accumulation or clipping
+    owns_update = True  # masked plain SGD: no optimizer, scheduler, accumulation or clipping
     uses_optimizer = False
-    unused_training_options = ("grad_accum", "weight_decay", "scheduler", "warmup_steps", "max_grad_norm",
-                               "precision")
+    unused_training_options = ("grad_accum", "weight_decay", "scheduler", "warmup_steps", "max_grad_norm")
     training_defaults = {"batch_size": 16}
     training_help = {"batch_size": "Pairs per forward pass (processes share it); the paper's default is 16.",
                      "lr": "Plain SGD learning rate (the paper's 1e-5)."}
@@ -400,6 +510,7 @@ class PCGUMethod(TrainingMethod):
         self.skipped = 0
         self.overlap: dict = {}
         self.selection_counts: dict[str, int] = {}
+        self.counts = None  # selections per tensor, on the device until reported
         self.steps_done = 0
 
     def read_inputs(self) -> None:
@@ -413,6 +524,11 @@ class PCGUMethod(TrainingMethod):
 
     def examples_per_step(self, batch_size: int) -> int:
         return batch_size * self.opts.similarity_batches
+
+    def sharding_refusal(self) -> str | None:
+        return ("each partition's two gradients are compared whole on one process, and FSDP shards them. Run PCGU "
+                "on one GPU (a 7B model in bf16 needs ~4P bytes: weights plus one held gradient; docs/SCALING.md) "
+                "or with DDP (accelerate launch --multi_gpu).")
 
     def setup(self, run) -> list:
         from debias_plugin.data.pairs import warn_on_evaluation_overlap
@@ -436,6 +552,7 @@ class PCGUMethod(TrainingMethod):
         self.owners = torch.repeat_interleave(torch.arange(len(self.layout)),  # partition -> its tensor
                                               torch.tensor([p.count for p in self.layout]))
         self.k = resolve_k(self.opts.k, self.total)
+        self.held_dtype = compute_dtype(run.config)
         return self.encoded
 
     def collate(self, examples: list, positions: list[int]) -> dict:
@@ -451,12 +568,22 @@ class PCGUMethod(TrainingMethod):
         model = run.unwrapped
         result = pcgu_step(model, self.layout, self._micro_batches(batch), kind=self.kind, k=self.k,
                            lr=run.config.lr, objective=self.objective, direction=self.opts.direction,
-                           rank_by=self.opts.rank_by)
-        for index, count in zip(*torch.unique(self.owners[result.selected.cpu()], return_counts=True)):
-            name = self.layout[int(index)].name
-            self.selection_counts[name] = self.selection_counts.get(name, 0) + int(count)
+                           rank_by=self.opts.rank_by, held_dtype=self.held_dtype, autocast=run.accelerator.autocast)
+        if self.counts is None:
+            self.owners = self.owners.to(result.selected.device)
+            self.counts = torch.zeros(len(self.layout), dtype=torch.int64, device=result.selected.device)
+        self.counts += torch.bincount(self.owners[result.selected], minlength=len(self.layout))
         self.steps_done += 1
         return result.objective_gap
+
+    def _selections(self) -> dict[str, int]:
+        """Selections per tensor so far (restored ones plus this run's), read from the device once."""
+        totals = dict(self.selection_counts)
+        if self.counts is not None:
+            for part, count in zip(self.layout, self.counts.tolist()):
+                if count:
+                    totals[part.name] = totals.get(part.name, 0) + count
+        return totals
 
     def evaluate(self, run) -> dict:
         """On the training pairs: % where the advantaged side scores higher, and the mean objective gap."""
@@ -473,17 +600,19 @@ class PCGUMethod(TrainingMethod):
                 "mean_objective_gap": gap / len(self.encoded)}
 
     def report(self) -> dict:
-        top = sorted(self.selection_counts.items(), key=lambda item: -item[1])[:15]
+        order = {part.name: i for i, part in enumerate(getattr(self, "layout", []))}
+        top = sorted(self._selections().items(), key=lambda item: (-item[1], order.get(item[0], 0)))[:15]
         return {"pairs_used": len(self.encoded), "pairs_skipped_no_target": self.skipped,
                 "partitions_total": self.total, "k": self.k, "objective": self.objective,
                 "evaluation_overlap": self.overlap, "steps": self.steps_done,
                 "selections_by_tensor_top15": dict(top)}
 
     def state_dict(self) -> dict:
-        return {"selection_counts": self.selection_counts, "steps_done": self.steps_done}
+        return {"selection_counts": self._selections(), "steps_done": self.steps_done}
 
     def load_state_dict(self, state: dict) -> None:
         self.selection_counts = dict(state["selection_counts"])
+        self.counts = None
         self.steps_done = int(state["steps_done"])
 
     def inputs(self) -> dict:

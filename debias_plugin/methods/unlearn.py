@@ -13,7 +13,9 @@ the tokenizer's mask token and predict it. Targets come from
 A text with no target token (after truncation) cannot be trained on; it is counted and reported (the
 manifest's ``report``), never dropped silently. An optional retain regulariser holds the rest of the
 language steady: ``gd`` (gradient difference: plus the retain corpus's NLL) or ``kl`` (plus
-KL(original || current) of next-token / masked-token distributions on the retain corpus).
+KL(original || current) of next-token / masked-token distributions on the retain corpus). The original model
+is a frozen copy without gradients (bf16 when the run computes in bf16), or under LoRA the same model with its
+adapter disabled: no second copy at all.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import copy
 import logging
 import re
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -32,15 +35,17 @@ from debias_plugin.methods import (
     encode, lm_batch, pad, pad_id, per_example_mean, perplexity, special_positions, token_logprobs,
 )
 from debias_plugin.methods.base import TrainingMethod
-from debias_plugin.options import Options
-from debias_plugin.training import StreamOrder
+from debias_plugin.methods.lora import (
+    SHARDING_REFUSAL, LoraOptions, output_format, reference_forward, save_lora_or_full, wrap_lora,
+)
+from debias_plugin.training import StreamOrder, compute_dtype
 
 logger = logging.getLogger(__name__)
 MARKUP = re.compile(r"\[\[(.+?)\]\]")
 
 
-class UnlearnOptions(Options):
-    """Forget set, how to choose its target tokens, optional held-out and retain corpora."""
+class UnlearnOptions(LoraOptions):
+    """Forget set, how to choose its target tokens, optional held-out and retain corpora; LoRA or all weights."""
 
     corpus: str = Field(description="Forget set: .txt, .csv/.tsv or .jsonl.")
     column: str | None = Field(None, description="Text column of a CSV/JSONL corpus (default 'text').")
@@ -140,7 +145,10 @@ class Unlearn(TrainingMethod):
                 "words": self.word_source or self.opts.words}
 
     def report(self) -> dict:
-        return self.counts
+        return {**self.counts, "output_format": output_format(self.opts)}
+
+    def sharding_refusal(self) -> str | None:
+        return SHARDING_REFUSAL if self.opts.trains_lora else None
 
     def read_inputs(self) -> None:
         from debias_plugin.data import load_texts
@@ -205,13 +213,29 @@ class Unlearn(TrainingMethod):
             self.retain_examples = [encode(run.tokenizer, t, run.kind, run.config.max_length)[0]
                                     for t in self.retain_texts]
             self.retain_order = StreamOrder(len(self.retain_examples), run.config.seed + 1)
-        if self.needs_reference():
-            self.reference = copy.deepcopy(run.model).to(run.device).eval().requires_grad_(False)
+        self.autocast = run.accelerator.autocast
+        if self.opts.trains_lora:
+            run.model = wrap_lora(run, self.opts)
+            self.peft_model = run.model  # the reference: this model with its adapter disabled
+        elif self.needs_reference():
+            self.reference = frozen_copy(run.model, compute_dtype(run.config)).to(run.device)
         return examples
 
     def needs_reference(self) -> bool:
-        """A frozen copy of the original model (for KL; NPO's forget loss always needs one)."""
+        """The original model's predictions (for KL; NPO's forget loss always needs them)."""
         return self.opts.regulariser == "kl"
+
+    @contextmanager
+    def original_model(self):
+        """The model as loaded, for a no-grad pass: the frozen copy, or the LoRA model with its adapter off."""
+        import torch
+
+        with torch.no_grad(), self.autocast():
+            if self.opts.trains_lora:
+                with reference_forward(self.peft_model) as model:
+                    yield model
+            else:
+                yield self.reference
 
     def collate(self, examples: list, positions: list[int]) -> dict:
         batch = self._forget_batch(examples)
@@ -263,8 +287,8 @@ class Unlearn(TrainingMethod):
 
         ids, attention = batch["retain_input_ids"], batch["retain_attention_mask"]
         current = torch.log_softmax(model(input_ids=ids, attention_mask=attention).logits.float(), -1)
-        with torch.no_grad():
-            original = torch.log_softmax(self.reference(input_ids=ids, attention_mask=attention).logits.float(), -1)
+        with self.original_model() as reference:
+            original = torch.log_softmax(reference(input_ids=ids, attention_mask=attention).logits.float(), -1)
         kl = (original.exp() * (original - current)).sum(-1)
         targets = batch["retain_targets"]
         if self.kind == "causal":  # distribution at t-1 predicts token t
@@ -274,7 +298,7 @@ class Unlearn(TrainingMethod):
     # -- metrics (the paper's Figure 1) -----------------------------------------------------------------
     def evaluate(self, run) -> dict:
         limit = self.opts.eval_texts or None
-        model, device = run.unwrapped, run.device
+        model, device = run.eval_model, run.device
         metrics = {"forget_perplexity": perplexity(model, run.tokenizer, run.kind, self.plain_texts[:limit],
                                                    self.max_length, device)}
         if self.heldout_texts:
@@ -298,3 +322,22 @@ class Unlearn(TrainingMethod):
         if other_count:
             metrics["nontarget_logprob"] = other_sum / other_count
         return metrics
+
+    def save(self, run, folder: Path) -> None:
+        save_lora_or_full(run, folder, self.opts)
+
+
+def frozen_copy(model, dtype):
+    """A copy without gradients, in `dtype`, made one tensor at a time: never two full copies of the weights.
+
+    deepcopy's memo maps every parameter to its converted clone before the copy starts, so the module tree
+    is copied around them (buffers, tied weights and hooks as in the original)."""
+    import torch
+
+    if any(parameter.is_meta for parameter in model.parameters()):
+        raise DebiasError("The model's weights are not loaded on this process (FSDP cpu_ram_efficient_loading?), so "
+                          "no reference copy can be made; set fsdp_cpu_ram_efficient_loading: false for stages "
+                          "with a reference model (unlearn --regulariser kl, npo).")
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype or p.dtype, copy=True), requires_grad=False)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo).eval()
