@@ -5,6 +5,7 @@ stale staging for every stage are in test_methods.py; merge templates in test_ne
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -88,33 +89,30 @@ def test_unwritable_output_location_fails_before_training(tiny_model, corpus, tm
         locked.chmod(0o700)
 
 
-def test_read_only_output_location(tiny_model, corpus, tmp_path):
-    """Even root cannot write a read-only mount: the OS error becomes one paragraph, nothing is published."""
-    mount = tmp_path / "ro"
+@contextlib.contextmanager
+def tmpfs(mount: Path, options: str):
+    """A small tmpfs at `mount` (root only): the OS errors no permission check can bypass."""
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        result = finetune(tiny_model("gpt2"), mount / "out", corpus)
-        assert_one_paragraph(result, str(mount))
-        assert not any(mount.iterdir())
+        yield mount
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_read_only_output_location(tiny_model, corpus, tmp_path):
+    """Even root cannot write a read-only mount: the OS error becomes one paragraph, nothing is published."""
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as mount:
+        assert_one_paragraph(finetune(tiny_model("gpt2"), mount / "out", corpus), str(mount))
+        assert not any(mount.iterdir())
 
 
 def test_full_disk_leaves_nothing_half_written(tiny_model, corpus, tmp_path):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
+    with tmpfs(tmp_path / "small", "size=256k") as mount:
         result = finetune(tiny_model("gpt2"), mount / "out", corpus)
         assert_one_paragraph(result, "No space left on device", "disk is full")
         assert not any(mount.iterdir()), list(mount.iterdir())  # no output, no staging folder
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def test_corrupt_checkpoint_is_one_paragraph(tiny_model, corpus, tmp_path):
