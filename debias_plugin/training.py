@@ -128,6 +128,7 @@ class Run:
     scheduler: Any = None
     step: int = 0
     full_state: Any = None  # under FSDP while saving: the gathered state dict (main process)
+    saved_use_cache: bool | None = None  # config.use_cache to write back (checkpointing trains with it off)
 
     @property
     def sharded(self) -> bool:
@@ -143,7 +144,15 @@ class Run:
     def save_pretrained(self, model, folder) -> None:
         """model.save_pretrained as safetensors; under FSDP from the gathered full state dict."""
         extra = {} if self.full_state is None else {"state_dict": self.full_state}
-        model.save_pretrained(folder, safe_serialization=True, **extra)
+        config = getattr(model, "config", None)
+        if self.saved_use_cache is None or config is None:
+            model.save_pretrained(folder, safe_serialization=True, **extra)
+            return
+        config.use_cache = self.saved_use_cache
+        try:
+            model.save_pretrained(folder, safe_serialization=True, **extra)
+        finally:
+            config.use_cache = False
 
     @property
     def device(self):
@@ -290,9 +299,9 @@ class Trainer:
             model, tokenizer, kind = load_model(config.model, allow_pickle=config.allow_pickle,
                                                 trust_remote_code=config.trust_remote_code,
                                                 dtype=weights_dtype(config))
-        if config.gradient_checkpointing:
-            enable_checkpointing(model, config)
-        run = Run(config=config, model=model, tokenizer=tokenizer, kind=kind, accelerator=accelerator)
+        use_cache = enable_checkpointing(model, config) if config.gradient_checkpointing else None
+        run = Run(config=config, model=model, tokenizer=tokenizer, kind=kind, accelerator=accelerator,
+                  saved_use_cache=use_cache)
         examples = list(self.method.setup(run))
         if not examples:
             raise DebiasError(f"{self.method.name}: no training examples (the corpus gave nothing to train on).")
@@ -549,8 +558,11 @@ def modes_kept(model):
             module.training = training
 
 
-def enable_checkpointing(model, config: TrainConfig) -> None:
-    """transformers' activation checkpointing of every layer (non-reentrant: works with LoRA and autograd.grad)."""
+def enable_checkpointing(model, config: TrainConfig) -> bool | None:
+    """transformers' activation checkpointing of every layer (non-reentrant: works with LoRA and autograd.grad).
+
+    Also turns the KV cache off (config.use_cache), which transformers would otherwise fill again when a layer is
+    recomputed; returns the setting to write back into saved configs (None: the config has none)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     if not getattr(model, "supports_gradient_checkpointing", False):
@@ -573,6 +585,10 @@ def enable_checkpointing(model, config: TrainConfig) -> None:
         if own:
             raise DebiasError(f"{config.model}: {', '.join(own)} applies dropout in its own forward, so "
                               "--gradient-checkpointing cannot train it with --no-dropout; keep dropout on.")
+    use_cache = getattr(model.config, "use_cache", None)
+    if use_cache is not None:
+        model.config.use_cache = False
+    return use_cache
 
 
 def train_mode(model, dropout: bool) -> None:

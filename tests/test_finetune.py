@@ -142,3 +142,16 @@ def test_checkpoint_without_its_lm_head_is_refused(tiny_model, tmp_path):
               metadata={"format": "pt"})
     with pytest.raises(DebiasError, match=r"no causal-LM head \(lm_head.weight missing\)"):
         load_model(folder)
+
+
+def test_bf16_weights_train_write_bf16_and_lora_adapters_stay_float32(tiny_model, corpus, tmp_path):
+    from safetensors.torch import load_file
+
+    full = train(config(tiny_model("gpt2"), tmp_path / "full", weights_dtype="bf16", steps=2),
+                 Finetune(FinetuneOptions(corpus=str(corpus))))
+    assert {t.dtype for t in load_file(full / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.loads((full / "config.json").read_text())["dtype"] == "bfloat16"
+    options = FinetuneOptions(corpus=str(corpus), lora=True, lora_target_modules=["c_attn"])
+    adapter = train(config(tiny_model("gpt2"), tmp_path / "adapter", weights_dtype="bf16", precision="bf16", steps=2),
+                    Finetune(options))
+    assert {t.dtype for t in load_file(adapter / "adapter_model.safetensors").values()} == {torch.float32}

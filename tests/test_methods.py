@@ -156,3 +156,25 @@ def test_npo_starts_as_gradient_ascent_and_matches_its_definition(tiny_model, fi
     picked = logprobs.gather(-1, batch["input_ids"][:, 1:, None])[..., 0] * batch["targets"][:, 1:]
     ascent_grad = torch.autograd.grad(picked.sum(-1).mean(), model.transformer.wte.weight)[0]
     torch.testing.assert_close(npo_grad, ascent_grad, atol=1e-6, rtol=1e-4)
+
+
+def test_npo_under_lora_compares_against_the_adapter_free_model(tiny_model, files):
+    """At the start (adapter B = 0) the LoRA model is its own reference: NPO's loss is (2/beta) log 2."""
+    from accelerate import Accelerator
+
+    from debias_plugin.methods.npo import NPO, NPOOptions
+    from debias_plugin.models import load_model
+    from debias_plugin.training import Run
+
+    model, tokenizer, kind = load_model(tiny_model("llama"))
+    run = Run(config=TrainConfig(model="m", output="o", max_length=24), model=model, tokenizer=tokenizer, kind=kind,
+              accelerator=Accelerator(cpu=True))
+    method = NPO(NPOOptions(corpus=str(files / "forget.txt"), words=str(files / "words.txt"), beta=0.5, lora=True))
+    method.read_inputs()
+    examples = method.setup(run)
+    assert method.reference is None and run.model is method.peft_model
+    loss = method.forget_loss(run.model, method.collate(examples[:3], [0, 1, 2]))
+    assert float(loss) == pytest.approx(2 / 0.5 * torch.log(torch.tensor(2.0)).item(), rel=1e-6)
+    loss.backward()
+    trained = {name for name, p in run.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert trained and all("lora_" in name for name in trained)

@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -290,3 +291,87 @@ def test_two_processes_equal_one_and_resume(tmp_path, tiny_model, data_dir):
     reports = [json.loads((tmp_path / f"out{n}" / "debias_manifest.json").read_text()) for n in (1, 2)]
     assert reports[1]["timings"]["processes"] == 2
     assert reports[0]["results"]["report"]["selections_by_tensor_top15"] == reports[1]["results"]["report"]["selections_by_tensor_top15"]
+
+
+# -- bf16 ----------------------------------------------------------------------------------------------------
+def test_bf16_statistics_match_an_autocast_reference_and_hold_one_bf16_side(tiny_model, data_dir):
+    """precision bf16: both forward passes under CPU autocast; the advantaged side is held in bf16 and the
+    disadvantaged side never as a full copy. Reference: torch.autograd.grad of the same objective under autocast,
+    the advantaged gradient rounded to bf16, F.cosine_similarity per row in float32."""
+    from debias_plugin.methods.pcgu import pair_statistics
+
+    model, tokenizer, kind, encoded = _encoded(tiny_model("gpt2"), "causal")
+    batch = collate_pairs(encoded, tokenizer.pad_token_id)
+    layout = partition_layout(model)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+    head_dtypes = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: head_dtypes.append(out.dtype))
+    handed, alive_before = [], []  # weak references to every gradient backward hands over, in order
+
+    def probe(param):  # registered before pair_statistics' own hooks, so it sees each gradient first
+        alive_before.append(sum(ref() is not None for ref in handed[len(layout):]))
+        handed.append(weakref.ref(param.grad))
+
+    probes = [part.param.register_post_accumulate_grad_hook(probe) for part in layout]
+    stats = pair_statistics(model, layout, [batch], kind, "logprob", held_dtype=torch.bfloat16, autocast=autocast)
+    hook.remove()
+    for handle in probes:
+        handle.remove()
+    assert head_dtypes == [torch.bfloat16, torch.bfloat16]  # both sides ran under autocast
+    assert len(handed) == 2 * len(layout)
+    assert alive_before[len(layout):] == [0] * len(layout)  # each disadvantaged gradient is gone before the next
+    assert {u.dtype for u in stats.updates if u is not None} == {torch.bfloat16}
+    assert all(part.param.grad is None for part in layout)  # nothing left in .grad
+
+    params = [part.param for part in layout]
+    with autocast():
+        adv = sequence_objectives(model, batch, "adv", kind, "logprob")
+    grads_adv = torch.autograd.grad(adv.sum(), params, allow_unused=True)
+    with autocast():
+        dis = sequence_objectives(model, batch, "dis", kind, "logprob")
+    grads_dis = torch.autograd.grad(dis.sum(), params, allow_unused=True)
+    reference, meaningful = [], []
+    for part, a, d in zip(layout, grads_adv, grads_dis):
+        a_rows, d_rows = part.view(a.to(torch.bfloat16).float()), part.view(d.float())
+        reference.append(F.cosine_similarity(a_rows, d_rows, dim=-1))
+        meaningful.append(torch.minimum(a_rows.norm(dim=-1), d_rows.norm(dim=-1)) > 1e-5)
+    reference, meaningful = torch.cat(reference), torch.cat(meaningful)
+    assert meaningful.sum() > 100
+    torch.testing.assert_close(stats.scores[meaningful], reference[meaningful], atol=2e-3, rtol=2e-3)
+    for update, a in zip(stats.updates, grads_adv):
+        torch.testing.assert_close(update, a.to(torch.bfloat16), atol=0, rtol=0)
+
+
+def test_bf16_pcgu_trains_through_the_cli_and_lowers_the_advantaged_side(tiny_model, data_dir, tmp_path):
+    """--precision bf16 (fp32 weights, autocast) and --weights-dtype bf16 (bf16 weights written) both train."""
+    from safetensors.torch import load_file
+
+    from debias_plugin.cli import main
+
+    common = ["pcgu", "--model", str(tiny_model("gpt2")), "--steps", "3", "--batch-size", "8", "--k", "0.2",
+              "--lr", "3e-2", "--no-dropout", "--pairs", "winogender", "--max-length", "32"]
+    for extra, name, dtype in ((["--precision", "bf16"], "mixed", torch.float32),
+                               (["--weights-dtype", "bf16", "--precision", "bf16"], "pure", torch.bfloat16)):
+        main([*common, *extra, "--output", str(tmp_path / name)])
+        record = json.loads((tmp_path / name / "debias_manifest.json").read_text())
+        assert record["options"]["precision"] == "bf16"
+        metrics = record["results"]["metrics"]
+        assert metrics["end"]["mean_objective_gap"] < metrics["start"]["mean_objective_gap"]
+        assert {t.dtype for t in load_file(tmp_path / name / "model.safetensors").values()} == {dtype}
+
+
+def test_gradient_checkpointing_gives_the_same_pcgu_step(tiny_model, data_dir, tmp_path):
+    """PCGU's own backward passes (post-accumulate hooks) through recomputed layers: the same update."""
+    from safetensors.torch import load_file
+
+    from debias_plugin.cli import main
+
+    common = ["pcgu", "--model", str(tiny_model("llama")), "--steps", "2", "--batch-size", "4", "--k", "0.05",
+              "--lr", "1e-2", "--no-dropout", "--pairs", "winogender", "--max-length", "32"]
+    main([*common, "--output", str(tmp_path / "plain")])
+    main([*common, "--gradient-checkpointing", "--output", str(tmp_path / "checkpointed")])
+    plain, checkpointed = (load_file(tmp_path / name / "model.safetensors") for name in ("plain", "checkpointed"))
+    base = load_file(tiny_model("llama") / "model.safetensors")
+    assert any(not torch.equal(plain[name], base[name]) for name in plain)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5)

@@ -170,3 +170,65 @@ def test_bf16_mixed_precision_trains_float32_weights(tiny_model, corpus, tmp_pat
     assert {tensor.dtype for tensor in weights(bf16_dir).values()} == {torch.float32}
     again = json.loads((_finetune(tiny_model("gpt2"), corpus, tmp_path / "c", steps=2) / MANIFEST_NAME).read_text())
     assert again["results"]["losses"] == fp32["results"]["losses"]
+
+
+def test_gradient_checkpointing_recomputes_every_layer_and_trains_the_same_weights(tiny_model, corpus, tmp_path):
+    """With checkpointing each block's attention runs twice per step (forward + recompute in backward), dropout
+    stays off under --no-dropout, and the weights equal those of a run that keeps all activations."""
+    from debias_plugin.models import load_model
+    from debias_plugin.training import enable_checkpointing, train_mode
+
+    model_dir = tiny_model("gpt2")
+    model, _, _ = load_model(model_dir)
+    calls = []
+    for block in model.transformer.h:
+        block.attn.register_forward_hook(lambda *args: calls.append(1))
+    enable_checkpointing(model, TrainConfig(model=str(model_dir), output="unused", dropout=False,
+                                            gradient_checkpointing=True))
+    train_mode(model, dropout=False)
+    assert all(block.training for block in model.transformer.h) and not model.transformer.drop.training
+    assert not any(m.training for block in model.transformer.h for m in block.modules() if m is not block)
+    ids = torch.tensor([[1, 40, 50, 60, 70, 80, 90]])
+    loss = model(input_ids=ids).logits.float().logsumexp(-1).mean()
+    assert len(calls) == len(model.transformer.h)
+    loss.backward()
+    assert len(calls) == 2 * len(model.transformer.h)
+
+    for dropout in (False, True):  # with dropout on, the recompute replays the same dropout masks
+        plain = _finetune(model_dir, corpus, tmp_path / f"plain-{dropout}", dropout=dropout)
+        checkpointed = _finetune(model_dir, corpus, tmp_path / f"ckpt-{dropout}", dropout=dropout,
+                                 gradient_checkpointing=True)
+        assert max_difference(weights(plain), weights(checkpointed)) < 1e-6
+    record = json.loads((checkpointed / MANIFEST_NAME).read_text())
+    assert record["options"]["gradient_checkpointing"] is True
+    assert json.loads((checkpointed / "config.json").read_text())["use_cache"] is True  # trained without, saved as was
+
+
+def test_gradient_checkpointing_refuses_layers_that_drop_out_themselves(tiny_model, corpus, tmp_path):
+    """OPT's decoder layer applies dropout in its own forward: in training mode it would drop out under
+    --no-dropout, so the combination is refused (with dropout on it trains)."""
+    with pytest.raises(DebiasError, match="OPTDecoderLayer applies dropout"):
+        _finetune(tiny_model("opt"), corpus, tmp_path / "refused", gradient_checkpointing=True)
+    assert not (tmp_path / "refused").exists()
+    _finetune(tiny_model("opt"), corpus, tmp_path / "trained", gradient_checkpointing=True, dropout=True, steps=1)
+
+
+def test_distributions_the_loop_cannot_run_are_refused_before_loading(tiny_model, corpus, tmp_path):
+    from debias_plugin.methods.pcgu import PCGUMethod, PCGUOptions
+    from debias_plugin.training import Trainer
+
+    def trainer(method, **overrides):
+        config = TrainConfig(model=str(tiny_model("gpt2")), output=str(tmp_path / "out"), **overrides)
+        return Trainer(config, method)
+
+    full, lora = (Finetune(FinetuneOptions(corpus=str(corpus), lora=flag)) for flag in (False, True))
+    trainer(full)._check_distribution("FSDP")  # full-weight fine-tuning shards
+    trainer(full)._check_distribution("MULTI_GPU")
+    for method, message in ((PCGUMethod(PCGUOptions()), "compared whole on one process"),
+                            (lora, "LoRA does not run under FSDP")):
+        with pytest.raises(DebiasError, match=message):
+            trainer(method)._check_distribution("FSDP")
+    with pytest.raises(DebiasError, match="checkpoint_every"):
+        trainer(full, checkpoint_every=2)._check_distribution("FSDP")
+    with pytest.raises(DebiasError, match="DEEPSPEED mode is not supported"):
+        trainer(full)._check_distribution("DEEPSPEED")

@@ -240,3 +240,53 @@ def test_every_tiny_architecture_gets_targets_and_a_finite_loss(tiny_model, file
     assert len(examples) == 36 and all(any(targets) for _, targets in examples)
     with torch.no_grad():
         assert math.isfinite(float(method.loss(run.model, method.collate(examples[:2], [0, 1]))))
+
+
+def test_lora_unlearning_uses_the_adapter_free_model_as_its_reference(tiny_model, files, tmp_path):
+    """Under LoRA the KL/NPO reference is the same model with its adapter off: the base model's logits exactly,
+    however far the adapter has moved, with no second copy; the run writes an adapter that peft loads."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_model("gpt2")
+    lora = dict(lora=True, lora_target_modules=["c_attn", "c_fc"], regulariser="kl", retain=str(files / "retain.txt"))
+    run, examples = prepared(model_dir, method := Unlearn(options(files, **lora)))
+    assert method.reference is None  # no copy
+    with torch.no_grad():
+        for name, parameter in run.model.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.05)  # move the adapter away from its zero start
+    ids = torch.tensor([[1, 40, 50, 60, 70, 80, 90]])
+    base = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    run.model.train()
+    with torch.no_grad():
+        with method.original_model() as reference:
+            original = reference(input_ids=ids).logits
+        assert run.model.training  # modes restored after the reference pass
+        run.model.eval()
+        assert torch.equal(original, base(input_ids=ids).logits)
+        assert not torch.allclose(run.model(input_ids=ids).logits, original, atol=1e-3)
+        assert float(method._kl(run.model, method.collate(examples[:2], [0, 1])).mean()) > 1e-6
+
+    output = train(config(model_dir, tmp_path / "adapter", steps=2), Unlearn(options(files, **lora)))
+    assert (output / "adapter_config.json").is_file() and not (output / "model.safetensors").exists()
+    assert json.loads((output / MANIFEST_NAME).read_text())["results"]["report"]["output_format"] == "peft-adapter"
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), output)
+
+
+def test_kl_reference_is_a_frozen_copy_in_bf16_when_the_run_computes_in_bf16(tiny_model, files):
+    """The copy is made tensor by tensor: bf16, no gradients, its own storage, tied weights still tied."""
+    retain = dict(regulariser="kl", retain=str(files / "retain.txt"))
+    run, examples = prepared(tiny_model("gpt2"), method := Unlearn(options(files, **retain)), precision="bf16")
+    reference, model = method.reference, run.model
+    assert {p.dtype for p in reference.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in reference.parameters()) and not reference.training
+    assert reference.lm_head.weight is reference.transformer.wte.weight
+    for (name, copied), original in zip(reference.named_parameters(), model.parameters()):
+        assert copied.data_ptr() != original.data_ptr()
+        assert torch.equal(copied, original.detach().to(torch.bfloat16)), name
+    loss = method.loss(model, method.collate(examples[:2], [0, 1]))
+    loss.backward()
+    assert all(p.grad is None for p in reference.parameters())
+    _, _ = prepared(tiny_model("gpt2"), fp32 := Unlearn(options(files, **retain)))
+    assert {p.dtype for p in fp32.reference.parameters()} == {torch.float32}

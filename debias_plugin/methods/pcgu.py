@@ -250,7 +250,7 @@ class _GradientStream:
 
     def _hook(self, index: int):
         def consume(param):
-            grad, param.grad = param.grad.detach(), None
+            grad, param.grad = param.grad, None  # the only reference now: dropping it frees the memory
             if self.phase == "adv":
                 self.held[index] = self._store(grad) if self.held[index] is None else self.held[index].add_(grad)
                 return
