@@ -330,9 +330,7 @@ def test_report_re_renders_from_the_study_without_evaluating(grid_run):
     trials = len(optuna.load_study(study_name=before["study"], storage=f"sqlite:///{out / 'study.db'}").trials)
     for name in ("sweep.json", "report.md", "sweep.csv"):
         (out / name).unlink()
-    with pytest.raises(SystemExit) as done:
-        main(["sweep", "report", str(out)])
-    assert done.value.code in (0, None)
+    main(["sweep", "report", str(out)])  # returns normally on success (errors exit 2)
     assert _deterministic(out / "sweep.json") == before and (out / "report.md").is_file()
     assert len(optuna.load_study(study_name=before["study"], storage=f"sqlite:///{out / 'study.db'}").trials) == trials
 
@@ -384,9 +382,15 @@ def test_two_processes_sharing_one_storage_give_the_same_results(grid_run, model
     workers = [subprocess.Popen(_debias_command("sweep", str(path), "--out", str(tmp_path / f"out{i}"),
                                                 "--storage", storage, "--shard", f"{i}/2"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    for worker in workers:
-        _, stderr = worker.communicate(timeout=600)
-        assert worker.returncode == 0, stderr[-3000:]
+    try:
+        for worker in workers:
+            _, stderr = worker.communicate(timeout=600)
+            assert worker.returncode == 0, stderr[-3000:]
+    finally:  # a failed worker leaves its partner waiting for jobs that will not come
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
     for i in range(2):
         assert _deterministic(tmp_path / f"out{i}" / "sweep.json") == expected
     claims = optuna.load_study(study_name=expected["study"] + ".jobs", storage=storage).trials

@@ -274,9 +274,9 @@ def _task_tables(sweep: Sweep, content: dict) -> list[str]:
         rows = [p for p in content["points"] if any(k.startswith(task + "/") for k in p["metrics"])]
         if not rows:
             continue
-        if task == objective_task or any(k.startswith(task + "_") for k in rows[0]["metrics"]):
-            metric = objective_metric if task == objective_task else _first_metric(rows[0]["metrics"], task)
-            leaves = sorted({leaf for p in rows for leaf in metrics.leaf_metrics(p["metrics"], f"{task}/{metric}")})
+        metric = objective_metric if task == objective_task else _first_metric(rows[0]["metrics"], task)
+        leaves = sorted({leaf for p in rows for leaf in metrics.leaf_metrics(p["metrics"], f"{task}/{metric}")})
+        if leaves:  # a group (crows_bias): its per-type values
             columns = [(f"{task}_{leaf}/{metric}", leaf) for leaf in leaves] + [(f"{task}/{metric}", "all")]
             title = f"### {task}: {metric} per type"
         else:
@@ -292,9 +292,12 @@ def _task_tables(sweep: Sweep, content: dict) -> list[str]:
     return lines
 
 
+_HEADLINE_METRICS = ("pct_stereotype", "ss", "word_perplexity")
+
+
 def _first_metric(summary: dict, task: str) -> str:
     names = sorted(k.split("/", 1)[1] for k in summary if k.startswith(task + "/"))
-    return names[0] if names else ""
+    return next((name for name in _HEADLINE_METRICS if name in names), names[0] if names else "")
 
 
 def _param_cell(sweep: Sweep, point: dict, key: str) -> str:

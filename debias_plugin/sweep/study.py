@@ -41,10 +41,15 @@ def open_storage(url: str):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
-    except Exception as err:  # bad URL, missing driver, unreachable server: one paragraph
-        raise DebiasError(f"--storage {url}: Optuna could not open it ({type(err).__name__}: {err}).") from None
+    for attempt in range(6):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+        except Exception as err:  # bad URL, missing driver, unreachable server: one paragraph
+            if "already exists" in str(err) and attempt < 5:  # another process is creating the same new storage
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            raise DebiasError(f"--storage {url}: Optuna could not open it ({type(err).__name__}: "
+                              f"{' '.join(str(err).split())[:500]}).") from None
 
 
 def _alive(pid: int) -> bool:
