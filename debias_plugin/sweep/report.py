@@ -323,7 +323,10 @@ def markdown(sweep: Sweep, content: dict, run: dict, plots: list[str]) -> str:
                            + ")" for m, c in best["budget"].items())
         lines += [f"**Chosen: `{best['name']}`** — `{config.objective}` "
                   f"{_with_interval(best['metrics'].get(config.objective))}" + (f"; {budget}" if budget else "")
-                  + f". Model: `best/` → `{best['model']}` (its `debias_manifest.json` records how it was made).", ""]
+                  + (f". Model: `best/` → `{best['model']}` (its `debias_manifest.json` records how it was made)."
+                     if best["role"] != "reference" else
+                     f". That is the base model itself (`best/` → `{best['model']}`): no setting came closer to "
+                     "the target within the budget."), ""]
     else:
         lines += ["**No setting keeps the budget**: nothing was chosen.", ""]
     if content["search"]:

@@ -188,6 +188,7 @@ class SweepRun:
     def __post_init__(self):
         self.out = Path(self.out).expanduser().resolve()
         self.jobs_started = 0
+        self.attempted: set[str] = set()  # job keys this process claimed (a failed one is retried once per run)
         self._reference_summary: dict | None = None
 
     # -- entry ------------------------------------------------------------------------------------------
@@ -234,11 +235,16 @@ class SweepRun:
             progressed = False
             for position, job in list(pending):
                 key = f"{phase}:{job.key}"
-                if self.board.done(key):
+                state = self.board.status(key)
+                mine = not sharded or self.shard is None or self.shard.owns(position)
+                if state == "done" or (state == "failed" and (key in self.attempted or not mine)):
                     pending.remove((position, job))
                     continue
-                if sharded and self.shard is not None and not self.shard.owns(position):
+                if not mine:
                     continue
+                if state == "busy":
+                    continue
+                self.attempted.add(key)
                 trial = self.board.claim(key)
                 if trial is None:
                     continue
@@ -335,13 +341,14 @@ class SweepRun:
         return self._trained(job)
 
     def _negated(self, job: Job) -> Path:
-        from debias_plugin.merge import negate
         from debias_plugin.outputs import MANIFEST_NAME
 
         fixed = self.sweep.config.fixed
         out = self.out / "trials" / job.name / "model"
         if (out / MANIFEST_NAME).is_file():
             return out
+        from debias_plugin.merge import negate  # mergekit: imported only when a model is made
+
         try:
             negate(self.base, lambdas=[job.settings["lambda"]], out=out, biased=fixed.get("biased"),
                    adapter=fixed.get("adapter"), template=fixed.get("template"),
@@ -353,9 +360,7 @@ class SweepRun:
         return out
 
     def _trained(self, job: Job) -> dict[str, Path]:
-        from debias_plugin.methods import method_class
         from debias_plugin.outputs import MANIFEST_NAME
-        from debias_plugin.training import train
 
         checkpoints = self.sweep.config.checkpoints
         out = (self.out / "runs" / job.name / "model") if checkpoints else (self.out / "trials" / job.name / "model")
@@ -366,6 +371,9 @@ class SweepRun:
             models = {job.points[0].key: out}
         if (out / MANIFEST_NAME).is_file() and all((m / MANIFEST_NAME).is_file() for m in models.values()):
             return models
+        from debias_plugin.methods import method_class
+        from debias_plugin.training import train
+
         config, options = training_settings(self.sweep, job.settings, out, base=str(self.base))
         method = method_class(self.sweep.config.method)
         if out.exists() and not (out / MANIFEST_NAME).is_file():

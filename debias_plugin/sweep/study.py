@@ -102,46 +102,48 @@ class JobBoard:
     def _claims(self, key: str):
         return [t for t in _trials(self.study) if t.user_attrs.get("job") == key]
 
-    def done(self, key: str) -> bool:
-        import optuna
-
-        return any(t.state == optuna.trial.TrialState.COMPLETE for t in self._claims(key))
-
     def _stale(self, trial) -> bool:
+        """This host: its process is gone (or its pid is now ours: we hold no other claim). Others: no heartbeat."""
         attrs = trial.user_attrs
         if attrs.get("host") == self.host:
-            return not _alive(int(attrs.get("pid", -1))) and attrs.get("pid") != self.pid
+            pid = int(attrs.get("pid", -1))
+            return pid == self.pid or not _alive(pid)
         beat = attrs.get("heartbeat", 0.0)
         return time.time() - float(beat) > STALE_AFTER_SECONDS
 
     def status(self, key: str) -> str:
-        """done, busy (a live claim elsewhere) or free; stale claims found on the way are failed."""
+        """done, failed (finished with an error), busy (a live claim elsewhere) or free; stale claims are failed."""
         import optuna
 
-        running = False
+        running, failed = False, False
         for trial in self._claims(key):
             if trial.state == optuna.trial.TrialState.COMPLETE:
-                return "done"
-            if trial.state == optuna.trial.TrialState.RUNNING:
+                if "error" not in trial.user_attrs:
+                    return "done"
+                failed = True
+            elif trial.state == optuna.trial.TrialState.RUNNING:
                 if self._stale(trial):
                     logger.info("Job %s: the claim of %s (pid %s) is stale; taking it over.", key,
                                 trial.user_attrs.get("host"), trial.user_attrs.get("pid"))
                     self.study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
                 else:
                     running = True
-        return "busy" if running else "free"
+        return "busy" if running else ("failed" if failed else "free")
 
     def claim(self, key: str):
-        """A RUNNING claim trial for the job, or None when another live process has it (or just took it)."""
+        """A RUNNING claim trial for the job, or None when another live process has it (or just took it).
+
+        A job that finished with an error is claimed again (a new run retries it once: the error may have been
+        a missing file, since fixed)."""
         import optuna
 
-        if self.status(key) != "free":
+        if self.status(key) not in ("free", "failed"):
             return None
         trial = self.study.ask()
         for name, value in (("job", key), ("host", self.host), ("pid", self.pid), ("heartbeat", time.time())):
             trial.set_user_attr(name, value)
-        rivals = [t for t in self._claims(key)
-                  if t.state in (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE)]
+        rivals = [t for t in self._claims(key) if t.state == optuna.trial.TrialState.RUNNING
+                  or (t.state == optuna.trial.TrialState.COMPLETE and "error" not in t.user_attrs)]
         if min(t.number for t in rivals) != trial.number:
             trial.set_user_attr("duplicate", True)
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -249,7 +251,7 @@ def add_point(study, point, values: list[float] | None, attrs: dict, known: dict
 
 
 def recorded_points(study) -> dict[str, object]:
-    """key -> the first finished trial recorded for that point (COMPLETE, or FAIL with the reason)."""
+    """key -> the trial recorded for that point: the first COMPLETE one, else the latest FAIL (with its reason)."""
     import optuna
 
     found = {}
@@ -257,9 +259,8 @@ def recorded_points(study) -> dict[str, object]:
         key = trial.user_attrs.get("key")
         if key is None or trial.state not in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL):
             continue
-        if key not in found or (found[key].state != optuna.trial.TrialState.COMPLETE
-                                and trial.state == optuna.trial.TrialState.COMPLETE):
-            found[key] = trial
+        if key not in found or found[key].state != optuna.trial.TrialState.COMPLETE:
+            found[key] = trial  # the first COMPLETE, else the latest failure (a retry's message)
     return found
 
 
