@@ -397,3 +397,53 @@ def test_two_processes_sharing_one_storage_give_the_same_results(grid_run, model
     done = [t for t in claims if t.state.name == "COMPLETE"]
     assert len({t.user_attrs["job"] for t in done}) == len(done), "a job was done twice"
     assert {t.user_attrs["pid"] for t in done} == {w.pid for w in workers}, "both processes took jobs"
+
+
+CHECKPOINT_SWEEP = """\
+base: {base}
+method: unlearn
+fixed:
+  corpus: {corpus}
+  where: {{split: dev}}
+  domains: [gender]
+  batch_size: 4
+  lr: 2.0e-3
+  max_length: 32
+  dropout: false
+checkpoints: [1, 3]
+evaluate: [crows_bias_gender]
+objective: crows_bias_gender/pct_stereotype
+limit: {limit}
+"""
+
+
+def test_checkpoint_sweep_evaluates_the_steps_of_one_run(env, models, data_dir, tmp_path):
+    """One unlearning run, snapshots at steps 1 and 3: each point's weights are those of a run stopped there."""
+    import numpy as np
+    from safetensors import safe_open
+
+    from debias_plugin.methods import method_class
+    from debias_plugin.sweep import run_sweep
+    from debias_plugin.sweep.config import training_settings
+
+    base, _ = models
+    path = tmp_path / "sweep.yml"
+    path.write_text(CHECKPOINT_SWEEP.format(base=base, corpus=data_dir / "dghs" / "dghs_women.csv", limit=LIMIT))
+    out = run_sweep(path, tmp_path / "out")
+    content = _deterministic(out / "sweep.json")
+    assert [p["name"] for p in content["points"]] == ["base", "step_1", "step_3"]
+    assert [p["model"] for p in content["points"][1:]] == ["runs/run/model.snapshots/step-1",
+                                                          "runs/run/model.snapshots/step-3"]
+    sweep = load_sweep(path)
+    config, options = training_settings(sweep, {}, tmp_path / "alone", base=str(base))
+    from debias_plugin.training import train
+
+    alone = train(config.model_copy(update={"steps": 1, "snapshot_steps": []}),
+                  method_class("unlearn")(options))  # an independent run of one step
+    name = "transformer.h.1.mlp.c_proj.weight"
+    with safe_open(alone / "model.safetensors", "np") as a, \
+            safe_open(out / "runs/run/model.snapshots/step-1/model.safetensors", "np") as s, \
+            safe_open(base / "model.safetensors", "np") as b:
+        assert np.array_equal(a.get_tensor(name), s.get_tensor(name))
+        assert not np.array_equal(b.get_tensor(name), s.get_tensor(name))
+    assert content["best"] in {p["key"] for p in content["points"]}
