@@ -1,9 +1,6 @@
-"""`debias eval`: lm-eval's own `run` command, with our tasks on the include path and hf-mlm registered.
-
-Before lm-eval starts, the task names, hf-mlm's model arguments and the model folder are checked, so a typo or an
-unsafe folder is one paragraph (exit 2) instead of a traceback after minutes of loading. Pickled weights are refused
-for every model class unless --allow-pickle (ours; not passed to lm-eval).
-"""
+"""`debias eval`: lm-eval's own `run` command with our tasks on the include path and hf-mlm registered. Task names,
+model arguments, weights (safetensors unless --allow-pickle, which is ours) and tokenizer are checked first, so bad
+input is one paragraph (exit 2) before any model loads."""
 
 from __future__ import annotations
 
@@ -20,47 +17,41 @@ _CONTEXT = {"ignore_unknown_options": True, "allow_extra_args": True, "help_opti
 ALLOW_PICKLE = "--allow-pickle"
 
 
-def _has_flag(args: list[str], flag: str) -> bool:
-    return any(arg == flag or arg.startswith(flag + "=") for arg in args)
+def read_flags(args: list[str]) -> argparse.Namespace:
+    """The `lm_eval run` flags we check or default, spelled as lm-eval spells them; the rest pass through unread."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for names in (("--model", "-M"), ("--include_path",), ("--config", "-C"), ("--device",)):
+        parser.add_argument(*names)
+    for names in (("--model_args", "-a"), ("--tasks", "-t")):
+        parser.add_argument(*names, nargs="+", action="append", default=[])
+    parser.add_argument("--trust_remote_code", action="store_true")
+    return parser.parse_known_args(args)[0]
 
 
-def lm_eval_arguments(args: list[str]) -> list[str]:
-    """The `lm_eval run` argument list: ours defaulted (include path, model, default model folder)."""
+def lm_eval_arguments(args: list[str], flags: argparse.Namespace) -> list[str]:
+    """The `lm_eval run` argument list: ours defaulted (include path, model, default model folder, device)."""
     from debias_plugin.paths import tasks_dir
 
-    args = list(args)
-    if not _has_flag(args, "--include_path"):
-        args += ["--include_path", str(tasks_dir())]
-    if not _has_flag(args, "--model"):
-        args += ["--model", "hf"]
-    if not _has_flag(args, "--model_args") and not _has_flag(args, "--config"):
+    args = [*args, *([] if flags.include_path else ["--include_path", str(tasks_dir())])]
+    args += [] if flags.model else ["--model", "hf"]
+    if not flags.model_args and not flags.config:
         from debias_plugin.default_model import materialize_default_model
 
         # 1024-token windows keep WikiText on 2 CPU cores in minutes (SmolLM2 allows 8192).
         args += ["--model_args", f"pretrained={materialize_default_model()},max_length=1024"]
-    if not _has_flag(args, "--device"):
+    if not flags.device:
         import torch
 
         args += ["--device", "cuda:0" if torch.cuda.is_available() else "cpu"]
     return args
 
 
-def _checked_flags(args: list[str]) -> argparse.Namespace:
-    """The few `lm_eval run` flags we check, spelled as lm-eval spells them; the rest pass through unread."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for flags, options in ((("--model", "-M"), {}), (("--model_args", "-a"), {"nargs": "+", "action": "append"}),
-                           (("--tasks", "-t"), {"nargs": "+", "action": "append"}), (("--include_path",), {}),
-                           (("--config", "-C"), {}), (("--trust_remote_code",), {"action": "store_true"})):
-        parser.add_argument(*flags, **options)
-    return parser.parse_known_args(args)[0]
-
-
-def model_arguments(groups: list[list[str]] | None) -> dict:
+def model_arguments(values: list[list[str]]) -> dict:
     """--model_args as lm-eval merges them: JSON objects or key=value,key=value strings, later ones winning."""
     from lm_eval.utils import simple_parse_args_string
 
     merged = {}
-    for value in (value for group in groups or [] for value in group):
+    for value in (value for group in values for value in group):
         try:
             merged.update(json.loads(value) if value.lstrip().startswith("{") else simple_parse_args_string(value))
         except json.JSONDecodeError as err:
@@ -68,8 +59,8 @@ def model_arguments(groups: list[list[str]] | None) -> dict:
     return merged
 
 
-def check_tasks(names: list[str], include_path: str | None) -> None:
-    """Every --tasks name must be one of the included tasks or lm-eval's (its full index is read only if needed)."""
+def check_tasks(names: list[str], include_path: str) -> None:
+    """Every --tasks name is an included task or one of lm-eval's (whose full index is read only when needed)."""
     from lm_eval.tasks import TaskManager
 
     missing = [name for name in names if not name.endswith(".yaml") and not Path(name).is_dir()]
@@ -78,9 +69,9 @@ def check_tasks(names: list[str], include_path: str | None) -> None:
             manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
             missing = [name for name in missing if not manager.match_tasks([name])]
     if missing:
-        raise DebiasError(f"--tasks: no task named {', '.join(map(repr, missing))} in {include_path or 'lm-eval'} "
-                          f"or among lm-eval's own tasks; expected task or group names such as crows_bias, "
-                          f"stereoset_bias, wikitext2_ppl (`lm_eval ls tasks --include_path DIR` lists them all).")
+        raise DebiasError(f"--tasks: no task named {', '.join(map(repr, missing))} in {include_path} or among "
+                          "lm-eval's own tasks; expected task or group names such as crows_bias, stereoset_bias, "
+                          "wikitext2_ppl (`lm_eval ls tasks --include_path DIR` lists them all).")
 
 
 def model_folder(pretrained: str, revision: str | None = None) -> Path:
@@ -97,14 +88,13 @@ def model_folder(pretrained: str, revision: str | None = None) -> Path:
                           f"be fetched or is cached ({str(err).splitlines()[0]}).") from None
 
 
-def check_arguments(args: list[str], allow_pickle: bool) -> list[str]:
-    """Check tasks, model arguments, weights and tokenizer before anything loads; the lm-eval arguments to run."""
+def check_arguments(args: list[str], flags: argparse.Namespace, allow_pickle: bool) -> list[str]:
+    """Check tasks, model arguments, weights and tokenizer before anything loads; the arguments to run lm-eval with."""
     from debias_plugin.lm_eval.masked_lm import check_masked_lm_folder, masked_lm_options
     from debias_plugin.models import check_weights, load_tokenizer
     from debias_plugin.paths import tasks_dir
 
-    flags = _checked_flags(args)
-    names = [name for group in flags.tasks or [] for value in group for name in value.split(",") if name]
+    names = [name for group in flags.tasks for value in group for name in value.split(",") if name]
     if not names and not flags.config:
         raise DebiasError("--tasks is required: expected task or group names, e.g. --tasks crows_bias,stereoset_bias.")
     check_tasks(names, flags.include_path or str(tasks_dir()))
@@ -126,18 +116,18 @@ def check_arguments(args: list[str], allow_pickle: bool) -> list[str]:
 
 def run_lm_eval(args: list[str]) -> None:
     """Check the arguments, register our models, then run lm-eval's CLI: same flags, same results JSON."""
-    # lm_eval.__main__.cli_evaluate is lm-eval's public console entry (the `lm_eval` command), the only public
-    # function that parses exactly `lm_eval run`'s flags; it reads them from sys.argv and takes no argument list,
-    # so sys.argv is set for the call (the parser itself, HarnessCLI, is in the private lm_eval._cli).
+    # lm_eval.__main__.cli_evaluate, the `lm_eval` console script, is lm-eval's only public entry that parses exactly
+    # `lm_eval run`'s flags (its parser, HarnessCLI, is in the private lm_eval._cli); it reads them from sys.argv
+    # and takes no argument list, so sys.argv is set for the call.
     from lm_eval.__main__ import cli_evaluate
 
     from debias_plugin.lm_eval import register_models
 
     register_models()  # before the checks import hf-mlm: lm-eval's own registry must be filled first
-    allow_pickle = ALLOW_PICKLE in args
-    args = check_arguments([arg for arg in args if arg != ALLOW_PICKLE], allow_pickle)
-    saved_argv = sys.argv
-    sys.argv = ["lm-eval", "run", *lm_eval_arguments(args)]
+    allow_pickle, args = ALLOW_PICKLE in args, [arg for arg in args if arg != ALLOW_PICKLE]
+    flags = read_flags(args)
+    args = lm_eval_arguments(check_arguments(args, flags, allow_pickle), flags)
+    saved_argv, sys.argv = sys.argv, ["lm-eval", "run", *args]
     try:
         cli_evaluate()
     finally:

@@ -1,10 +1,8 @@
 """`hf-mlm`: masked LMs (BERT, RoBERTa, ALBERT, DistilBERT, ...) in lm-eval, each task scored by its paper's metric.
 
-A masked LM has no left-to-right likelihood, so each request is answered with the score the benchmark's paper
-defines for encoders: SCORERS maps the doc's "scoring" field (set by our task loaders) to the benchmark's scorer
-in debias_plugin.scoring; loglikelihood_rolling (wikitext2_ppl) is the engine's pseudo-log-likelihood (Salazar
-et al. 2020). The engine batches across requests; under `accelerate launch` each process scores the documents
-lm-eval assigns to it.
+A masked LM has no left-to-right likelihood: SCORERS maps the doc's "scoring" field (set by our task loaders) to
+the benchmark's masked-LM score in debias_plugin.scoring; loglikelihood_rolling is pseudo-log-likelihood (Salazar
+et al. 2020). Under `accelerate launch` each process scores the documents lm-eval assigns to it.
 """
 
 from __future__ import annotations
@@ -49,8 +47,8 @@ def check_masked_lm_folder(pretrained: str, *, trust_remote_code: bool = False, 
     check_weights(pretrained, allow_pickle)
     config = load_config(pretrained, trust_remote_code=trust_remote_code)
     if model_kind(config) != "masked":
-        raise DebiasError(f"{pretrained}: a causal LM ({config.model_type}); hf-mlm scores masked LMs only. "
-                          "Use --model hf for causal models.")
+        raise DebiasError(f"{pretrained}: a causal LM ({config.model_type}); hf-mlm scores masked LMs only "
+                          "(lm-eval's `hf` model class scores causal ones).")
     if load_tokenizer(pretrained, trust_remote_code=trust_remote_code).mask_token_id is None:
         raise DebiasError(f"{pretrained}: the tokenizer has no mask token; hf-mlm needs one to mask tokens.")
 
@@ -84,8 +82,8 @@ SCORERS = {
     "stereoset_intrasentence": lambda engine, requests: stereoset.masked_scores(
         engine, [(r.doc["context"], _continuation(r)) for r in requests]),
 }
-UNSCORED = {"stereoset_intersentence": "StereoSet intersentence (task stereoset_bias_inter) has no masked-LM score "
-                                       "in Nadeem et al. or bias-bench; hf-mlm supports stereoset_bias (intrasentence) only."}
+UNSCORED = {"stereoset_intersentence": "StereoSet intersentence (task stereoset_bias_inter) has no masked-LM score in "
+            "Nadeem et al. or bias-bench; hf-mlm supports stereoset_bias (intrasentence) only."}
 
 
 @register_model("hf-mlm")
@@ -101,25 +99,18 @@ class MaskedLM(LM):
         if options.batch_size not in (None, 1, "1", "auto"):
             log.info("hf-mlm packs batches by batch_tokens=%s; --batch_size %s is not used.", options.batch_tokens,
                      options.batch_size)
-        device = options.device
         # cpu=True lets torchrun / `accelerate launch --multi_gpu` start data-parallel CPU processes (gloo)
-        accelerator = Accelerator(cpu=str(device or "").startswith("cpu") or not torch.cuda.is_available())
-        if accelerator.num_processes > 1:
-            self.accelerator = accelerator
-            self._device = accelerator.device
-            self._rank = accelerator.process_index
-            self._world_size = accelerator.num_processes
-        else:
-            self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model, tokenizer = load_masked_lm(options.pretrained, dtype=options.dtype, allow_pickle=options.allow_pickle,
-                                          trust_remote_code=options.trust_remote_code)
+        self.accelerator = Accelerator(cpu=str(options.device or "").startswith("cpu") or not torch.cuda.is_available())
+        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        self._device = self.accelerator.device if self._world_size > 1 else torch.device(
+            options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, self.tokenizer = load_masked_lm(options.pretrained, dtype=options.dtype,
+                                               allow_pickle=options.allow_pickle,
+                                               trust_remote_code=options.trust_remote_code)
         self.model = model.to(self._device)
-        self.tokenizer = tokenizer
         batch_tokens = options.batch_tokens or (2048 if self._device.type == "cpu" else 32768)  # GPUs want large
-        self.scorer = MaskedScorer(self.model, tokenizer, token_budget=batch_tokens, progress=self._rank == 0,
+        self.scorer = MaskedScorer(self.model, self.tokenizer, token_budget=batch_tokens, progress=self._rank == 0,
                                    max_batch_size=options.max_batch_size, max_length=options.max_length)
-
-    # ---- lm-eval request types ----------------------------------------------------------------------
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         """Each request answered with its task's masked-LM score (see SCORERS); is_greedy is False."""
@@ -133,9 +124,8 @@ class MaskedLM(LM):
             if scoring not in SCORERS:
                 raise DebiasError(UNSCORED.get(scoring) or (
                     f"Task {requests[indices[0]].task_name!r}: hf-mlm cannot answer a generic loglikelihood(context, "
-                    "continuation) request, because a masked LM has no conditional left-to-right likelihood. "
-                    "Supported: crows_bias (and crows_bias_aul), stereoset_bias, and loglikelihood_rolling tasks "
-                    "such as wikitext2_ppl."))
+                    "continuation) request: a masked LM has no left-to-right likelihood. Supported: crows_bias (and "
+                    "crows_bias_aul), stereoset_bias, and loglikelihood_rolling tasks such as wikitext2_ppl."))
             for i, value in zip(indices, SCORERS[scoring](self.scorer, [requests[i] for i in indices])):
                 answers[i] = value
         return [(value, False) for value in answers]
@@ -150,24 +140,15 @@ class MaskedLM(LM):
         raise DebiasError(f"Task {task!r} asks hf-mlm to generate text; masked LMs cannot generate left to right. "
                           "Use --model hf with a causal LM for generation tasks.")
 
-    # ---- distributed primitives (as lm-eval's HFLM) -------------------------------------------------
-
-    @property
-    def tokenizer_name(self) -> str:
-        return self.tokenizer.name_or_path.replace("/", "__")
+    # ---- data parallelism: accelerate's collectives (no-ops in one process) -------------------------
 
     def all_gather(self, tensor):
-        return tensor if self.world_size <= 1 else self.accelerator.gather(tensor)
+        return self.accelerator.gather(tensor)
 
     def gather_object(self, obj, dst=0):
-        if self.world_size <= 1:
-            return [obj]
-        import torch.distributed as dist
+        from accelerate.utils import gather_object
 
-        gathered = [None] * self.world_size if self.rank == dst else None
-        dist.gather_object(obj=obj, object_gather_list=gathered, dst=dst)
-        return gathered
+        return gather_object([obj])  # every rank gets the list; lm-eval reads it on dst only
 
     def barrier(self) -> None:
-        if self.world_size > 1:
-            self.accelerator.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
