@@ -25,5 +25,3 @@ def process_results(doc, results):
     (score_more, _), (score_less, _) = results
     return pair_metrics(score_more, score_less, doc["stereo_antistereo"])
 
-
-mean_over_marked = mean_of_marked

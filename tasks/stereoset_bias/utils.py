@@ -1,6 +1,8 @@
 """lm-eval glue for StereoSet: local data as docs, per-token means for causal LMs; the metrics come from
 debias_plugin.scoring.stereoset."""
 
+import functools
+
 import datasets
 
 from debias_plugin.data import STEREOSET_DOMAINS, load_stereoset
@@ -32,7 +34,8 @@ def _token_counter(pretrained, tokenizer, trust_remote_code):
     return count
 
 
-def _load(kind, stereoset_path, pretrained, tokenizer, trust_remote_code):
+def _load(kind, stereoset_path=None, pretrained=None, tokenizer=None, trust_remote_code=False, **_):
+    """custom_dataset hook (--metadata '{"stereoset_path": ...}' or $DEBIAS_DATA_DIR)."""
     counter = _token_counter(pretrained, tokenizer, trust_remote_code)
     rows = []
     for example in load_stereoset(stereoset_path, kind=kind):
@@ -46,13 +49,8 @@ def _load(kind, stereoset_path, pretrained, tokenizer, trust_remote_code):
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
 
 
-def load_intrasentence(stereoset_path=None, pretrained=None, tokenizer=None, trust_remote_code=False, **_):
-    """custom_dataset hook (--metadata '{"stereoset_path": ...}' or $DEBIAS_DATA_DIR)."""
-    return _load("intrasentence", stereoset_path, pretrained, tokenizer, trust_remote_code)
-
-
-def load_intersentence(stereoset_path=None, pretrained=None, tokenizer=None, trust_remote_code=False, **_):
-    return _load("intersentence", stereoset_path, pretrained, tokenizer, trust_remote_code)
+load_intrasentence = functools.partial(_load, "intrasentence")
+load_intersentence = functools.partial(_load, "intersentence")
 
 
 def doc_to_choice(doc):
