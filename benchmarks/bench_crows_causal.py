@@ -18,31 +18,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# lm-eval's own crows_pairs_english.yaml (its utils.doc_to_choice / process_results), only the data made local
 LM_EVAL_TASK_YAML = """\
+include: {lm_eval_tasks}/crows_pairs/crows_pairs_english.yaml
 task: lm_eval_crows_pairs_english_local
-custom_dataset: !function local_utils.load
 dataset_path: local
-test_split: test
-output_type: multiple_choice
-doc_to_text: ""
-doc_to_target: 0
-doc_to_choice: !function local_utils.doc_to_choice
-target_delimiter: ""
-process_results: !function local_utils.process_results
-metric_list:
-  - metric: likelihood_diff
-    aggregation: mean
-    higher_is_better: false
-  - metric: pct_stereotype
-    aggregation: mean
-    higher_is_better: false
-metadata:
-  version: 1.0
+dataset_name: null
+custom_dataset: !function local_utils.load
 """
 LM_EVAL_UTILS = """\
 import csv, os
 import datasets
-from lm_eval.tasks.crows_pairs.utils import doc_to_choice, process_results  # lm-eval's own logic, unchanged
 
 def load(limit=None, **_):
     path = os.path.join(os.environ["DEBIAS_DATA_DIR"], "crows_pairs", "crows_pairs_anonymized.csv")
@@ -77,6 +63,7 @@ def main():
     args = parser.parse_args()
     os.environ.setdefault("DEBIAS_DATA_DIR", str(REPO.parent / "shared" / "data"))
 
+    import lm_eval.tasks
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -85,7 +72,8 @@ def main():
     model_dir = args.model or str(materialize_default_model())
     lm = HFLM(pretrained=model_dir, device="cpu", batch_size=args.batch_size, dtype="float32")
     with tempfile.TemporaryDirectory() as reference_dir:
-        Path(reference_dir, "lm_eval_crows_local.yaml").write_text(LM_EVAL_TASK_YAML)
+        Path(reference_dir, "lm_eval_crows_local.yaml").write_text(
+            LM_EVAL_TASK_YAML.format(lm_eval_tasks=Path(lm_eval.tasks.__file__).parent))
         Path(reference_dir, "local_utils.py").write_text(LM_EVAL_UTILS)
         task_manager = TaskManager(include_path=[str(REPO / "tasks"), reference_dir], include_defaults=False,
                                    metadata={"pretrained": model_dir})

@@ -81,7 +81,8 @@ def main():
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     from debias_plugin.data import load_crows_pairs
-    from debias_plugin.scoring.crows import masked_pair_scores
+    from debias_plugin.scoring.crows import (masked_pair_scores, pct_stereotype, prefers_stereotype,
+                                             shared_token_positions)
     from debias_plugin.scoring.masked import MaskedScorer
     from debias_plugin.testing import build_tiny_model, reference_crows_pair
 
@@ -140,15 +141,13 @@ def main():
     assert batched_again == batched, "the batched scorer is not deterministic"
 
     max_diff = max(abs(a - b) for pair_a, pair_b in zip(batched, reference) for a, b in zip(pair_a, pair_b))
-    rounded_same = sum(
-        (round(a[0], 3), round(a[1], 3)) == (round(b[0], 3), round(b[1], 3)) for a, b in zip(batched, reference)
-    )
-    wins_same = sum(
-        (round(a[0], 3) > round(a[1], 3)) == (round(b[0], 3) > round(b[1], 3)) for a, b in zip(batched, reference)
-    )
-    pct = 100.0 * sum(round(a, 3) > round(b, 3) for a, b in batched) / len(batched)
+    rounded = [[(round(a, 3), round(b, 3)) for a, b in scores] for scores in (batched, reference)]
+    rounded_same = sum(a == b for a, b in zip(*rounded))
+    wins_same = sum(prefers_stereotype(*a) == prefers_stereotype(*b) for a, b in zip(*rounded))
+    pct = pct_stereotype(rounded[0])
     mib = 1024 * 1024
-    n_forwards = sum(1 for _ in _count_masks(scorer, pairs))
+    n_forwards = sum(2 * max(0, len(shared_token_positions(*(scorer.encode(s)["input_ids"] for s in pair))[0]) - 2)
+                     for pair in pairs)
     print(f"masked forwards (reference): {n_forwards}")
     batched_mean = (batched_seconds + batched_seconds_after) / 2
     print(f"batched scorer:   {batched_seconds:8.1f} s before, {batched_seconds_after:.1f} s after the reference "
@@ -176,14 +175,6 @@ def main():
             "gpu_peak_allocated_mib": {"batched": batched_gpu_mib, "reference": reference_gpu_mib} if on_gpu else None,
             "max_abs_score_diff": max_diff, "identical_rounded_scores": rounded_same, "identical_wins": wins_same,
         }, indent=2) + "\n")
-
-
-def _count_masks(scorer, pairs):
-    from debias_plugin.scoring.crows import shared_token_positions
-
-    for more, less in pairs:
-        shared, _ = shared_token_positions(*(scorer.encode(s)["input_ids"] for s in (more, less)))
-        yield from range(2 * max(0, len(shared) - 2))
 
 
 if __name__ == "__main__":

@@ -1,10 +1,9 @@
 """The batched masked-LM engine: every masked score is a set of queries "log p(target | input_ids) at one position".
 
-The engine deduplicates identical inputs, sorts them by length, packs them under a padded-token budget (the
-memory cap) and runs the vocabulary projection only at the queried positions, so thousands of masked copies cost
-a few large forward passes instead of one small pass each. The benchmarks build their queries in
-scoring/crows.py and scoring/stereoset.py; pseudo-log-likelihood (Salazar et al. 2020) lives here, as the
-engine's generic score. No lm-eval imports here.
+Identical inputs are computed once, sorted by length and packed under a padded-token budget (the memory cap), and
+the vocabulary projection runs only at the queried positions: a few large forward passes instead of one per masked
+copy. Benchmarks build their queries in scoring/crows.py and scoring/stereoset.py; pseudo-log-likelihood (Salazar
+et al. 2020) is the engine's own score. No lm-eval imports here.
 """
 
 from __future__ import annotations
