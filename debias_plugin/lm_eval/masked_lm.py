@@ -97,7 +97,7 @@ class MaskedLM(LM):
 
         options = masked_lm_options(model_args)
         if options.batch_size not in (None, 1, "1", "auto"):
-            log.info("hf-mlm packs batches by batch_tokens=%s; --batch_size %s is not used.", options.batch_tokens,
+            log.info("hf-mlm packs batches by batch_tokens=%s; batch_size %s is not used.", options.batch_tokens,
                      options.batch_size)
         # cpu=True lets torchrun / `accelerate launch --multi_gpu` start data-parallel CPU processes (gloo)
         self.accelerator = Accelerator(cpu=str(options.device or "").startswith("cpu") or not torch.cuda.is_available())
