@@ -48,8 +48,8 @@ def check_weights(model_dir: str | Path, allow_pickle: bool = False) -> None:
     if not allow_pickle:
         raise DebiasError(
             f"{model_dir}: weights only as pickle ({', '.join(sorted(pickles))}), which can run arbitrary code "
-            "when loaded. Convert them to safetensors, or opt in with allow_pickle (--allow-pickle) if you trust this "
-            "folder."
+            "when loaded. Convert them to safetensors, or opt in with allow_pickle (--allow-pickle) if you "
+            "trust this folder."
         )
 
 
