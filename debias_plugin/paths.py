@@ -78,3 +78,15 @@ def data_file(
             f"to a folder holding {relative}."
         ) from None
 
+
+
+def data_folder(relative: str, what: str) -> Path:
+    """A folder of benchmark files under the data folder (data_root()), with the one error wording."""
+    root = data_root()
+    if root is None:
+        raise DebiasError(f"{what}: no path given and ${DATA_DIR_ENV} is not set; pass the path or set "
+                          f"{DATA_DIR_ENV} to a folder holding {relative}/.")
+    folder = root / relative
+    if not folder.is_dir():
+        raise DebiasError(f"{what}: the data folder {root} has no folder {relative}/ (looked for {folder}).")
+    return folder

@@ -137,9 +137,14 @@ def test_resolution_order(tmp_path, monkeypatch, data_dir):
     explicit = _crows_file(tmp_path, "0,a b,c d,stereo,gender\n")
     assert len(load_crows_pairs(explicit)) == 1  # explicit path beats $DEBIAS_DATA_DIR
     monkeypatch.setenv("DEBIAS_DATA_DIR", str(tmp_path / "nowhere"))
-    with pytest.raises(DebiasError, match="DEBIAS_DATA_DIR=.*nowhere has no file crows_pairs"):
+    with pytest.raises(DebiasError, match="data folder .*nowhere .*has no file crows_pairs"):
         load_crows_pairs()
     monkeypatch.delenv("DEBIAS_DATA_DIR")
+    from debias_plugin import paths
+
+    if paths.CHECKOUT_DATA_DIR.is_dir():  # a checkout finds ../shared/data by itself (the one documented default)
+        assert len(load_crows_pairs()) == 1508
+    monkeypatch.setattr(paths, "CHECKOUT_DATA_DIR", tmp_path / "no_checkout_data")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DebiasError, match="downloading crows_pairs_anonymized.csv from the hub dataset"):
         load_crows_pairs()

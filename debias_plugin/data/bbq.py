@@ -18,14 +18,13 @@ out one answer (BBQ's own metadata drops 16 examples for the same reason).
 from __future__ import annotations
 
 import logging
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from debias_plugin.data._io import jsonl_rows, require_field
 from debias_plugin.errors import DataError, DebiasError
-from debias_plugin.paths import DATA_DIR_ENV
+from debias_plugin.paths import data_folder
 
 logger = logging.getLogger(__name__)
 
@@ -61,13 +60,7 @@ def bbq_files(path: str | Path | None = None, categories: list[str] | None = Non
         if not source.is_dir():
             raise DebiasError(f"BBQ: {source} is neither a .jsonl file nor a folder of BBQ files.")
     else:
-        root = os.environ.get(DATA_DIR_ENV)
-        if not root:
-            raise DebiasError(f"BBQ: no path given and ${DATA_DIR_ENV} is not set; pass a BBQ .jsonl file or "
-                              f"folder, or set {DATA_DIR_ENV} to a folder holding {BBQ_RELATIVE_DIR}/.")
-        source = Path(root).expanduser() / BBQ_RELATIVE_DIR
-        if not source.is_dir():
-            raise DebiasError(f"BBQ: ${DATA_DIR_ENV}={root} has no folder {BBQ_RELATIVE_DIR}/ (looked for {source}).")
+        source = data_folder(BBQ_RELATIVE_DIR, "BBQ")
     files = sorted(source.glob("*.jsonl"))
     if categories:
         missing = [c for c in categories if not (source / f"{c}.jsonl").is_file()]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from debias_plugin.data._io import json_document
 from debias_plugin.errors import DataError, DebiasError
-from debias_plugin.paths import DATA_DIR_ENV
+from debias_plugin.paths import data_folder
 
 SEAT_RELATIVE_DIR = "seat"
 SEAT_SUFFIX = ".jsonl"
@@ -55,14 +54,7 @@ def seat_folder(explicit: str | Path | None = None) -> Path:
         if not folder.is_dir():
             raise DebiasError(f"SEAT: the folder {folder} does not exist; expected a folder of SEAT .jsonl files.")
         return folder
-    root = os.environ.get(DATA_DIR_ENV)
-    if not root:
-        raise DebiasError(f"SEAT: no folder given and ${DATA_DIR_ENV} is not set; pass the folder of SEAT .jsonl "
-                          f"files or set {DATA_DIR_ENV} to a folder holding {SEAT_RELATIVE_DIR}/.")
-    folder = Path(root).expanduser() / SEAT_RELATIVE_DIR
-    if not folder.is_dir():
-        raise DebiasError(f"SEAT: ${DATA_DIR_ENV}={root} has no folder {SEAT_RELATIVE_DIR}/ (looked for {folder}).")
-    return folder
+    return data_folder(SEAT_RELATIVE_DIR, "SEAT")
 
 
 def available_seat_tests(folder: str | Path | None = None) -> list[str]:

@@ -42,9 +42,9 @@ def _offline() -> bool:
 
 def suite_tasks() -> list[str]:
     """The lm-eval task names `bias_suite` stands for here, logging a notice for every member left out."""
-    from debias_plugin.paths import DATA_DIR_ENV
+    from debias_plugin.paths import DATA_DIR_ENV, data_root
 
-    root = os.environ.get(DATA_DIR_ENV)
+    root = data_root()
     local = []
     for task, files in LOCAL_MEMBERS.items():
         if not root:  # online, the loaders may fetch from the hub; offline there is nothing to read
@@ -53,7 +53,7 @@ def suite_tasks() -> list[str]:
             else:
                 local.append(task)
             continue
-        missing = [f for f in files if not (Path(root).expanduser() / f).exists()]
+        missing = [f for f in files if not (root / f).exists()]
         if missing:
             logger.warning("bias_suite: skipping %s: $%s=%s has no %s.", task, DATA_DIR_ENV, root, ", ".join(missing))
         else:
