@@ -272,7 +272,7 @@ class Trainer:
     def _setup(self):
         import torch
         from accelerate import Accelerator
-        from accelerate.utils import GradientAccumulationPlugin, set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, GradientAccumulationPlugin, set_seed
 
         from debias_plugin.models import load_model
 
@@ -280,8 +280,10 @@ class Trainer:
         accumulation = GradientAccumulationPlugin(
             num_steps=1 if self.method.owns_update else config.grad_accum, sync_with_dataloader=False)
         # cpu=True when there is no accelerator, so torchrun-style launches become gloo DDP (MULTI_CPU).
+        # DDP's gradients as views of its all-reduce buckets: no second copy of every gradient per process
         settings = dict(mixed_precision=_PRECISIONS[config.precision], gradient_accumulation_plugin=accumulation,
-                        cpu=torch.accelerator.current_accelerator() is None)
+                        cpu=torch.accelerator.current_accelerator() is None,
+                        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
         try:
             accelerator = Accelerator(**settings)
         except ValueError:  # an earlier train() in this process fixed another precision: start afresh
@@ -382,6 +384,9 @@ class Trainer:
         folder = self._latest_checkpoint()
         if folder is None:
             return
+        if run.sharded:
+            raise DebiasError(f"{folder} holds a checkpoint of an unsharded run, which cannot be resumed under FSDP; "
+                              f"resume it without FSDP, or delete {self.checkpoints} to start afresh.")
         try:
             state = torch.load(folder / "trainer.pt", weights_only=True)  # weights_only: no code runs on load
             rng_state = torch.load(folder / f"rng-{run.accelerator.process_index}.pt", weights_only=True)
@@ -533,16 +538,24 @@ class Trainer:
 
 
 def check_finite(model, step: int, accelerator=None) -> None:
-    """Never checkpoint or publish a model with NaN or infinite weights (under FSDP: every process's shards)."""
+    """Never checkpoint or publish a model with NaN or infinite weights (under FSDP: every process's shards).
+
+    One sum per tensor in its own dtype (NaN and inf propagate through it; no temporary copy) instead of an
+    elementwise mask, which for bf16 weights costs a float32 copy of each tensor; only a tensor whose sum is not
+    finite is checked element by element (a sum can overflow where no weight is infinite)."""
     import torch
 
-    names = [name for name, _ in model.named_parameters()]
-    local = [getattr(p, "to_local", lambda p=p: p)().detach() for _, p in model.named_parameters()]  # FSDP2: shards
-    bad = torch.stack([~torch.isfinite(tensor).all() for tensor in local]) if local else torch.zeros(0, dtype=bool)
+    named = [(name, getattr(p, "to_local", lambda p=p: p)().detach()) for name, p in model.named_parameters()]
+    if not named:
+        return
+    bad = ~torch.isfinite(torch.stack([tensor.sum().float() for _, tensor in named]))
+    if bool(bad.any()):
+        for index in bad.nonzero()[:, 0].tolist():
+            bad[index] = not bool(torch.isfinite(named[index][1]).all())
     if accelerator is not None and accelerator.num_processes > 1:
         bad = accelerator.reduce(bad.to(accelerator.device, torch.int32), reduction="sum") > 0
     if bool(bad.any()):
-        first = names[int(bad.to(torch.int32).argmax())]
+        first = named[int(bad.to(torch.int32).argmax())][0]
         raise DebiasError(f"The weights became non-finite by step {step} (first: {first}); nothing was "
                           "published. Lower the learning rate (lr) or check the data.")
 

@@ -232,3 +232,17 @@ def test_distributions_the_loop_cannot_run_are_refused_before_loading(tiny_model
         trainer(full, checkpoint_every=2)._check_distribution("FSDP")
     with pytest.raises(DebiasError, match="DEEPSPEED mode is not supported"):
         trainer(full)._check_distribution("DEEPSPEED")
+
+
+def test_finite_check_is_exact_even_where_a_sum_overflows():
+    """check_finite sums each tensor first (no copy); a sum that overflows is re-checked element by element."""
+    from debias_plugin.training import check_finite
+
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    with torch.no_grad():
+        model.weight.fill_(3e38)  # finite, but the sum is inf
+    check_finite(model, 1)
+    with torch.no_grad():
+        model.weight[1, 2] = float("nan")
+    with pytest.raises(DebiasError, match="non-finite by step 1 .first: weight"):
+        check_finite(model, 1)
