@@ -84,6 +84,17 @@ def feasibility(summary: dict, reference: dict, sweep) -> dict[str, dict]:
     return checks
 
 
+def constraints(summary: dict, reference: dict, sweep) -> dict[str, float] | None:
+    """Optuna constraints of a point, one per budget rule, <= 0 where it holds; None when one cannot be judged."""
+    found = {}
+    for metric, check in feasibility(summary, reference, sweep).items():
+        if check["value"] is None or check["limit"] is None:
+            return None
+        over = check["value"] - check["limit"]
+        found[metric] = -over if sweep.config.budget[metric].kind == "min" else over
+    return found
+
+
 def choose(points: Iterable[dict]) -> str | None:
     """The feasible point closest to the target; ties go to the smaller budget cost, then the earlier point."""
     best, best_rank = None, None

@@ -157,7 +157,7 @@ def _total(costs: dict, kind: str) -> int:
 
 
 def full_suite_keys(sweep: Sweep, studies: Studies) -> list[str]:
-    """Points that get the remaining tasks: the Pareto front and the chosen point, in report order."""
+    """Points that get the remaining tasks: the (feasible) Pareto front and the chosen point, in report order."""
     content, _ = collect(sweep, studies)
     wanted = set(content["pareto_front"]) | ({content["best"]} if content["best"] else set())
     return [p["key"] for p in content["points"] if p["key"] in wanted and not p["error"]]
@@ -338,8 +338,11 @@ def markdown(sweep: Sweep, content: dict, run: dict, plots: list[str]) -> str:
             lines.append(f"- Warning: {problem}; the bisection assumes monotone metrics, so the result may be local.")
     params = _param_columns(content)
     budget_metrics = list(config.budget)
-    header = ["point", *params, f"{config.objective}", *budget_metrics, "feasible", "Pareto", "suite"]
-    lines += ["## Points", "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    header = ["point", *params, f"{config.objective}", *budget_metrics, "within budget", "Pareto front", "suite"]
+    lines += ["## Points", "", "Pareto front: the points within the budget that no other such point beats on both "
+              "the distance to the target and the budget metric(s) (Optuna's constrained `best_trials`); the "
+              "chosen point is the closest to the target among them.", "",
+              "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for p in content["points"]:
         cells = [("**" + p["name"] + "**") if p["best"] else p["name"], *[_param_cell(sweep, p, k) for k in params],
                  _with_interval(p["metrics"].get(config.objective))]
@@ -358,8 +361,8 @@ def markdown(sweep: Sweep, content: dict, run: dict, plots: list[str]) -> str:
     full_names = ", ".join(f"`{p['name']}`" for p in content["points"] if p["suite"] == "full")
     lines += ["", "## Cost", "",
               f"- Screening suite ({', '.join(content['tasks']['screen'])}) on all {screened} points; "
-              + (f"the other tasks ({', '.join(sweep.full_tasks)}) only on {full} point(s): the Pareto front and "
-                 f"the chosen point ({full_names})." if sweep.full_tasks else "it is the whole suite."),
+              + (f"the other tasks ({', '.join(sweep.full_tasks)}) only on {full} point(s), the Pareto front of "
+                 f"the points within the budget ({full_names})." if sweep.full_tasks else "it is the whole suite."),
               f"- lm-eval requests scored: {run['requests_scored']} of {run['requests_received']} received "
               "(identical requests across tasks scored once; cached or resumed evaluations score none); "
               f"evaluation time {run['evaluation_seconds']} s in this study's processes.", ""]
@@ -409,7 +412,7 @@ def plot(folder: Path, sweep: Sweep, content: dict) -> list[str]:
                 axis.annotate(p["name"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         front = sorted((x, y) for p, x, y in zip(points, xs, ys) if p["pareto"] and x is not None)
         if front:
-            axis.plot(*zip(*front), "-", color="tab:blue", marker="o", label="Pareto front")
+            axis.plot(*zip(*front), "-", color="tab:blue", marker="o", label="Pareto front (within budget)")
         limit = points[0]["budget"][metric]["limit"]
         if limit is not None:
             axis.axvline(limit, color="tab:red", linestyle="--", label=f"budget ({rule.describe()})")

@@ -301,14 +301,19 @@ class SweepRun:
         results, cost = evaluate_model(model, tasks, self.sweep, self.out / "trials" / point.name / folder)
         summary = metrics.summarize(results, alpha=config.alpha, resamples=config.resamples, seed=config.seed,
                                     source=str(self.out / "trials" / point.name / folder))
+        screened = summary
         if suite == "full":
             screened = recorded_points(self.studies.results)[point.key].user_attrs.get("summary", {})
-            values = metrics.point_values(screened, self.sweep)
-        else:
-            values = metrics.point_values(summary, self.sweep)
+        reference = screened if point.role == "reference" else self._reference()
         attrs = {"summary": summary, "suite": suite, "tasks": tasks, "model": self._relative(model),
                  "model_sha256": weights_sha256(model), "cost": cost}
-        add_point(study, point, values, attrs, self.known)
+        add_point(study, point, metrics.point_values(screened, self.sweep), attrs, self.known,
+                  metrics.constraints(screened, reference, self.sweep))
+
+    def _reference(self) -> dict:
+        if self._reference_summary is None:
+            self._reference_summary = recorded_points(self.studies.results)["base"].user_attrs.get("summary", {})
+        return self._reference_summary
 
     def _relative(self, path: Path) -> str:
         path = Path(path).resolve()

@@ -233,8 +233,11 @@ def trial_params(point, known: dict) -> tuple[dict, dict]:
     return params, dists
 
 
-def add_point(study, point, values: list[float] | None, attrs: dict, known: dict) -> None:
-    """Record a point's results once (a second add of the same point, e.g. after a crash, is skipped)."""
+def add_point(study, point, values: list[float] | None, attrs: dict, known: dict,
+              constraints: dict[str, float] | None = None) -> None:
+    """Record a point's results once (a second add of the same point, e.g. after a crash, is skipped).
+
+    constraints (budget rules, <= 0 where they hold) make `best_trials` the Pareto front of the feasible points."""
     import optuna
 
     if any(t.user_attrs.get("key") == point.key for t in _trials(study, optuna.trial.TrialState.COMPLETE)):
@@ -246,7 +249,7 @@ def add_point(study, point, values: list[float] | None, attrs: dict, known: dict
         attrs["no_values"] = "objective or budget metric missing or not finite"
     trial = optuna.trial.create_trial(state=optuna.trial.TrialState.COMPLETE if finite else optuna.trial.TrialState.FAIL,
                                       values=values if finite else None, params=params, distributions=dists,
-                                      user_attrs=attrs)
+                                      user_attrs=attrs, constraints=constraints if finite else None)
     study.add_trial(trial)
 
 
@@ -265,5 +268,6 @@ def recorded_points(study) -> dict[str, object]:
 
 
 def pareto_keys(study) -> list[str]:
-    """Point keys on Optuna's Pareto front of (|objective - target|, budget metrics)."""
+    """Point keys on Optuna's Pareto front of (|objective - target|, budget metrics) among the points that keep
+    the budget (Optuna's constrained best_trials): the candidates a choice is made from."""
     return sorted({t.user_attrs["key"] for t in study.best_trials if "key" in t.user_attrs})
