@@ -2,7 +2,7 @@
 
 A sweep varies one debiasing stage's knob(s) and evaluates every setting with lm-eval:
 
-    base: default                         # a model folder, or the built-in SmolLM2-135M
+    base: default                         # a model folder, default (SmolLM2-135M) or builtin:NAME
     method: negate                        # negate, or any registered training stage (debias_plugin.methods)
     fixed: {adapter: runs/dghs_lora}      # the stage's options that stay fixed (its CLI flags, with underscores)
     grid: {lambda: [0.1, 0.2, 0.5]}       # settings to try, all combinations ...
@@ -35,7 +35,6 @@ from debias_plugin.errors import DataError, DebiasError
 NEGATE = "negate"
 NEGATE_KNOB = "lambda"
 NEGATE_FIXED = ("biased", "adapter", "template", "shard_size")
-DEFAULT_BASE = "default"
 # TrainConfig fields the sweep sets itself for every trial
 RESERVED_TRAINING_FIELDS = ("model", "output", "force", "snapshot_steps")
 STEP = "step"

@@ -212,7 +212,9 @@ def render_folder(out: str | Path, storage: str | None = None) -> Path:
         raise DebiasError(f"{out}: the sweep's study is in an external storage; pass --storage URL.")
     url = storage_url(url, out)
     studies = Studies.open(open_storage(url), sweep.study_name, sweep.directions, create=False)
-    base = None if sweep.config.base == "default" else Path(sweep.config.base).expanduser().resolve()
+    from debias_plugin.sweep.runner import _is_builtin
+
+    base = None if _is_builtin(sweep.config.base) else Path(sweep.config.base).expanduser().resolve()
     content = render(out, sweep, studies, base=base)
     link_best(out, sweep, studies, content, base=base)
     return out

@@ -112,13 +112,18 @@ def _same_sweep(path: Path, sweep: Sweep) -> bool:
         return False
 
 
+def _is_builtin(value: str) -> bool:
+    from debias_plugin.default_model import BUILTIN_PREFIX
+
+    return value == "default" or value.startswith(BUILTIN_PREFIX)
+
+
 def resolve_base(sweep: Sweep) -> Path:
-    from debias_plugin.sweep.config import DEFAULT_BASE
+    """The base model folder: `default` / `builtin:NAME` materialised once, else the given folder."""
+    if _is_builtin(sweep.config.base):
+        from debias_plugin.default_model import resolve_model
 
-    if sweep.config.base == DEFAULT_BASE:
-        from debias_plugin.default_model import materialize_default_model
-
-        return materialize_default_model()
+        return Path(resolve_model(sweep.config.base))
     base = Path(sweep.config.base).expanduser().resolve()
     if not base.is_dir():
         raise sweep.error(("base",), f"the model folder {base} does not exist")
@@ -127,7 +132,7 @@ def resolve_base(sweep: Sweep) -> Path:
 
 def _inputs(sweep: Sweep) -> list[Path]:
     paths = []
-    if sweep.config.base != "default":
+    if not _is_builtin(sweep.config.base):
         paths.append(Path(sweep.config.base).expanduser())
     for key in ("biased", "adapter", "template", "corpus", "heldout", "retain", "words"):
         value = sweep.config.fixed.get(key)
