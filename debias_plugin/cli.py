@@ -12,9 +12,11 @@ import click
 _COMMANDS = {
     "eval": ("debias_plugin.commands.evaluate:eval_command", "Run lm-eval with our tasks and the hf-mlm model."),
     "default-model": ("debias_plugin.commands.evaluate:default_model_command",
-                      "Write the built-in SmolLM2-135M as a safetensors folder."),
+                      "Write a built-in model (SmolLM2-135M, Gemma 3 270M) as a safetensors folder."),
     "seat": ("debias_plugin.commands.seat:seat_command", "SEAT effect sizes and p-values (May et al. 2019)."),
     "gate": ("debias_plugin.commands.gate:gate_command", "Pass/fail bias and perplexity checks for CI (exit 0/1/2)."),
+    "sweep": ("debias_plugin.commands.sweep:sweep_command",
+              "Sweep a debiasing knob with lm-eval and Optuna; `sweep report DIR` re-renders the report."),
     "negate": ("debias_plugin.commands.negate:negate_command",
                "Subtract a bias vector (task arithmetic via mergekit): base - lambda * (biased - base)."),
 }
