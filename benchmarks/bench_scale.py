@@ -106,7 +106,8 @@ def predicted_bytes(stage: str, arch: dict, *, weights: str, precision: str, bat
     if STAGES[stage.removesuffix("-gc")][1].get("regulariser") == "kl":
         if not lora:
             parts["KL reference copy"] = compute * P
-        logits += 5 * tokens * vocab * 4  # both log-softmaxes, exp, difference, product (float32)
+        activations *= 2  # the retain batch's forward keeps its activations beside the forget batch's
+        logits = 2 * logits + 5 * tokens * vocab * 4  # + both log-softmaxes, exp, difference, product (float32)
     parts["activations"] = activations
     parts["logits"] = logits
     return parts
