@@ -29,6 +29,10 @@ dominating), so among disagreeing partitions those a step would change most, rel
 Update (plain SGD, as the official code: its momentum option never reaches the optimizer): theta_p -=
 lr * u_p on the selected partitions, with u = g_adv ("advantaged": lower the advantaged sequence,
 default), u = -g_dis ("disadvantaged": raise the disadvantaged one), or u = g_adv - g_dis ("both").
+
+Memory (docs/SCALING.md): the advantaged gradient is held (bf16 when the run computes in bf16); the disadvantaged
+one is scored tensor by tensor as backward produces it and dropped, so a step needs the weights, one gradient copy
+and the activations, never two gradient copies. Forward passes run under the accelerator's autocast.
 """
 
 from __future__ import annotations
