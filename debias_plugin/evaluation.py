@@ -156,12 +156,17 @@ def resolve_model_class(model_dir: str | Path) -> str:
     return "hf-mlm" if model_kind(load_config(model_dir)) == "masked" else "hf"
 
 
-def _task_manager(metadata: dict | None = None):
-    """Our tasks and lm-eval's; metadata (the model arguments) reaches our tasks' loaders (StereoSet counts tokens)."""
+def _task_manager(metadata: dict | None = None, tasks: list[str] | None = None):
+    """Our tasks (plus lm-eval's unless every requested one is ours: indexing lm-eval's takes seconds per call);
+    metadata (the model arguments) reaches our tasks' loaders (StereoSet counts tokens)."""
     from lm_eval.tasks import TaskManager
 
     from debias_plugin.paths import tasks_dir
 
+    if tasks:
+        ours = TaskManager(include_path=str(tasks_dir()), include_defaults=False, metadata=metadata)
+        if set(tasks) <= set(ours.all_tasks):
+            return ours
     return TaskManager(include_path=str(tasks_dir()), metadata=metadata)
 
 
@@ -183,10 +188,10 @@ def _subtasks(manager, name: str) -> list[str]:
     return [n for n in names if isinstance(n, str)]
 
 
-@functools.lru_cache(maxsize=1)
-def _task_catalog():
-    """lm-eval's task index with ours (building it reads every task YAML: seconds, so once per process)."""
-    return _task_manager()
+@functools.lru_cache(maxsize=8)
+def _task_catalog(tasks: tuple[str, ...]):
+    """The task index for these names (building lm-eval's reads every task YAML: seconds, so once per process)."""
+    return _task_manager(tasks=list(tasks))
 
 
 def describe_tasks(tasks: list[str]) -> dict[str, set[str] | None]:
@@ -197,7 +202,7 @@ def describe_tasks(tasks: list[str]) -> dict[str, set[str] | None]:
     """
     described: dict[str, set[str] | None] = {SEAT_TASK: None} if SEAT_TASK in tasks else {}
     tasks = [task for task in tasks if task != SEAT_TASK]
-    manager = _task_catalog()
+    manager = _task_catalog(tuple(sorted(tasks)))
     known = set(manager.all_tasks)
     pending = list(tasks)
     for task in tasks:
@@ -267,7 +272,7 @@ def _run_lm_eval(model_dir: Path, tasks: list[str], *, model_class, model_args, 
 
     from debias_plugin.lm_eval import register_models
 
-    manager = _task_manager({"pretrained": str(model_dir), **model_args})
+    manager = _task_manager({"pretrained": str(model_dir), **model_args}, tasks)
     known = set(manager.all_tasks)
     for task in tasks:
         if task not in known:

@@ -39,7 +39,7 @@ def overlaps(first: Path, second: Path) -> bool:
     return first == second or first in second.parents or second in first.parents
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -88,7 +88,7 @@ class OutputFolder:
             return
         for stale in parent.glob(f".{self.path.name}.tmp-*"):
             pid = stale.name.rsplit(".tmp-", 1)[1].split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)) and stale.is_dir():
+            if pid.isdigit() and not pid_alive(int(pid)) and stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
                 logger.info("Removed %s, left behind by an interrupted run (process %s).", stale, pid)
 
@@ -135,13 +135,17 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+# Descriptions, not content: mergekit's README names the (staging) folder it was written in.
+_NOT_CONTENT = (MANIFEST_NAME, "README.md")
+
+
 def content_hash(path: str | Path) -> str:
-    """sha256 of a file, or of a folder's files (relative names and contents, our manifest excluded)."""
+    """sha256 of a file, or of a folder's files (relative names and contents; manifest and README excluded)."""
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name != MANIFEST_NAME):
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name not in _NOT_CONTENT):
         digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file)}\0".encode())
     return digest.hexdigest()
 

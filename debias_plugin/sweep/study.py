@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from debias_plugin.errors import DebiasError
+from debias_plugin.outputs import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -45,21 +46,12 @@ def open_storage(url: str):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
         except Exception as err:  # bad URL, missing driver, unreachable server: one paragraph
-            if "already exists" in str(err) and attempt < 5:  # another process is creating the same new storage
+            racing = "already exists" in str(err) or "UNIQUE constraint failed" in str(err)
+            if racing and attempt < 5:  # another process is creating the same new storage's tables
                 time.sleep(0.5 * (attempt + 1))
                 continue
             raise DebiasError(f"--storage {url}: Optuna could not open it ({type(err).__name__}: "
                               f"{' '.join(str(err).split())[:500]}).") from None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -107,7 +99,7 @@ class JobBoard:
         attrs = trial.user_attrs
         if attrs.get("host") == self.host:
             pid = int(attrs.get("pid", -1))
-            return pid == self.pid or not _alive(pid)
+            return pid == self.pid or not pid_alive(pid)
         beat = attrs.get("heartbeat", 0.0)
         return time.time() - float(beat) > STALE_AFTER_SECONDS
 
