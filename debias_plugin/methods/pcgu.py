@@ -465,7 +465,8 @@ class PCGUOptions(Options):
                                                  "a WinoGender folder, a pair CSV/TSV (advantaged,disadvantaged or "
                                                  "sent_more,sent_less) or a StereoSet .json/.jsonl.")
     groups: list[str] = Field([], description="Keep pairs of this group (CrowS bias type, StereoSet domain, "
-                                              "WinoGender occupation); repeatable.", json_schema_extra={"flag": "--group"})
+                                              "WinoGender occupation, BBQ category e.g. Religion); repeatable.",
+                              json_schema_extra={"flag": "--group"})
     k: float = Field(10000, description="Partitions updated per step: a count, or a fraction of all partitions "
                                         "(e.g. 0.05). Official default: 10,000 (of ~115k in bert-base).")
     aggregation: Literal["input", "output"] = Field(
