@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from debias_plugin.errors import DataError, DebiasError
+from debias_plugin.yamlfile import ConfigFileError, field_text, line_of, read_yaml
 
 CHECK_KINDS = ("within", "min", "max", "not_worse_than_baseline", "max_relative_increase")
 BASELINE_KINDS = ("not_worse_than_baseline", "max_relative_increase")
@@ -104,10 +105,10 @@ class Gate:
     lines: dict[tuple, int]
 
     def line(self, *loc) -> int:
-        return _line_of(self.lines, loc)
+        return line_of(self.lines, loc)
 
     def where(self, *loc) -> str:
-        return f"line {self.line(*loc)}, field '{_field_text(loc)}'"
+        return f"line {self.line(*loc)}, field '{field_text(loc)}'"
 
     def error(self, loc: tuple, expected: str, found: str | None = None) -> DataError:
         return DataError(self.path, self.where(*loc), expected, found)
@@ -116,39 +117,6 @@ class Gate:
         """Paths in a gate file are relative to the gate file's folder."""
         path = Path(value).expanduser()
         return path if path.is_absolute() else (self.path.parent / path).resolve()
-
-
-def _field_text(loc) -> str:
-    text = ""
-    for element in loc:
-        text += f"[{element}]" if isinstance(element, int) else (f".{element}" if text else str(element))
-    return text or "(top level)"
-
-
-def _line_of(lines: dict[tuple, int], loc) -> int:
-    loc = tuple(loc)
-    while loc not in lines:
-        loc = loc[:-1]
-    return lines[loc]
-
-
-def _node_lines(node, path: tuple, lines: dict[tuple, int], duplicates: list) -> None:
-    """Map each key path (('checks', 1, 'within'), ...) to its 1-based line; note duplicate keys."""
-    import yaml
-
-    if isinstance(node, yaml.MappingNode):
-        seen = set()
-        for key_node, value_node in node.value:
-            key = key_node.value
-            if key in seen:
-                duplicates.append((path + (key,), key_node.start_mark.line + 1))
-            seen.add(key)
-            lines[path + (key,)] = key_node.start_mark.line + 1
-            _node_lines(value_node, path + (key,), lines, duplicates)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            lines[path + (index,)] = item.start_mark.line + 1
-            _node_lines(item, path + (index,), lines, duplicates)
 
 
 def _display_loc(loc: tuple, lines: dict[tuple, int]) -> tuple:
@@ -179,57 +147,30 @@ def _explain(error: dict, loc: tuple) -> str:
     return message
 
 
-class GateFileError(DataError):
-    """Every problem of a gate file at once, each with its line and field, as one paragraph."""
-
+class GateFileError(ConfigFileError):
     def __init__(self, path: Path, problems: list[tuple[int, str, str]]):
-        self.problems = problems
-        first_line, first_field, first_message = problems[0]
-        super().__init__(path, f"line {first_line}, field '{first_field}'", "a valid gate file", first_message)
-        parts = [f"line {line}, field '{field}': {message}" for line, field, message in problems]
-        self.args = (f"{path}: {len(problems)} problem(s) in the gate file: " + "; ".join(parts) + ".",)
+        super().__init__(path, problems, "gate")
 
 
 def load_gate(path: str | Path) -> Gate:
     """Read and validate a gate file; raises GateFileError / DataError (exit code 2 in the CLI)."""
-    import yaml
-
     from debias_plugin.data._io import read_text
 
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise DebiasError(f"{path}: the gate file does not exist.")
     text = read_text(path)
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        line = mark.line + 1 if mark else 1
-        found = err.problem or err.context
-        if err.problem and err.context and err.context_mark and err.context_mark.line + 1 != line:
-            found += f" ({err.context} started on line {err.context_mark.line + 1})"
-        raise DataError(path, f"line {line}", "valid YAML", found) from None
-    except yaml.YAMLError as err:
-        raise DataError(path, "line 1", "valid YAML", str(err)) from None
-    if not isinstance(data, dict):
-        raise DataError(path, "line 1", "a mapping of gate keys (model, tasks, checks, ...)",
-                        type(data).__name__)
-    lines: dict[tuple, int] = {(): node.start_mark.line + 1}
-    duplicates: list = []
-    _node_lines(node, (), lines, duplicates)
-    if duplicates:
-        raise GateFileError(path, [(line, _field_text(loc), "duplicate key") for loc, line in duplicates])
+    data, lines = read_yaml(path, text, "gate", " (model, tasks, checks, ...)", GateFileError)
     try:
         config = GateConfig.model_validate(data)
     except ValidationError as err:
         problems = []
         for error in err.errors():
             loc = _display_loc(tuple(error["loc"]), lines)
-            problems.append((_line_of(lines, loc), _field_text(loc), _explain(error, loc)))
+            problems.append((line_of(lines, loc), field_text(loc), _explain(error, loc)))
         raise GateFileError(path, sorted(problems, key=lambda problem: problem[0])) from None
     gate = Gate(path, config, lines)
-    problems = [(gate.line(*loc), _field_text(loc), message) for loc, message in _cross_field_problems(config)]
+    problems = [(gate.line(*loc), field_text(loc), message) for loc, message in _cross_field_problems(config)]
     if problems:
         raise GateFileError(path, problems)
     return gate

@@ -30,7 +30,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from debias_plugin.errors import DataError, DebiasError
+from debias_plugin.errors import DebiasError
+from debias_plugin.yamlfile import ConfigFileError, field_text, line_of, read_yaml
 
 NEGATE = "negate"
 NEGATE_KNOB = "lambda"
@@ -158,10 +159,10 @@ class Sweep:
 
     # -- errors ---------------------------------------------------------------------------------------------
     def line(self, *loc) -> int:
-        return _line_of(self.lines, loc)
+        return line_of(self.lines, loc)
 
     def error(self, loc: tuple, message: str) -> SweepFileError:
-        return SweepFileError(self.path, [(self.line(*loc), _field_text(loc), message)])
+        return SweepFileError(self.path, [(self.line(*loc), field_text(loc), message)])
 
     # -- what varies ----------------------------------------------------------------------------------------
     @property
@@ -283,47 +284,9 @@ def _covers(group: str, tasks: list[str]) -> bool:
 
 # ----------------------------------------------------------------------------------------------- YAML + errors
 
-class SweepFileError(DataError):
-    """Every problem of a sweep file at once, each with its line and field, as one paragraph."""
-
+class SweepFileError(ConfigFileError):
     def __init__(self, path: Path, problems: list[tuple[int, str, str]]):
-        self.problems = problems
-        line, where, message = problems[0]
-        super().__init__(path, f"line {line}, field '{where}'", "a valid sweep file", message)
-        parts = [f"line {line}, field '{where}': {message}" for line, where, message in problems]
-        self.args = (f"{path}: {len(problems)} problem(s) in the sweep file: " + "; ".join(parts) + ".",)
-
-
-def _field_text(loc) -> str:
-    text = ""
-    for element in loc:
-        text += f"[{element}]" if isinstance(element, int) else (f".{element}" if text else str(element))
-    return text or "(top level)"
-
-
-def _line_of(lines: dict[tuple, int], loc) -> int:
-    loc = tuple(loc)
-    while loc not in lines:
-        loc = loc[:-1]
-    return lines[loc]
-
-
-def _node_lines(node, path: tuple, lines: dict[tuple, int], duplicates: list) -> None:
-    import yaml
-
-    if isinstance(node, yaml.MappingNode):
-        seen = set()
-        for key_node, value_node in node.value:
-            key = key_node.value
-            if key in seen:
-                duplicates.append((path + (key,), key_node.start_mark.line + 1))
-            seen.add(key)
-            lines[path + (key,)] = key_node.start_mark.line + 1
-            _node_lines(value_node, path + (key,), lines, duplicates)
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            lines[path + (index,)] = item.start_mark.line + 1
-            _node_lines(item, path + (index,), lines, duplicates)
+        super().__init__(path, problems, "sweep")
 
 
 def _display_loc(loc: tuple, lines: dict[tuple, int]) -> tuple:
@@ -362,7 +325,7 @@ def _expand(value, loc: tuple, problems: list, lines):
                 root = data_root()
                 found = str(root) if root else None
             if found is None:
-                problems.append((_line_of(lines, loc), _field_text(loc), f"the environment variable {name} is not set"))
+                problems.append((line_of(lines, loc), field_text(loc), f"the environment variable {name} is not set"))
                 return match.group(0)
             return found
 
@@ -374,28 +337,6 @@ def _expand(value, loc: tuple, problems: list, lines):
     return value
 
 
-def read_yaml(path: Path, text: str, what: str) -> tuple[Any, dict[tuple, int]]:
-    """safe_load plus the line of every key and list item; duplicate keys are errors."""
-    import yaml
-
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        raise DataError(path, f"line {mark.line + 1 if mark else 1}", "valid YAML", f"{err.problem or err.context}") from None
-    except yaml.YAMLError as err:
-        raise DataError(path, "line 1", "valid YAML", str(err)) from None
-    if not isinstance(data, dict):
-        raise DataError(path, "line 1", f"a mapping of {what} keys", type(data).__name__)
-    lines: dict[tuple, int] = {(): node.start_mark.line + 1}
-    duplicates: list = []
-    _node_lines(node, (), lines, duplicates)
-    if duplicates:
-        raise SweepFileError(path, [(line, _field_text(loc), "duplicate key") for loc, line in duplicates])
-    return data, lines
-
-
 def load_sweep(path: str | Path, *, text: str | None = None) -> Sweep:
     """Read and validate a sweep file (structure, the stage's own options); raises SweepFileError / DataError."""
     from debias_plugin.data._io import read_text
@@ -405,7 +346,7 @@ def load_sweep(path: str | Path, *, text: str | None = None) -> Sweep:
         if not path.is_file():
             raise DebiasError(f"{path}: the sweep file does not exist.")
         text = read_text(path)
-    data, lines = read_yaml(path, text, "sweep")
+    data, lines = read_yaml(path, text, "sweep", error=SweepFileError)
     problems: list[tuple[int, str, str]] = []
     data = {key: (_expand(value, (key,), problems, lines) if key in ("base", "fixed", "grid") else value)
             for key, value in data.items()}
@@ -416,12 +357,12 @@ def load_sweep(path: str | Path, *, text: str | None = None) -> Sweep:
     except ValidationError as err:
         for error in err.errors():
             loc = _display_loc(tuple(error["loc"]), lines)
-            problems.append((_line_of(lines, loc), _field_text(loc), _explain(error, loc)))
+            problems.append((line_of(lines, loc), field_text(loc), _explain(error, loc)))
         raise SweepFileError(path, problems) from None
     sweep = Sweep(path, text, config, lines)
-    problems = [(sweep.line(*loc), _field_text(loc), message) for loc, message in _plan_problems(sweep)]
+    problems = [(sweep.line(*loc), field_text(loc), message) for loc, message in _plan_problems(sweep)]
     if not problems:
-        problems = [(sweep.line(*loc), _field_text(loc), message) for loc, message in _stage_problems(sweep)]
+        problems = [(sweep.line(*loc), field_text(loc), message) for loc, message in _stage_problems(sweep)]
     if problems:
         raise SweepFileError(path, problems)
     return sweep
@@ -623,10 +564,10 @@ def check_tasks(sweep: Sweep) -> None:
     for loc, metric in [(("objective",), config.objective)] + [(("budget", m), m) for m in config.budget]:
         task, name = metric.split("/", 1)
         if task not in described:
-            problems.append((sweep.line(*loc), _field_text(loc), f"'{task}' is neither an evaluate task nor one of "
+            problems.append((sweep.line(*loc), field_text(loc), f"'{task}' is neither an evaluate task nor one of "
                              "their subtasks"))
         elif described[task] is not None and name.split(",")[0] not in described[task]:
-            problems.append((sweep.line(*loc), _field_text(loc), f"{task} reports {', '.join(sorted(described[task]))}, "
+            problems.append((sweep.line(*loc), field_text(loc), f"{task} reports {', '.join(sorted(described[task]))}, "
                              f"not '{name}'"))
     if problems:
         raise SweepFileError(sweep.path, problems)

@@ -1,0 +1,81 @@
+"""Config files in YAML (gate, sweep): safe_load plus the line of every key, and one error listing every problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from debias_plugin.errors import DataError
+
+
+class ConfigFileError(DataError):
+    """Every problem of a config file at once, each with its line and field, as one paragraph."""
+
+    def __init__(self, path: Path, problems: list[tuple[int, str, str]], what: str):
+        self.problems = problems
+        first_line, first_field, first_message = problems[0]
+        super().__init__(path, f"line {first_line}, field '{first_field}'", f"a valid {what} file", first_message)
+        parts = [f"line {line}, field '{field}': {message}" for line, field, message in problems]
+        self.args = (f"{path}: {len(problems)} problem(s) in the {what} file: " + "; ".join(parts) + ".",)
+
+
+def field_text(loc) -> str:
+    """('checks', 1, 'within') -> checks[1].within"""
+    text = ""
+    for element in loc:
+        text += f"[{element}]" if isinstance(element, int) else (f".{element}" if text else str(element))
+    return text or "(top level)"
+
+
+def line_of(lines: dict[tuple, int], loc) -> int:
+    """The line of a key path, or of its nearest written parent (pydantic may name keys the file lacks)."""
+    loc = tuple(loc)
+    while loc not in lines:
+        loc = loc[:-1]
+    return lines[loc]
+
+
+def _node_lines(node, path: tuple, lines: dict[tuple, int], duplicates: list) -> None:
+    import yaml
+
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                duplicates.append((path + (key,), key_node.start_mark.line + 1))
+            seen.add(key)
+            lines[path + (key,)] = key_node.start_mark.line + 1
+            _node_lines(value_node, path + (key,), lines, duplicates)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[path + (index,)] = item.start_mark.line + 1
+            _node_lines(item, path + (index,), lines, duplicates)
+
+
+def read_yaml(path: Path, text: str, what: str, keys_hint: str = "",
+              error: type[ConfigFileError] | None = None) -> tuple[Any, dict[tuple, int]]:
+    """yaml.safe_load of a mapping plus the 1-based line of every key and list item; duplicate keys are errors."""
+    import yaml
+
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        line = mark.line + 1 if mark else 1
+        found = err.problem or err.context
+        if err.problem and err.context and err.context_mark and err.context_mark.line + 1 != line:
+            found += f" ({err.context} started on line {err.context_mark.line + 1})"
+        raise DataError(path, f"line {line}", "valid YAML", found) from None
+    except yaml.YAMLError as err:
+        raise DataError(path, "line 1", "valid YAML", str(err)) from None
+    if not isinstance(data, dict):
+        raise DataError(path, "line 1", f"a mapping of {what} keys{keys_hint}", type(data).__name__)
+    lines: dict[tuple, int] = {(): node.start_mark.line + 1}
+    duplicates: list = []
+    _node_lines(node, (), lines, duplicates)
+    if duplicates:
+        problems = [(line, field_text(loc), "duplicate key") for loc, line in duplicates]
+        raise error(path, problems) if error else ConfigFileError(path, problems, what)
+    return data, lines
