@@ -124,3 +124,18 @@ def test_overlap_warning_for_evaluation_sentences(data_dir):
         warnings.simplefilter("error")
         assert warn_on_evaluation_overlap(load_winogender_pairs()) == {}
     assert evaluation_overlap(load_stereoset_pairs(domains=["race"])[:5]) == {"StereoSet": 5}
+
+
+def test_crows_style_pair_file_is_refused_by_every_loader_alike(tmp_path):
+    """A bias type CrowS does not have is one error, whether eval (load_crows_pairs) or pcgu (load_pair_csv) reads it."""
+    from debias_plugin.data import load_crows_pairs
+    from debias_plugin.data.pairs import load_pair_csv
+
+    path = tmp_path / "pairs.csv"
+    path.write_text(",sent_more,sent_less,stereo_antistereo,bias_type\n0,He can lead.,She can lead.,stereo,gendr\n")
+    messages = []
+    for load in (load_crows_pairs, load_pair_csv):
+        with pytest.raises(DataError) as caught:
+            load(path)
+        messages.append(str(caught.value))
+    assert messages[0] == messages[1] and "line 2, field 'bias_type'" in messages[0] and "'gendr'" in messages[0]

@@ -27,6 +27,14 @@ class CrowsPair:
     bias_type: str
 
 
+def checked_bias_type(path: Path, where: str, value: str) -> str:
+    """One rule for a CrowS bias_type, whichever command reads the file."""
+    bias_type = value.strip()
+    if bias_type not in CROWS_BIAS_TYPES:
+        raise DataError(path, f"{where}, field 'bias_type'", f"one of {', '.join(CROWS_BIAS_TYPES)}", repr(bias_type))
+    return bias_type
+
+
 def load_crows_pairs(path: str | Path | None = None) -> list[CrowsPair]:
     """Read the CrowS-Pairs CSV (explicit path, else $DEBIAS_DATA_DIR)."""
     path = data_file(path, CROWS_RELATIVE_PATH, "CrowS-Pairs", hub=CROWS_HUB_FILE)
@@ -36,11 +44,7 @@ def load_crows_pairs(path: str | Path | None = None) -> list[CrowsPair]:
         direction = require_field(path, where, row, "stereo_antistereo").strip()
         if direction not in DIRECTIONS:
             raise DataError(path, f"{where}, field 'stereo_antistereo'", "'stereo' or 'antistereo'", repr(direction))
-        bias_type = require_field(path, where, row, "bias_type").strip()
-        if bias_type not in CROWS_BIAS_TYPES:
-            raise DataError(
-                path, f"{where}, field 'bias_type'", f"one of {', '.join(CROWS_BIAS_TYPES)}", repr(bias_type)
-            )
+        bias_type = checked_bias_type(path, where, require_field(path, where, row, "bias_type"))
         index_text = (row.get("") or "").strip()
         pairs.append(CrowsPair(
             index=int(index_text) if index_text.isdigit() else len(pairs),

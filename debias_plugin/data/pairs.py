@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from debias_plugin.data._io import csv_rows, require_field
+from debias_plugin.data.crows import checked_bias_type
 from debias_plugin.errors import DataError, DebiasError
 from debias_plugin.paths import DATA_DIR_ENV, data_file
 
@@ -122,6 +123,8 @@ def load_pair_csv(path: str | Path, bias_types: list[str] | None = None) -> list
     for line, row in csv_rows(path, [advantaged_column, disadvantaged_column], delimiter=delimiter):
         where = f"line {line}"
         group = (row.get("bias_type") or "").strip()
+        if group and advantaged_column == "sent_more":  # a CrowS-style file: its bias types are CrowS's
+            group = checked_bias_type(path, where, group)
         if bias_types and group not in bias_types:
             continue
         pairs.append(_checked_pair(path, line, require_field(path, where, row, advantaged_column),
