@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-_MODEL_MODULES = ("debias_plugin.lm_eval.masked_lm",)
+_MODEL_MODULES = ("debias_plugin.lm_eval.masked_lm", "debias_plugin.lm_eval.bias_lm")
 
 
 def register_models() -> None:
