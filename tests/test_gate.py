@@ -16,7 +16,7 @@ from scipy import stats as scipy_stats
 
 from debias_plugin.cli import main
 from debias_plugin.gate import run_gate
-from debias_plugin.gate.report import junit_xml, markdown_summary
+from debias_plugin.gate.report import markdown_summary
 
 DATE = "2025-01-02T03-04-05.678901"
 SEED, RESAMPLES = 0, 2000

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from debias_plugin.errors import DebiasError
 from debias_plugin.sweep.config import SweepFileError, load_sweep
 from debias_plugin.sweep.search import Observation, run_search
 
