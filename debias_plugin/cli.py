@@ -96,5 +96,18 @@ def main(argv: list[str] | None = None) -> None:
             raise
         click.echo(f"Error: {describe_library_error(err)}", err=True)
         sys.exit(2)
+    _leave_process_group()
     if isinstance(exit_code, int) and exit_code:
         sys.exit(exit_code)
+
+
+def _leave_process_group() -> None:
+    """Under `accelerate launch`, ranks finish together and close gloo first: a rank that exits with the group
+    still open can abort in C++ ("terminate called without an active exception") and fail the whole launch."""
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
