@@ -3,9 +3,9 @@
 Both sides evaluate the same five model folders (lambda 0 = the base, and four negations):
   sweep  `debias_plugin.sweep.run_sweep` with a fresh evaluation cache: the screening tasks (objective + budget)
          at every point, the other tasks only on the Pareto front and the chosen point, identical requests
-         scored once (`hf-dedup`);
+         scored once (`hf-bias`);
   naive  `lm_eval.simple_evaluate` of the whole suite on each model, one run per model, as a script would.
-Printed: lm-eval requests scored by each side (the sweep's from hf-dedup's counters, the naive side's from
+Printed: lm-eval requests scored by each side (the sweep's from hf-bias's counters, the naive side's from
 the per-sample arguments of its logged samples), wall times, and every metric the sweep reports compared with
 the naive run of the same model and task.
 

@@ -23,7 +23,9 @@ RESULTS_NAME = "results.json"
 SEAT_TASK = "seat"  # not an lm-eval task: SEAT effect sizes (scoring/seat.py), reported like one as seat/<metric>
 _SAMPLES_NAME = "samples_{task}.jsonl"
 _DROPPED_SAMPLE_FIELDS = ("arguments", "resps")  # prompt texts and raw responses: large and kept in "doc"
-_KEY_SCHEMA = "debias_plugin.results-cache/1"
+_KEY_SCHEMA = "debias_plugin.results-cache/2"  # 2: model_class "auto" means hf-bias for causal LMs (was hf)
+CAUSAL_MODEL_CLASS = "hf-bias"  # lm-eval's hf scores, for less work (lm_eval/bias_lm.py); --model hf still works
+MASKED_MODEL_CLASS = "hf-mlm"
 
 
 class UnknownTaskError(DebiasError):
@@ -50,13 +52,13 @@ def _version(package: str) -> str | None:
 
 
 def _task_definitions_hash() -> str:
-    """Hash of the bundled task YAML and Python files (not __pycache__, which lm-eval writes there)."""
+    """Hash of the bundled task YAML and Python files (not their READMEs, nor the __pycache__ lm-eval writes)."""
     from debias_plugin.paths import tasks_dir
 
     root = tasks_dir()
     digest = hashlib.sha256()
     for file in sorted(root.rglob("*")):
-        if file.is_file() and "__pycache__" not in file.parts and file.suffix != ".pyc":
+        if file.is_file() and "__pycache__" not in file.parts and file.suffix not in (".pyc", ".md"):
             digest.update(f"{file.relative_to(root).as_posix()}\0".encode() + file.read_bytes() + b"\0")
     return digest.hexdigest()
 
@@ -150,10 +152,10 @@ def cached_results(model_dir: str | Path, tasks: list[str], *, model_class: str 
 
 
 def resolve_model_class(model_dir: str | Path) -> str:
-    """hf for causal LMs, hf-mlm for masked LMs, from the folder's config (never its name)."""
+    """hf-bias for causal LMs, hf-mlm for masked LMs, from the folder's config (never its name)."""
     from debias_plugin.models import load_config, model_kind
 
-    return "hf-mlm" if model_kind(load_config(model_dir)) == "masked" else "hf"
+    return MASKED_MODEL_CLASS if model_kind(load_config(model_dir)) == "masked" else CAUSAL_MODEL_CLASS
 
 
 def _task_manager(metadata: dict | None = None, tasks: list[str] | None = None):
@@ -223,7 +225,7 @@ def evaluate(model_dir: str | Path, tasks: list[str], *, model_class: str | None
              use_cache: bool = True) -> dict:
     """lm-eval results of `tasks` on a model folder, with per-document samples under "samples" (cached).
 
-    model_class: lm-eval model name; default hf for causal LMs and hf-mlm for masked LMs. output_dir, if given,
+    model_class: lm-eval model name; default hf-bias for causal LMs and hf-mlm for masked LMs. output_dir, if given,
     also receives results.json + samples_<task>.jsonl (a folder `debias gate` reads with `results:`).
     """
     from debias_plugin.models import check_weights

@@ -201,6 +201,16 @@ def test_hf_bias_equals_hf_per_sample(tiny_model):
             if isinstance(value, float) and not math.isnan(value):
                 relative = 1e-5 if name.startswith(("likelihood_diff", "word_", "byte_", "bits_")) else 0
                 assert ours["results"][task][name] == pytest.approx(value, rel=relative, abs=relative), (task, name)
+    for task, metrics in ours["results"].items():  # the gap metrics: |x - 50| of their sources
+        if "stereotype_gap,none" in metrics:
+            outcomes = [sample["pct_stereotype"] for sample in ours["samples"][task]]
+            assert metrics["stereotype_gap,none"] == pytest.approx(abs(sum(outcomes) / len(outcomes) - 50), abs=1e-9)
+            assert metrics["stereotype_gap,none"] == pytest.approx(abs(metrics["pct_stereotype,none"] - 50), abs=1e-9)
+        for name in [name for name in metrics if name.startswith("ss_gap") and "stderr" not in name]:
+            source = "ss" + name[len("ss_gap"):]
+            assert metrics[name] == pytest.approx(abs(metrics[source] - 50), abs=1e-9) or math.isnan(metrics[source])
+    assert "stereotype_gap,none" in ours["results"]["crows_bias_overall"]
+    assert "ss_gap_gender,none" in ours["results"]["stereoset_bias"]
 
     # crows_bias holds crows_bias_overall's sentences again: each distinct request was scored once
     received = bias_lm.REQUEST_COUNTS["loglikelihood_received"] - before.get("loglikelihood_received", 0)

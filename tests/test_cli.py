@@ -39,13 +39,20 @@ def test_user_error_is_one_paragraph_without_traceback(tmp_path):
     assert (occupied / "notes.txt").read_text() == "keep me"
 
 
-def test_eval_forwards_to_lm_eval_with_our_tasks(tiny_model, tmp_path):
-    out = tmp_path / "results"
-    result = _debias("eval", "--model", "hf", "--model_args", f"pretrained={tiny_model('gpt2')}",
-                     "--tasks", "crows_bias_gender", "--limit", "4", "--output_path", str(out))
+def test_eval_picks_hf_bias_saves_results_and_prints_a_summary(tiny_model, tmp_path):
+    import json
+
+    result = _debias("eval", "--model_args", f"pretrained={tiny_model('gpt2')}", "--tasks", "crows_bias_gender",
+                     "--limit", "4", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "crows_bias_gender" in result.stdout and "pct_stereotype" in result.stdout
-    assert list(out.rglob("results_*.json")), "lm-eval's results JSON was not written"
+    assert result.stdout.startswith("hf-bias (")  # lm-eval's header: a causal model's default class
+    assert "crows_bias_gender" in result.stdout and "stereotype_gap" in result.stdout
+    saved = list((tmp_path / "runs" / "eval").rglob("results_*.json"))
+    assert len(saved) == 1 and f"Results saved to {saved[0].relative_to(tmp_path)}" in result.stdout
+    pct = json.loads(saved[0].read_text())["results"]["crows_bias_gender"]["pct_stereotype,none"]
+    summary = result.stdout.split("Summary.")[1]
+    row = next(line for line in summary.splitlines() if line.strip().startswith("crows_bias_gender"))
+    assert row.split()[1:3] == ["4", f"{pct:.1f}"] and f"{abs(pct - 50):.1f}" in row
 
 
 def test_bundled_folders_found_from_checkout():

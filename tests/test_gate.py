@@ -461,6 +461,12 @@ BAD_GATES = {
           - metric: crows_bias_gendr/pct_stereotype
             max: 60
     """, 3, "checks[0].metric", "crows_bias_gender"),
+    "gap metric": ("""
+        results: base/results_{date}.json
+        checks:
+          - metric: crows_bias_gender/stereotype_gap
+            max: 5
+    """, 3, "checks[0]", "check crows_bias_gender/pct_stereotype instead"),
     "unknown check key": ("""
         results: base/results_{date}.json
         checks:
@@ -800,4 +806,4 @@ def test_model_class_follows_the_config_not_the_name(tiny_model, tmp_path):
 
     masked = shutil.copytree(tiny_model("bert"), tmp_path / "gpt2-looking-name")
     assert resolve_model_class(masked) == "hf-mlm"
-    assert resolve_model_class(tiny_model("gpt2")) == "hf"
+    assert resolve_model_class(tiny_model("gpt2")) == "hf-bias"

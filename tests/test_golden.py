@@ -146,4 +146,11 @@ def test_task_metrics_unchanged(tiny_model, tmp_path, kind, golden, recorded):
     metrics = {f"{task}/{key}": None if math.isnan(value) else round(value, 6)  # NaN: a group with no pair
                for task, values in results.items() for key, value in values.items()
                if isinstance(value, float) and "stderr" not in key}
-    _check(f"eval_{kind}", metrics, golden, recorded)
+    from debias_plugin.scoring.gap import gap_source
+
+    added = {key for key in metrics if gap_source(key.split("/")[1])}  # new since: |x - 50| beside each source
+    for key in added:
+        task, name = key.split("/")
+        source = metrics[f"{task}/{gap_source(name)},none"]
+        assert metrics[key] == (None if source is None else round(abs(source - 50), 6)), key
+    _check(f"eval_{kind}", {key: value for key, value in metrics.items() if key not in added}, golden, recorded)

@@ -81,6 +81,10 @@ def test_stage_trains_publishes_one_manifest_schema_and_snapshots(stage, tiny_mo
     assert json.loads((snapshot / MANIFEST_NAME).read_text())["results"]["step"] == 1
     AutoModelForCausalLM.from_pretrained(snapshot)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.snapshots"]  # no staging left
+    metrics = record["results"]["metrics"]  # the before/after the stage printed are the ones it logged
+    assert f"{stage}: before -> after" in err and metrics["start"]
+    for key, before in metrics["start"].items():
+        assert f"{key:34s} {before:12.4f} -> {metrics['end'][key]:12.4f}" in err
 
 
 BAD_OPTIONS = [

@@ -1,4 +1,5 @@
-"""`debias eval`: lm-eval's own `run` command with our tasks on the include path and hf-mlm registered. Task names,
+"""`debias eval`: lm-eval's own `run` command with our tasks on the include path and our model classes registered
+(hf-bias for causal LMs, hf-mlm for masked ones, chosen from the model's config unless --model is given). Task names,
 model arguments, weights (safetensors unless --allow-pickle, which is ours) and tokenizer are checked first, so bad
 input is one paragraph (exit 2) before any model loads."""
 
@@ -6,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -17,12 +20,13 @@ from debias_plugin.errors import DebiasError
 
 _CONTEXT = {"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []}
 ALLOW_PICKLE = "--allow-pickle"
+DEFAULT_OUTPUT = Path("runs") / "eval"  # results are saved unless --output_path says where (lm-eval timestamps them)
 
 
 def read_flags(args: list[str]) -> argparse.Namespace:
     """The `lm_eval run` flags we check or default, spelled as lm-eval spells them; the rest pass through unread."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for names in (("--model", "-M"), ("--include_path",), ("--config", "-C"), ("--device",)):
+    for names in (("--model", "-M"), ("--include_path",), ("--config", "-C"), ("--device",), ("--output_path", "-o")):
         parser.add_argument(*names)
     for names in (("--model_args", "-a"), ("--tasks", "-t")):
         parser.add_argument(*names, nargs="+", action="append", default=[])
@@ -35,7 +39,6 @@ def lm_eval_arguments(args: list[str], flags: argparse.Namespace) -> list[str]:
     from debias_plugin.paths import tasks_dir
 
     args = [*args, *([] if flags.include_path else ["--include_path", str(tasks_dir())])]
-    args += [] if flags.model else ["--model", "hf"]
     if not flags.model_args and not flags.config:
         from debias_plugin.default_model import materialize_default_model
 
@@ -45,6 +48,8 @@ def lm_eval_arguments(args: list[str], flags: argparse.Namespace) -> list[str]:
         import torch
 
         args += ["--device", "cuda:0" if torch.cuda.is_available() else "cpu"]
+    if not flags.output_path and not flags.config:
+        args += ["--output_path", str(DEFAULT_OUTPUT)]
     return args
 
 
@@ -102,11 +107,17 @@ def check_arguments(args: list[str], flags: argparse.Namespace, allow_pickle: bo
     check_tasks(names, flags.include_path or str(tasks_dir()))
     model_args = model_arguments(flags.model_args)
     trust_remote_code = flags.trust_remote_code or str(model_args.get("trust_remote_code")).lower() == "true"
+    folder = model_folder(str(model_args["pretrained"]), model_args.get("revision")) \
+        if model_args.get("pretrained") else None
+    if not flags.model and not flags.config:  # from the folder's config: hf-mlm (masked) or hf-bias (causal)
+        from debias_plugin.evaluation import CAUSAL_MODEL_CLASS, resolve_model_class
+
+        flags.model = resolve_model_class(folder) if folder is not None else CAUSAL_MODEL_CLASS
+        args = [*args, "--model", flags.model]
     if flags.model == "hf-mlm":
         allow_pickle = allow_pickle or masked_lm_options(model_args).allow_pickle
         args = [*args, "--model_args", "allow_pickle=True"] if allow_pickle else args
-    if model_args.get("pretrained"):
-        folder = model_folder(str(model_args["pretrained"]), model_args.get("revision"))
+    if folder is not None:
         if flags.model == "hf-mlm":
             check_masked_lm_folder(str(folder), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         else:
@@ -141,20 +152,39 @@ def run_lm_eval(args: list[str]) -> None:
     args = expand_task_presets(args)  # bias_suite -> the members whose data is here (a notice for the rest)
     flags = read_flags(args)
     args = lm_eval_arguments(check_arguments(args, flags, allow_pickle), flags)
+    output = Path(read_flags(args).output_path or "")
+    started = time.time()
     saved_argv, sys.argv = sys.argv, ["lm-eval", "run", *args]
     try:
         cli_evaluate()
     finally:
         sys.argv = saved_argv
+    if output != Path("") and int(os.environ.get("RANK", "0")) == 0:
+        show_summary(output, started)
+
+
+def show_summary(output: Path, since: float) -> None:
+    """After lm-eval's tables: our summary of the results file this run wrote, and where it is."""
+    from debias_plugin.summary import summarize
+
+    folder, pattern = (output.parent, f"{output.stem}_*.json") if output.suffix == ".json" else \
+        (output, "**/results_*.json")
+    written = [path for path in folder.glob(pattern) if path.stat().st_mtime >= since - 1]
+    if not written:
+        return
+    latest = max(written, key=lambda path: path.stat().st_mtime)
+    text = summarize(json.loads(latest.read_text()))
+    click.echo(f"{text}\n\nResults saved to {latest}" if text else f"Results saved to {latest}")
 
 
 @click.command("eval", context_settings=_CONTEXT, add_help_option=False)
 @click.pass_context
 def eval_command(ctx):
-    """Run lm-eval (same flags as `lm_eval run`) with the bundled tasks and the hf-mlm model registered.
+    """Run lm-eval (same flags as `lm_eval run`) with the bundled tasks and our model classes registered.
 
-    Without --model_args it evaluates the built-in SmolLM2-135M (max_length=1024); --include_path defaults to
-    our tasks/. Pickled weights are refused unless --allow-pickle.
+    Without --model the class comes from the model's config: hf-bias (lm-eval's hf scores for less work) for
+    causal LMs, hf-mlm for masked LMs. Without --model_args it evaluates the built-in SmolLM2-135M
+    (max_length=1024); --include_path defaults to our tasks/. Pickled weights are refused unless --allow-pickle.
     """
     if "--help" in ctx.args or "-h" in ctx.args:
         click.echo(ctx.get_help())

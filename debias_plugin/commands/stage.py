@@ -9,6 +9,7 @@ the field. Values go back through pydantic, whose errors name the flag.
 
 from __future__ import annotations
 
+import os
 import types
 import typing
 
@@ -106,9 +107,26 @@ def stage_command(name: str, summary: str) -> click.Command:
                            name_of=lambda field: flags.get(field, field))
         options = validated(method.Options, {n: converted[n] for n in own}, what=f"{name} options",
                             name_of=lambda field: flags.get(field, field))
-        click.echo(train(config, method(options)))
+        output = train(config, method(options))
+        if int(os.environ.get("RANK", "0")) == 0:
+            click.echo(before_and_after(name, output), err=True)
+        click.echo(output)
 
     params = [field_option(n, f, method.training_defaults.get(n), method.training_help.get(n))
               for n, f in shared.items()]
     params += [field_option(n, f) for n, f in own.items()]
     return click.Command(name, params=params, callback=run, help=method.__doc__ or summary, short_help=summary)
+
+
+def before_and_after(stage: str, output) -> str:
+    """The metrics a stage logged before its first and after its last step (also in its manifest)."""
+    import json
+    from pathlib import Path
+
+    from debias_plugin.outputs import MANIFEST_NAME
+
+    metrics = json.loads((Path(output) / MANIFEST_NAME).read_text())["results"]["metrics"]
+    start, end = metrics.get("start") or {}, metrics.get("end") or {}
+    lines = [f"{stage}: before -> after (in {MANIFEST_NAME})"]
+    lines += [f"  {key:34s} {start[key]:12.4f} -> {end[key]:12.4f}" for key in start if key in end]
+    return "\n".join(lines)

@@ -14,6 +14,7 @@ from debias_plugin.gate.config import Gate
 from debias_plugin.gate.results import (
     MetricSamples, Results, higher_is_better, metric_key, metric_names, metric_samples, reported_value, same_point,
 )
+from debias_plugin.scoring.gap import gap_source
 
 NO_SAMPLES = "no per-sample data: point estimate only"
 
@@ -42,7 +43,7 @@ class CheckResult:
 def is_centered(metric: str) -> bool:
     """Metrics whose ideal is 50 % (no preference): CrowS pct_stereotype*, StereoSet ss*."""
     name = metric.split(",")[0]
-    return name == "ss" or name.startswith("ss_") or name.startswith("pct_stereotype")
+    return name == "ss" or name.startswith("pct_stereotype") or (name.startswith("ss_") and gap_source(name) is None)
 
 
 def statistic_for(samples: MetricSamples, metric: str) -> stats.Statistic:

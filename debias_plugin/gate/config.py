@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from debias_plugin.errors import DataError, DebiasError
+from debias_plugin.scoring.gap import gap_source
 from debias_plugin.yamlfile import ConfigFileError, field_text, line_of, read_yaml
 
 CHECK_KINDS = ("within", "min", "max", "not_worse_than_baseline", "max_relative_increase")
@@ -38,6 +39,11 @@ class CheckConfig(BaseModel):
                              f"{', '.join(given) if given else 'none'})")
         if self.within is not None and not self.within[0] < self.within[1]:
             raise ValueError(f"within needs [low, high] with low < high (found {self.within})")
+        source = gap_source(self.metric_name)
+        if source:  # its interval and paired test are those of the percentage it comes from
+            raise ValueError(f"{self.metric_name} is |{source} - 50|: check {self.task}/{source} instead "
+                             f"(max: g becomes within: [50 - g, 50 + g]; not_worse_than_baseline already compares "
+                             "distances from 50)")
         return self
 
     @property
@@ -85,7 +91,7 @@ class GateConfig(BaseModel):
     limit: int | None = Field(None, ge=1)
     batch_size: int | Literal["auto"] = 16
     device: str | None = None
-    model_class: str | None = None  # lm-eval model name; default: hf (causal) or hf-mlm (masked), from the config
+    model_class: str | None = None  # lm-eval model name; default: hf-bias (causal) or hf-mlm (masked), from the config
     model_args: dict[str, str | int | float | bool] = Field(default_factory=dict)
     resamples: int = Field(2000, ge=100)
     seed: int = 0

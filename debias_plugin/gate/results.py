@@ -10,13 +10,14 @@ from pathlib import Path
 
 import numpy as np
 
+from debias_plugin.data import STEREOSET_DOMAINS
 from debias_plugin.errors import DataError, DebiasError
 
 # lm-eval names a run's files results_<date>.json / samples_<task>_<date>.jsonl (or <stem>_<date>.json for an
 # --output_path ending in .json); our cache and `evaluate(output_dir=...)` write results.json / samples_<task>.jsonl.
 _DATE = re.compile(r"_(\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(?:\.\d+)?)$")
 _WEIGHTED_PERPLEXITIES = ("word_perplexity", "byte_perplexity")
-_STEREOSET = re.compile(r"^(ss|lms|icat)(?:_(\w+))?$")
+_STEREOSET = re.compile(rf"^(ss|lms|icat)(?:_({'|'.join(STEREOSET_DOMAINS)}))?$")
 
 
 @dataclass

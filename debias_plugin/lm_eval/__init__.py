@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 
 _MODEL_MODULES = ("debias_plugin.lm_eval.masked_lm", "debias_plugin.lm_eval.bias_lm")
 
@@ -14,3 +15,20 @@ def register_models() -> None:
 
     for module in _MODEL_MODULES:
         importlib.import_module(module)
+    task_logger = logging.getLogger("lm_eval.api.task")
+    if not any(isinstance(f, _FirstMetadataHint) for f in task_logger.filters):
+        task_logger.addFilter(_FirstMetadataHint())
+
+
+class _FirstMetadataHint(logging.Filter):
+    """lm-eval logs the same `--metadata` hint for every task with a custom loader (all of ours): show it once."""
+
+    def __init__(self):
+        super().__init__()
+        self.shown = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "Custom kwargs can be passed to `--metadata`" not in str(record.msg):
+            return True
+        shown, self.shown = self.shown, True
+        return not shown

@@ -24,7 +24,7 @@ from debias_plugin.options import Options, validated
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "hf-bias"
-# requests received and scored, per request kind, since the process started (the sweep's cost report; as hf-dedup)
+# requests received and scored, per request kind, since the process started (read by the sweep's cost report)
 REQUEST_COUNTS: Counter = Counter()
 _PROBE_TEXT = "The old lighthouse keeper walked slowly along the harbour wall at dawn"
 # a shortcut stays on while its largest log-prob error on the probes is below this share of how much their

@@ -143,12 +143,18 @@ def lm_batch(examples: list[list[int]], positions: list[int], kind: str, tokeniz
     return {**batch, "input_ids": pad(masked_rows, pad_id(tokenizer)), "targets": pad(target_rows, 0).to(torch.bool)}
 
 
-def perplexity(model, tokenizer, kind: str, texts: list[str], max_length: int, device, batch_size: int = 16) -> float:
-    """Causal: exp(mean token NLL) of texts truncated to max_length. Masked: pseudo-perplexity (Salazar et al.)."""
+def perplexity(model, tokenizer, kind: str, texts: list[str], max_length: int, device, batch_size: int = 16,
+               progress: str | None = None) -> float:
+    """Causal: exp(mean token NLL) of texts truncated to max_length. Masked: pseudo-perplexity (Salazar et al.).
+
+    progress: a tqdm label (the main process of a run shows how far an evaluation has got), or None."""
     if kind == "causal":
+        from tqdm.auto import tqdm
+
         total, count, pad_value = 0.0, 0, pad_id(tokenizer)
         encoded = [encode(tokenizer, text, kind, max_length)[0] for text in texts]
-        for start in range(0, len(encoded), batch_size):
+        starts = range(0, len(encoded), batch_size)
+        for start in tqdm(starts, desc=progress, unit="batch", leave=False, disable=progress is None):
             chunk = encoded[start:start + batch_size]
             ids = pad(chunk, pad_value).to(device)
             mask = pad([[1] * len(s) for s in chunk], 0).to(device)
@@ -160,5 +166,5 @@ def perplexity(model, tokenizer, kind: str, texts: list[str], max_length: int, d
         return math.exp(total / max(count, 1))
     from debias_plugin.scoring.masked import MaskedScorer  # texts longer than max_length: scored in windows
 
-    return MaskedScorer(model, tokenizer, token_budget=batch_size * max_length, max_length=max_length
-                        ).pseudo_perplexity(texts)
+    return MaskedScorer(model, tokenizer, token_budget=batch_size * max_length, max_length=max_length,
+                        progress=progress is not None).pseudo_perplexity(texts)

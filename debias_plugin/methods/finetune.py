@@ -84,7 +84,7 @@ class Finetune(TrainingMethod):
     def evaluate(self, run) -> dict:
         texts = self.texts[:EVAL_TEXTS]
         return {"corpus_perplexity": perplexity(run.eval_model, run.tokenizer, run.kind, texts, run.config.max_length,
-                                                run.device)}
+                                                run.device, progress="corpus perplexity" if run.is_main else None)}
 
     def save(self, run, folder: Path) -> None:
         save_lora_or_full(run, folder, self.opts)

@@ -592,9 +592,12 @@ class PCGUMethod(TrainingMethod):
 
     def evaluate(self, run) -> dict:
         """On the training pairs: % where the advantaged side scores higher, and the mean objective gap."""
+        from tqdm.auto import tqdm
+
         model, wins, gap = run.unwrapped, 0, 0.0
         size = run.config.batch_size
-        for start in range(0, len(self.encoded), size):
+        for start in tqdm(range(0, len(self.encoded), size), desc="pair preference", unit="batch", leave=False,
+                          disable=not run.is_main):
             batch = collate_pairs(self.encoded[start:start + size], self.pad_id)
             batch = {key: value.to(run.device) for key, value in batch.items()}
             adv = sequence_objectives(model, batch, "adv", self.kind, self.objective)

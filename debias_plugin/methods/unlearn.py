@@ -68,7 +68,8 @@ class UnlearnOptions(LoraOptions):
         "none", description="gd: plus the retain corpus NLL (gradient difference); kl: plus KL to the original "
                             "model.")
     retain_weight: FiniteFloat = Field(1.0, ge=0)
-    eval_texts: int = Field(0, ge=0, description="Texts per perplexity evaluation (0 = all).")
+    eval_texts: int = Field(64, ge=0, description="Texts per evaluation (before, after, every --eval-every "
+                                                 "steps); 0 = all.")
 
     @model_validator(mode="after")
     def _regulariser_needs_retain(self):
@@ -299,11 +300,12 @@ class Unlearn(TrainingMethod):
     def evaluate(self, run) -> dict:
         limit = self.opts.eval_texts or None
         model, device = run.eval_model, run.device
+        shown = (lambda what: f"{what} perplexity") if run.is_main else (lambda what: None)
         metrics = {"forget_perplexity": perplexity(model, run.tokenizer, run.kind, self.plain_texts[:limit],
-                                                   self.max_length, device)}
+                                                   self.max_length, device, progress=shown("forget"))}
         if self.heldout_texts:
             metrics["heldout_perplexity"] = perplexity(model, run.tokenizer, run.kind, self.heldout_texts[:limit],
-                                                       self.max_length, device)
+                                                       self.max_length, device, progress=shown("held-out"))
         examples = self.eval_examples[:limit]
         target_sum = target_count = other_sum = other_count = 0.0
         for start in range(0, len(examples), 16):

@@ -146,11 +146,12 @@ def _inputs(sweep: Sweep) -> list[Path]:
 def evaluate_model(model_dir: Path, tasks: list[str], sweep: Sweep, output_dir: Path) -> tuple[dict, dict]:
     """lm-eval results of `tasks` on a model folder (through debias_plugin.evaluation), and what it cost.
 
-    A published results folder is read back instead (resume). Causal LMs go through `hf-dedup`, which scores
+    A published results folder is read back instead (resume). Causal LMs go through `hf-bias`, which scores
     identical requests once and counts what it scored; evaluation's cache answers repeated requests for the same
     model content without scoring anything.
     """
     from debias_plugin.evaluation import (
+        CAUSAL_MODEL_CLASS,
         RESULTS_NAME,
         evaluate,
         read_results_folder,
@@ -162,13 +163,11 @@ def evaluate_model(model_dir: Path, tasks: list[str], sweep: Sweep, output_dir: 
     config = sweep.config
     model_class = resolve_model_class(model_dir)
     counts = None
-    if model_class == "hf":
-        from debias_plugin.lm_eval import register_models
+    if model_class == CAUSAL_MODEL_CLASS:
+        from debias_plugin.lm_eval import bias_lm, register_models
 
         register_models()
-        from debias_plugin.lm_eval import dedup
-
-        model_class, counts = dedup.MODEL_NAME, dedup.REQUEST_COUNTS
+        counts = bias_lm.REQUEST_COUNTS
     before = dict(counts or {})
     started = time.monotonic()
     results = evaluate(model_dir, tasks, model_class=model_class, model_args=dict(config.model_args),

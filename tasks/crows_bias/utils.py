@@ -3,7 +3,7 @@
 import datasets
 
 from debias_plugin.data import load_crows_pairs
-from debias_plugin.scoring.crows import mean_of_marked, pair_metrics
+from debias_plugin.scoring.crows import mean_of_marked, pair_metrics, stereotype_gap  # noqa: F401 (YAML hooks)
 
 
 def load(crows_path=None, bias_type=None, scoring="crows_pair", **_model_args_and_metadata):

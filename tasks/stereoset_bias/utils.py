@@ -7,6 +7,7 @@ import datasets
 
 from debias_plugin.data import STEREOSET_DOMAINS, load_stereoset
 from debias_plugin.errors import DebiasError
+from debias_plugin.scoring.gap import gap
 from debias_plugin.scoring.stereoset import domain_scores
 
 LABELS = ("stereotype", "anti-stereotype", "unrelated")
@@ -66,12 +67,13 @@ def process_results(doc, results):
 
 def _aggregation(metric, domain=None):
     def aggregate(rows):
-        return getattr(domain_scores(rows, domain), metric)
+        scores = domain_scores(rows, domain)
+        return gap(scores.ss) if metric == "ss_gap" else getattr(scores, metric)
 
     aggregate.__name__ = f"{metric}_{domain or 'overall'}"
     return aggregate
 
 
 METRICS = {f"{metric}{'_' + domain if domain else ''}": _aggregation(metric, domain)
-           for metric in ("ss", "lms", "icat") for domain in (None, *STEREOSET_DOMAINS)}
+           for metric in ("ss", "ss_gap", "lms", "icat") for domain in (None, *STEREOSET_DOMAINS)}
 globals().update({f"aggregate_{name}": function for name, function in METRICS.items()})

@@ -1,0 +1,20 @@
+"""Gap metrics: the distance of a "50 = no preference" percentage from 50, so that lower is plainly better."""
+
+from __future__ import annotations
+
+NO_PREFERENCE = 50.0  # CrowS pct_stereotype and StereoSet SS: neither the stereotype nor its counterpart preferred
+
+
+def gap(percentage: float) -> float:
+    """|percentage - 50|: 0 is no preference, 50 always the same side (either side); NaN stays NaN."""
+    return abs(percentage - NO_PREFERENCE)
+
+
+def gap_source(metric: str) -> str | None:
+    """The percentage a gap metric is computed from (stereotype_gap -> pct_stereotype, ss_gap_race -> ss_race)."""
+    name = metric.split(",")[0]
+    if name == "stereotype_gap":
+        return "pct_stereotype"
+    if name == "ss_gap" or name.startswith("ss_gap_"):
+        return "ss" + name[len("ss_gap"):]
+    return None
