@@ -128,7 +128,7 @@ class CausalScorer:
 
     def __init__(self, model, *, batch_tokens: int, max_row_tokens: int, share_prefix: bool = True,
                  split_head: bool = True, softmax_dtype=None, autocast_dtype=None, min_shared: int = MIN_SHARED,
-                 logits_chunk_elements: int = 1 << 25, progress=None):
+                 logits_chunk_elements: int = 1 << 23, progress=None):
         self.model = model
         self.min_shared = min_shared
         self.batch_tokens = batch_tokens
