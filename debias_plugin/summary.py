@@ -1,5 +1,5 @@
-"""The short summary `debias eval` prints after lm-eval's tables: bias with its interval and what 50 means, SS/LMS/ICAT,
-perplexity — read from an lm-eval results dict, so it works on any saved results file too."""
+"""The short summary `debias eval` prints after lm-eval's tables: bias with its interval and what 50 means,
+SS/LMS/ICAT, perplexity — read from an lm-eval results dict, so it works on any saved results file too."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def summarize(results: dict) -> str:
         lines += ["", f"  {'perplexity task':34s} {'documents':>9} {'word':>9} {'byte':>7} {'bits/byte':>9}  (lower is "
                       "better)"]
         for task, metrics in perplexity:
-            word, byte, bits = (_value(metrics, name) for name in ("word_perplexity", "byte_perplexity", "bits_per_byte"))
-            lines.append(f"  {task:34s} {sizes.get(task, '?'):>9} {word:9.3f} {byte or math.nan:7.4f} "
-                         f"{bits or math.nan:9.4f}")
+            word, byte, bits = (_value(metrics, name) if _value(metrics, name) is not None else math.nan
+                                for name in ("word_perplexity", "byte_perplexity", "bits_per_byte"))
+            lines.append(f"  {task:34s} {sizes.get(task, '?'):>9} {word:9.3f} {byte:7.4f} {bits:9.4f}")
     return "\n".join(lines)
