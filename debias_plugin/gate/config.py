@@ -91,7 +91,7 @@ class GateConfig(BaseModel):
     limit: int | None = Field(None, ge=1)
     batch_size: int | Literal["auto"] = 16
     device: str | None = None
-    model_class: str | None = None  # lm-eval model name; default: hf-bias (causal) or hf-mlm (masked), from the config
+    model_class: str | None = None  # lm-eval model name; default from the config: hf-bias (causal) or hf-mlm (masked)
     model_args: dict[str, str | int | float | bool] = Field(default_factory=dict)
     resamples: int = Field(2000, ge=100)
     seed: int = 0
