@@ -10,24 +10,21 @@ from debias_plugin.scoring.gap import NO_PREFERENCE, gap
 ALPHA = 0.05
 
 
-def _value(metrics: dict, name: str) -> float | None:
+def _value(metrics: dict, name: str, missing: float | None = None) -> float | None:
     value = metrics.get(f"{name},none")
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else missing
 
 
 def _sizes(results: dict) -> dict[str, int]:
-    """Documents per task, groups as the sum of their tasks (lm-eval reports n-samples for tasks only)."""
+    """Documents per task, groups as the sum of their leaf tasks (lm-eval reports n-samples for tasks only)."""
+    from debias_plugin.gate.results import leaf_tasks, results_from_dict
+
     sizes = {task: int(counts.get("effective", counts.get("original", 0)))
              for task, counts in (results.get("n-samples") or {}).items() if isinstance(counts, dict)}
-
-    def size(task: str) -> int | None:
-        if task in sizes:
-            return sizes[task]
-        members = (results.get("group_subtasks") or {}).get(task)
-        counts = [size(member) for member in members or []]
-        return sum(counts) if counts and None not in counts else None
-
-    return {task: n for task in results.get("results", {}) if (n := size(task)) is not None}
+    tree = results_from_dict(results, "")
+    leaves = {task: leaf_tasks(tree, task) for task in results.get("results", {})}
+    return {task: sum(sizes[leaf] for leaf in members) for task, members in leaves.items()
+            if all(leaf in sizes for leaf in members)}
 
 
 def _crows_line(task: str, pct: float, n: int | None) -> str:
@@ -64,14 +61,13 @@ def summarize(results: dict) -> str:
     if stereoset:
         lines += ["", f"  {'StereoSet task':34s} {'examples':>8} {'SS':>6} {'gap':>6} {'LMS':>6} {'ICAT':>6}"]
         for task, metrics in stereoset:
-            ss, lms, icat = (_value(metrics, name) for name in ("ss", "lms", "icat"))
-            lines.append(f"  {task:34s} {sizes.get(task, '?'):>8} {ss:6.1f} {gap(ss):6.1f} "
-                         f"{lms if lms is not None else math.nan:6.1f} {icat if icat is not None else math.nan:6.1f}")
+            ss, lms, icat = (_value(metrics, name, math.nan) for name in ("ss", "lms", "icat"))
+            lines.append(f"  {task:34s} {sizes.get(task, '?'):>8} {ss:6.1f} {gap(ss):6.1f} {lms:6.1f} {icat:6.1f}")
     if perplexity:
         lines += ["", f"  {'perplexity task':34s} {'documents':>9} {'word':>9} {'byte':>7} {'bits/byte':>9}  (lower is "
                       "better)"]
         for task, metrics in perplexity:
-            word, byte, bits = (_value(metrics, name) if _value(metrics, name) is not None else math.nan
+            word, byte, bits = (_value(metrics, name, math.nan)
                                 for name in ("word_perplexity", "byte_perplexity", "bits_per_byte"))
             lines.append(f"  {task:34s} {sizes.get(task, '?'):>9} {word:9.3f} {byte:7.4f} {bits:9.4f}")
     return "\n".join(lines)
