@@ -17,6 +17,8 @@ _COMMANDS = {
     "gate": ("debias_plugin.commands.gate:gate_command", "Pass/fail bias and perplexity checks for CI (exit 0/1/2)."),
     "sweep": ("debias_plugin.commands.sweep:sweep_command",
               "Sweep a debiasing knob with lm-eval and Optuna; `sweep report DIR` re-renders the report."),
+    "study": ("debias_plugin.commands.sweep:study_command",
+              "The same sweeps on several models: every method at its chosen setting in one table."),
     "negate": ("debias_plugin.commands.negate:negate_command",
                "Subtract a bias vector (task arithmetic via mergekit): base - lambda * (biased - base)."),
 }

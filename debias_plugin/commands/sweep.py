@@ -49,3 +49,22 @@ def report_command(out, storage):
     from debias_plugin.sweep import render_folder
 
     click.echo(render_folder(out, storage) / "report.md")
+
+
+@click.command("study")
+@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, help="Output folder (created; a folder holding the same study is resumed).")
+@click.option("--force", is_flag=True, help="Replace DIR when it holds another study.")
+@click.option("--only", multiple=True, metavar="MODEL[/SWEEP]",
+              help="Run only this part (repeatable); the table marks the rest pending.")
+@click.option("--report-only", is_flag=True, help="Re-render study.md/json/csv and plots from DIR's sweeps.")
+def study_command(study_file, out, force, only, report_only):
+    """Run the same sweeps on several models and tabulate each method at its chosen setting (DIR/study.md)."""
+    from pathlib import Path
+
+    from debias_plugin.sweep.compare import load_study, render_study, run_study
+
+    if report_only:
+        click.echo(render_study(Path(out).resolve(), load_study(study_file)))
+    else:
+        click.echo(run_study(study_file, out, force=force, only=list(only)))

@@ -1,0 +1,362 @@
+"""`debias study`: the same sweeps on several models, and one table of every method at its chosen setting.
+
+    name: two_models
+    models: {smollm2-135m: default, gemma3-270m: "builtin:gemma3-270m"}
+    prepare:                     # stage outputs the sweeps read, trained once per model
+      dghs_lora: {method: finetune, options: {corpus: ..., column: text, lora: true, steps: 100}}
+    sweeps:                      # label -> a sweep file (relative to this file) and the fixed options it changes
+      unlearn: {file: ../sweeps/unlearn_smollm2.yml}
+      npo: {file: ../sweeps/unlearn_smollm2.yml, method: npo}     # another stage over the same sweep
+      negate: {file: ../sweeps/negate_smollm2.yml, fixed: {adapter: "@dghs_lora"}}
+
+Each model's copy of a sweep (its `base` replaced by the model, `fixed` merged, "@NAME" -> that model's prepared
+folder) is written to DIR/<model>/<sweep>.yml and run into DIR/<model>/<sweep>/ by `run_sweep`, so resuming after a
+kill, sharing a study storage and the results cache are the sweep's own. DIR/study.json, study.csv and study.md
+hold the table (per model: the base and each sweep's chosen point, CrowS-Pairs per type with the sweeps' exact
+intervals, StereoSet, WikiText-2 perplexity, costs); plots/tradeoff_<model>.png/.svg every evaluated point.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from debias_plugin.errors import DebiasError
+from debias_plugin.yamlfile import ConfigFileError, field_text, line_of, read_yaml
+
+STUDY_FILE = "study.yml"
+PREPARED = "prepared"
+_LABEL = r"^[A-Za-z0-9_.-]+$"
+CROWS, CROWS_TYPES = "crows_bias", ("race_color", "gender", "socioeconomic", "nationality", "religion", "age",
+                                    "sexual_orientation", "physical_appearance", "disability")
+COLUMNS = {"SS": "stereoset_bias/ss", "LMS": "stereoset_bias/lms", "ICAT": "stereoset_bias/icat",
+           "ppl": "wikitext2_ppl/word_perplexity"}
+
+
+class PrepareEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    method: str
+    options: dict[str, Any] = {}
+
+
+class SweepEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    file: str
+    method: str | None = None  # another stage over the same sweep (npo for unlearn's)
+    fixed: dict[str, Any] = {}
+
+
+class StudyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str | None = Field(None, pattern=_LABEL)
+    models: dict[str, str] = Field(min_length=1)
+    prepare: dict[str, PrepareEntry] = {}
+    sweeps: dict[str, SweepEntry] = Field(min_length=1)
+
+
+class Study:
+    """A validated study file and, per model, its prepared stages and derived sweeps (validated, not yet run)."""
+
+    def __init__(self, path: Path, text: str):
+        self.path, self.text = path, text
+        data, self.lines = read_yaml(path, text, "study")
+        try:
+            self.config = StudyConfig.model_validate(data)
+        except ValidationError as err:
+            raise self._error([(tuple(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in err.errors()])
+        problems = [(("models", m), "labels use letters, digits, '_', '.', '-'") for m in self.config.models
+                    if not _is_label(m)]
+        problems += [(("sweeps", s), "labels use letters, digits, '_', '.', '-'") for s in self.config.sweeps
+                     if not _is_label(s)]
+        for label, entry in self.config.sweeps.items():
+            for key, value in entry.fixed.items():
+                if isinstance(value, str) and value.startswith("@") and value[1:] not in self.config.prepare:
+                    problems.append((("sweeps", label, "fixed", key), f"{value} names no prepare entry"))
+            if not self.sweep_file(label).is_file():
+                problems.append((("sweeps", label, "file"), f"{self.sweep_file(label)} does not exist"))
+        if problems:
+            raise self._error(problems)
+
+    def _error(self, problems: list[tuple[tuple, str]]) -> ConfigFileError:
+        return ConfigFileError(self.path, [(line_of(self.lines, loc), field_text(loc), message)
+                                           for loc, message in problems], "study")
+
+    def sweep_file(self, label: str) -> Path:
+        return (self.path.parent / self.config.sweeps[label].file).resolve()
+
+    def derived_sweep(self, model: str, label: str, out: Path) -> str:
+        """The sweep file's text for one model: base replaced, fixed options merged, "@NAME" resolved."""
+        import yaml
+
+        data = yaml.safe_load(self.sweep_file(label).read_text(encoding="utf-8"))
+        fixed = {key: str(out / model / PREPARED / value[1:]) if isinstance(value, str) and value.startswith("@")
+                 else value for key, value in self.config.sweeps[label].fixed.items()}
+        entry = self.config.sweeps[label]
+        data.update(base=self.config.models[model], fixed={**(data.get("fixed") or {}), **fixed},
+                    method=entry.method or data.get("method"))  # the Optuna study's name hashes all of it
+        return f"# {label} of {self.path.name} for {model}, derived from {self.sweep_file(label)}\n" + \
+            yaml.safe_dump(data, sort_keys=False)
+
+    def selected(self, only: list[str] | None) -> dict[str, list[str]]:
+        """{model: [sweep labels]} of the selectors MODEL or MODEL/SWEEP (None: everything)."""
+        if not only:
+            return {model: list(self.config.sweeps) for model in self.config.models}
+        chosen: dict[str, list[str]] = {}
+        for selector in only:
+            model, _, label = selector.partition("/")
+            if model not in self.config.models or (label and label not in self.config.sweeps):
+                raise DebiasError(f"--only {selector}: expected MODEL or MODEL/SWEEP with MODEL one of "
+                                  f"{', '.join(self.config.models)} and SWEEP one of {', '.join(self.config.sweeps)}.")
+            labels = chosen.setdefault(model, [])
+            labels += [name for name in ([label] if label else self.config.sweeps) if name not in labels]
+        return {model: [name for name in self.config.sweeps if name in labels] for model, labels in chosen.items()}
+
+    def plan(self, out: Path, only: list[str] | None = None) -> dict:
+        """{model: {"prepare": {name: (TrainConfig, method)}, "sweeps": {label: Sweep}}}, everything validated
+        (a prepared stage's `model` is still the study's name for it until the run resolves it)."""
+        from debias_plugin.methods import method_class
+        from debias_plugin.sweep.config import _expand, load_sweep
+        from debias_plugin.training import TrainConfig
+
+        plan = {}
+        for model, labels in self.selected(only).items():
+            sweeps = {}
+            for label in labels:
+                path = out / model / f"{label}.yml"
+                try:
+                    sweeps[label] = load_sweep(path, text=self.derived_sweep(model, label, out))
+                except DebiasError as err:
+                    raise DebiasError(f"{self.path}: sweeps.{label} (from {self.sweep_file(label)}) for model "
+                                      f"'{model}': {err}") from None
+            prepare = {}
+            needed = {value[1:] for label in labels for value in self.config.sweeps[label].fixed.values()
+                      if isinstance(value, str) and value.startswith("@")}
+            for name, entry in self.config.prepare.items():
+                if name not in needed:
+                    continue
+                loc = ("prepare", name)
+                problems: list = []
+                values = _expand(entry.options, loc + ("options",), problems, self.lines)
+                if problems:
+                    raise ConfigFileError(self.path, problems, "study")
+                try:
+                    method = method_class(entry.method)
+                    shared = {k: v for k, v in values.items() if k in TrainConfig.model_fields}
+                    own = {k: v for k, v in values.items() if k not in shared}
+                    for key, value in method.training_defaults.items():
+                        shared.setdefault(key, value)
+                    config = TrainConfig.model_validate({**shared, "model": self.config.models[model],
+                                                         "output": str(out / model / PREPARED / name)})
+                    prepare[name] = (config, method(method.Options.model_validate(own)))
+                except (ValidationError, DebiasError) as err:
+                    detail = "; ".join(f"{field_text(e['loc'])}: {e['msg']}" for e in err.errors()) \
+                        if isinstance(err, ValidationError) else str(err)
+                    raise self._error([(loc, detail)]) from None
+            plan[model] = {"prepare": prepare, "sweeps": sweeps}
+        return plan
+
+
+def _is_label(text: str) -> bool:
+    import re
+
+    return re.fullmatch(_LABEL, text) is not None
+
+
+def load_study(path: str | Path) -> Study:
+    from debias_plugin.data._io import read_text
+
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise DebiasError(f"{path}: the study file does not exist.")
+    return Study(path, read_text(path))
+
+
+def run_study(path: str | Path, out: str | Path, *, force: bool = False, only: list[str] | None = None) -> Path:
+    """Prepare, sweep and tabulate the study (or the `only` selectors' part of it) into DIR (a rerun resumes, and
+    a later run with other selectors adds to the same table); returns DIR/study.md."""
+    import shutil
+
+    from debias_plugin.outputs import MANIFEST_NAME
+    from debias_plugin.sweep.runner import _write_text, resolve_base, run_sweep
+    from debias_plugin.training import train
+
+    study, out = load_study(path), Path(out).expanduser().resolve()
+    plan = study.plan(out, only)  # every sweep and stage option validated before any model loads
+    previous = out / STUDY_FILE
+    if out.is_dir() and any(out.iterdir()) and not (previous.is_file() and previous.read_text() == study.text):
+        if not force:
+            raise DebiasError(f"--out {out} is not empty and does not hold this study (no {STUDY_FILE}, or another "
+                              "one); pass --force to replace it, or choose another folder. The same study resumes.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_text(previous, study.text)
+    for model, parts in plan.items():
+        for config, method in parts["prepare"].values():
+            if not (Path(config.output) / MANIFEST_NAME).is_file():
+                base = resolve_base(next(iter(parts["sweeps"].values())))
+                train(config.model_copy(update={"model": str(base)}), method)
+        for label, sweep in parts["sweeps"].items():
+            _write_text(out / model / f"{label}.yml", sweep.text)
+            run_sweep(out / model / f"{label}.yml", out / model / label)
+    return render_study(out, study)
+
+
+# ------------------------------------------------------------------------------------------------ the table
+
+def _stage_seconds(out: Path, model: str | None) -> float | None:
+    """The stage's own time from the model's manifest (a checkpoint's: its run's)."""
+    from debias_plugin.outputs import MANIFEST_NAME, read_manifest
+
+    if not model:
+        return None
+    folder = (out / model).resolve()
+    if folder.parent.name.endswith(".snapshots"):
+        folder = folder.parent.with_name(folder.parent.name.removesuffix(".snapshots"))
+    if not (folder / MANIFEST_NAME).is_file():  # the base model itself
+        return None
+    timings = read_manifest(folder).get("timings", {})
+    return timings.get("wall_seconds") or round(sum(v for k, v in timings.items() if k.endswith("_s")), 1) or None
+
+
+def _gap(metrics: dict, key: str) -> float | None:
+    value = (metrics.get(key) or {}).get("value")
+    return None if value is None else abs(value - 50.0)
+
+
+def _reduction(base: float | None, now: float | None) -> float | None:
+    return None if base in (None, 0) or now is None else 100.0 * (1 - now / base)
+
+
+def table_rows(out: Path, study: Study) -> list[dict]:
+    """Per model: the base, then each sweep's chosen point (or its reason for having none)."""
+    rows = []
+    for model in study.config.models:
+        base_metrics: dict = {}
+        chosen = []
+        for label in study.config.sweeps:
+            folder = out / model / label
+            if not (folder / "sweep.json").is_file():
+                chosen.append({"model": model, "method": label, "note": "pending: not run yet"})
+                continue
+            content = json.loads((folder / "sweep.json").read_text())
+            points = {p["key"]: p for p in content["points"]}
+            base_metrics = {**points["base"]["metrics"], **base_metrics}
+            best = points.get(content["best"])
+            row = {"model": model, "method": label, "evaluated": len(points),
+                   "evaluation_seconds": content.get("run", {}).get("evaluation_seconds")}
+            if best is None:
+                chosen.append({**row, "note": "no setting within the budget"})
+                continue
+            setting = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+            chosen.append({**row, "setting": setting or "base", "metrics": best["metrics"],
+                           "stage_seconds": _stage_seconds(folder, best.get("model")), "suite": best["suite"]})
+        rows.append({"model": model, "method": "base", "setting": "-", "metrics": base_metrics})
+        rows += chosen
+    for row in rows:
+        metrics = row.get("metrics")
+        base = next(r for r in rows if r["model"] == row["model"] and r["method"] == "base")["metrics"]
+        if metrics is None:
+            continue
+        types = [_gap(metrics, f"{CROWS}_{t}/pct_stereotype") for t in CROWS_TYPES]
+        base_types = [_gap(base, f"{CROWS}_{t}/pct_stereotype") for t in CROWS_TYPES]
+        row["gap_reduction_overall"] = _reduction(_gap(base, f"{CROWS}/pct_stereotype"),
+                                                  _gap(metrics, f"{CROWS}/pct_stereotype"))
+        if None not in types + base_types:
+            row["gap_reduction_type_mean"] = _reduction(sum(base_types) / 9, sum(types) / 9)
+        ppl, base_ppl = ((m.get(COLUMNS["ppl"]) or {}).get("value") for m in (metrics, base))
+        row["ppl_change_percent"] = None if None in (ppl, base_ppl) else 100.0 * (ppl / base_ppl - 1)
+    return rows
+
+
+def _cell(metrics: dict | None, key: str) -> str:
+    entry = (metrics or {}).get(key) or {}
+    if entry.get("value") is None:
+        return "-"
+    text = f"{entry['value']:.2f}"
+    return text + (f" [{entry['low']:.1f}, {entry['high']:.1f}]" if entry.get("low") is not None else "")
+
+
+def _number(value, digits=1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def render_study(out: Path, study: Study | None = None) -> Path:
+    """study.json, study.csv, study.md and plots/ from the sweeps' folders alone (no evaluation)."""
+    from debias_plugin.sweep.runner import _write_text
+
+    study = study or load_study(out / STUDY_FILE)
+    rows = table_rows(out, study)
+    header = ["model", "method", "setting", "all", *CROWS_TYPES, *COLUMNS, "ppl change %", "gap cut % (all)",
+              "gap cut % (type mean)", "stage s", "sweep eval s (points)"]
+    lines = [f"# Study {study.config.name or study.path.stem}", "",
+             "CrowS-Pairs pct_stereotype with exact 95 % intervals (ideal 50); gap cut = reduction of |x - 50| "
+             "against the base; every method at the setting its sweep chose within its budget.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    for row in rows:
+        metrics = row.get("metrics")
+        cells = [row["model"], row["method"], row.get("setting", row.get("note", "-")),
+                 _cell(metrics, f"{CROWS}/pct_stereotype"),
+                 *(_cell(metrics, f"{CROWS}_{t}/pct_stereotype") for t in CROWS_TYPES),
+                 *(_cell(metrics, key).split(" [")[0] for key in COLUMNS.values()),
+                 _number(row.get("ppl_change_percent"), 2), _number(row.get("gap_reduction_overall")),
+                 _number(row.get("gap_reduction_type_mean")), _number(row.get("stage_seconds"), 0),
+                 "-" if "evaluated" not in row else f"{_number(row.get('evaluation_seconds'), 0)} ({row['evaluated']})"]
+        lines.append("| " + " | ".join(cells) + " |")
+        writer.writerow(cells)
+    plots = plot_tradeoffs(out, study)
+    lines += ["", *(f"![{name}](plots/{name}.png)" for name in plots), ""]
+    _write_text(out / "study.json", json.dumps({"study": study.config.model_dump(mode="json"), "rows": rows},
+                                               indent=2, sort_keys=True) + "\n")
+    _write_text(out / "study.csv", buffer.getvalue())
+    _write_text(out / "study.md", "\n".join(lines))
+    return out / "study.md"
+
+
+def plot_tradeoffs(out: Path, study: Study) -> list[str]:
+    """Per model: |CrowS - 50| against the perplexity change of every evaluated point, one series per sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    (out / "plots").mkdir(exist_ok=True)
+    for model in study.config.models:
+        figure, axis = plt.subplots(figsize=(6.4, 4.4))
+        drawn = False
+        for label in study.config.sweeps:
+            path = out / model / label / "sweep.json"
+            if not path.is_file():
+                continue
+            content = json.loads(path.read_text())
+            objective, budget = content["sweep"]["objective"], next(iter(content["sweep"]["budget"]), None)
+            base = next(p for p in content["points"] if p["role"] == "reference")["metrics"]
+            points = [p for p in content["points"] if budget and (p["metrics"].get(budget) or {}).get("value")]
+            xs = [100 * (p["metrics"][budget]["value"] / base[budget]["value"] - 1) for p in points]
+            ys = [p["objective"]["distance"] for p in points]
+            axis.plot(xs, ys, marker="o", linewidth=1, label=label)
+            for x, y, p in zip(xs, ys, points):
+                if p.get("best"):
+                    axis.plot([x], [y], marker="*", markersize=14, color="black")
+            rule = content["sweep"]["budget"][budget]
+            if "max_relative_increase" in rule and rule["max_relative_increase"] is not None:
+                axis.axvline(100 * rule["max_relative_increase"], color="tab:red", linestyle="--")
+            drawn = True
+        if drawn:
+            axis.set_xlabel("perplexity change vs base (%)")
+            axis.set_ylabel(f"|{objective} - 50|")
+            axis.set_title(f"{model}: bias against perplexity (star: chosen, dashed: budget)")
+            axis.legend(fontsize=8)
+            for suffix in ("png", "svg"):
+                figure.savefig(out / "plots" / f"tradeoff_{model}.{suffix}", dpi=120, bbox_inches="tight")
+            made.append(f"tradeoff_{model}")
+        plt.close(figure)
+    return made

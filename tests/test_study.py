@@ -1,0 +1,160 @@
+"""`debias study`: two tiny models x (a prepared bias fine-tune negated, a checkpoint sweep), one table.
+
+The table's numbers are checked against the lm-eval results files the sweeps wrote (not against the sweep's own
+summary), the gap reductions against |x - 50| computed here, and a rerun resumes without training or evaluating.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from debias_plugin.errors import DebiasError
+from debias_plugin.sweep.compare import CROWS_TYPES, load_study, run_study
+
+NEGATE_SWEEP = """\
+base: default
+method: negate
+fixed: {biased: /not/yet}
+grid: {lambda: [0.5, 1.0]}
+evaluate: [crows_bias, wikitext2_ppl]
+objective: crows_bias/pct_stereotype
+budget: {wikitext2_ppl/word_perplexity: {max_relative_increase: 10.0}}
+limit: 4
+resamples: 100
+"""
+FINETUNE_SWEEP = """\
+base: default
+method: finetune
+fixed: {corpus: CORPUS, batch_size: 2, max_length: 16, lr: 1.0e-3}
+checkpoints: [1, 2]
+evaluate: [crows_bias, wikitext2_ppl]
+objective: crows_bias/pct_stereotype
+budget: {wikitext2_ppl/word_perplexity: {max_relative_increase: 10.0}}
+limit: 4
+resamples: 100
+"""
+STUDY = """\
+name: tiny
+models: {{gpt2: {gpt2}, llama: {llama}}}
+prepare:
+  biased: {{method: finetune, options: {{corpus: {corpus}, steps: 2, batch_size: 2, max_length: 16, lr: 1.0e-2}}}}
+sweeps:
+  negate: {{file: sweeps/negate.yml, fixed: {{biased: "@biased"}}}}
+  finetune: {{file: sweeps/finetune.yml}}
+"""
+
+
+@pytest.fixture(scope="module")
+def study_run(tiny_model, tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DEBIAS_CACHE_DIR", str(tmp_path_factory.mktemp("study_cache")))
+        folder = tmp_path_factory.mktemp("study")
+        corpus = folder / "corpus.txt"
+        corpus.write_text("\n".join(f"She said the {w} was ready at {i}." for i, w in enumerate(["cake", "car"] * 4)))
+        (folder / "sweeps").mkdir()
+        (folder / "sweeps" / "negate.yml").write_text(NEGATE_SWEEP)
+        (folder / "sweeps" / "finetune.yml").write_text(FINETUNE_SWEEP.replace("CORPUS", str(corpus)))
+        path = folder / "study.yml"
+        path.write_text(STUDY.format(gpt2=tiny_model("gpt2"), llama=tiny_model("llama"), corpus=corpus))
+        report = run_study(path, folder / "out")
+        yield path, folder / "out", report
+
+
+def _lm_eval_value(sweep_dir: Path, point_name: str, task: str) -> float:
+    """pct_stereotype straight from the lm-eval results JSON the sweep's evaluation wrote for that point."""
+    for name in ("results", "results_full"):
+        for file in (sweep_dir / "trials" / point_name / name).rglob("results*.json"):
+            results = json.loads(file.read_text())["results"]
+            if task in results:
+                return results[task]["pct_stereotype,none"]
+    raise AssertionError(f"no {task} result for {point_name}")
+
+
+def test_study_table_matches_the_sweeps_results(study_run):
+    path, out, report = study_run
+    rows = json.loads((out / "study.json").read_text())["rows"]
+    assert [(r["model"], r["method"]) for r in rows] == [(m, s) for m in ("gpt2", "llama")
+                                                         for s in ("base", "negate", "finetune")]
+    for row in rows:
+        sweep_dir = out / row["model"] / ("negate" if row["method"] == "base" else row["method"])
+        content = json.loads((sweep_dir / "sweep.json").read_text())
+        name = "base" if row["method"] == "base" else content["best_name"]
+        base_all = _lm_eval_value(sweep_dir, "base", "crows_bias")
+        value = _lm_eval_value(sweep_dir, name, "crows_bias")
+        assert row["metrics"]["crows_bias/pct_stereotype"]["value"] == pytest.approx(value)
+        for kind in CROWS_TYPES:
+            assert row["metrics"][f"crows_bias_{kind}/pct_stereotype"]["value"] == pytest.approx(
+                _lm_eval_value(sweep_dir, name, f"crows_bias_{kind}"))
+        if row["method"] != "base" and abs(base_all - 50) > 0:
+            assert row["gap_reduction_overall"] == pytest.approx(100 * (1 - abs(value - 50) / abs(base_all - 50)))
+    derived = yaml.safe_load((out / "llama" / "negate.yml").read_text())
+    assert derived["base"].endswith("llama")
+    assert derived["fixed"]["biased"] == str(out / "llama" / "prepared" / "biased")
+    text = report.read_text()
+    assert text.count("| gpt2 |") == 3 and "gap cut % (all)" in text
+    assert (out / "plots" / "tradeoff_gpt2.png").is_file() and (out / "plots" / "tradeoff_llama.svg").is_file()
+
+
+def test_rerun_resumes_without_training_or_evaluating(study_run, monkeypatch):
+    import debias_plugin.evaluation as evaluation
+    import debias_plugin.training as training
+
+    path, out, _ = study_run
+    before = (out / "study.csv").read_text()
+    prepared = out / "gpt2" / "prepared" / "biased" / "debias_manifest.json"
+    stamp = prepared.stat().st_mtime_ns
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a resumed study must not train")
+
+    monkeypatch.setattr(training, "train", refuse)
+    monkeypatch.setattr(evaluation, "evaluate", refuse)
+    run_study(path, out)
+    assert prepared.stat().st_mtime_ns == stamp
+    assert (out / "study.csv").read_text() == before
+
+
+def test_only_runs_part_and_marks_the_rest_pending(study_run, tmp_path):
+    path, _, _ = study_run
+    run_study(path, tmp_path / "part", only=["gpt2/negate"])
+    rows = {(r["model"], r["method"]): r for r in json.loads((tmp_path / "part" / "study.json").read_text())["rows"]}
+    assert "metrics" in rows[("gpt2", "negate")] and rows[("gpt2", "finetune")]["note"] == "pending: not run yet"
+    assert rows[("llama", "negate")]["note"] == "pending: not run yet"
+    assert not (tmp_path / "part" / "llama").exists()
+    with pytest.raises(DebiasError, match="--only gpt3"):
+        run_study(path, tmp_path / "part", only=["gpt3"])
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda s: s.replace("name: tiny", "name: tiny\ncolour: red"), "line 2, field 'colour'"),
+    (lambda s: s.replace('"@biased"', '"@missing"'), "@missing names no prepare entry"),
+    (lambda s: s.replace("sweeps/finetune.yml", "sweeps/nothing.yml"), "does not exist"),
+    (lambda s: s.replace("steps: 2,", "steps: -2,"), "prepare.biased"),
+    (lambda s: s.replace("method: finetune", "method: dpo"), "prepare.biased"),
+])
+def test_bad_study_files_name_the_line_and_field(study_run, tmp_path, edit, expected):
+    path, _, _ = study_run
+    bad = path.parent / "bad.yml"
+    bad.write_text(edit(path.read_text()))
+    with pytest.raises(DebiasError, match=expected.replace(".", r"\.").replace("'", "'")):
+        load_study(bad).plan(tmp_path / "out")
+    result = subprocess.run([sys.executable, "-c", "from debias_plugin.cli import main; main()", "study", str(bad),
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and expected.split("'")[0] in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_folder_holding_another_study_needs_force(study_run, tmp_path):
+    path, _, _ = study_run
+    other = tmp_path / "out"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(DebiasError, match="does not hold this study"):
+        run_study(path, other)
+    assert (other / "notes.txt").read_text() == "mine"
