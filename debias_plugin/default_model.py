@@ -61,15 +61,10 @@ BUILTIN_MODELS = {
     "gemma3-270m": BuiltinModel("gemma-3-270m", _gemma3_gguf, "Gemma 3 270M (268M, base; Gemma terms of use)"),
 }
 DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_MODEL_NAME = BUILTIN_MODELS[DEFAULT_MODEL].folder
 
 
 def builtin_model_dir(name: str = DEFAULT_MODEL) -> Path:
     return cache_root() / _builtin(name).folder
-
-
-def default_model_dir() -> Path:
-    return builtin_model_dir(DEFAULT_MODEL)
 
 
 def _builtin(name: str) -> BuiltinModel:

@@ -16,7 +16,6 @@ from debias_plugin.paths import DATA_DIR_ENV, data_file
 WINOGENDER_SENTENCES = "winogender/all_sentences.tsv"
 WINOGENDER_STATS = "winogender/occupations-stats.tsv"
 WINOGENDER_GENDERS = ("male", "female", "neutral")
-PAIR_SOURCES = ("winogender", "crows", "stereoset", "bbq")
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,6 @@ class StereoSetExample:
         return {"stereotype": self.stereotype, "anti-stereotype": self.anti_stereotype,
                 "unrelated": self.unrelated}[label]
 
-    def sentence_id(self, label: str) -> str:
-        return f"{self.id}-{label}"
-
 
 def _check(path: Path, where: str, kind: str, bias_type: str, context: str) -> None:
     if kind not in KINDS:

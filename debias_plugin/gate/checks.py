@@ -16,7 +16,6 @@ from debias_plugin.gate.results import (
 )
 from debias_plugin.scoring.gap import gap_source
 
-NO_SAMPLES = "no per-sample data: point estimate only"
 
 
 @dataclass

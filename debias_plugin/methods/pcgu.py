@@ -167,13 +167,6 @@ def tensor_scores(part: TensorPartitions, grad_adv, grad_dis, rank_by: str = "si
     return score.float()
 
 
-def partition_scores(layout, grads_adv, grads_dis, rank_by: str = "similarity",
-                     direction: str = "advantaged") -> torch.Tensor:
-    """One score per partition (lower = more contrastive), concatenated over all tensors."""
-    return torch.cat([tensor_scores(part, grad_adv, grad_dis, rank_by, direction)
-                      for part, grad_adv, grad_dis in zip(layout, grads_adv, grads_dis)])
-
-
 def select_partitions(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Global indices of the k lowest scores; ties go to the lower index."""
     return torch.sort(scores, stable=True).indices[:k]
