@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -424,6 +425,7 @@ def run_yaml(config_path: Path, out: Path, **options) -> None:
 def test_bundled_configs_validate():
     bias = {"negate.yml": [BIASED_PLACEHOLDER], "negate_lora.yml": [f"{BASE_PLACEHOLDER}+{ADAPTER_PLACEHOLDER}"],
             "negate_and_retain.yml": [BIASED_PLACEHOLDER],
+            "negate_and_retain_lora.yml": [f"{BASE_PLACEHOLDER}+{ADAPTER_PLACEHOLDER}"],
             "negate_multi.yml": [f"/path/to/{t}_biased_model" for t in ("gender", "race", "religion")]}
     assert sorted(p.name for p in merge_configs_dir().glob("*.yml")) == sorted(bias)
     for name, bias_models in bias.items():
@@ -473,6 +475,52 @@ def test_negate_and_retain_yml_subtracts_bias_and_adds_capability(tiny_model, wo
     out = work / "yaml_retain"
     run_yaml(config, out)
     assert_negation_plain(out, base, {biased: -1.0, capable: 0.5})
+
+
+def test_debias_negate_with_capability_is_exact_from_a_model_and_an_adapter(tiny_model, work):
+    """Negate-and-retain through `debias negate`: base - lambda * tau_bias + mu * tau_capability, both sources."""
+    from peft import PeftModel
+
+    from debias_plugin.cli import main
+
+    base = tiny_model("llama")
+    biased = perturbed_copy("llama", base, work / "llama_biased", seed=1)
+    capable = perturbed_copy("llama", base, work / "llama_capable", seed=2)
+    out = work / "retain_cli"
+    main(["negate", "--base", str(base), "--biased", str(biased), "--capability", str(capable), "--mu", "0.3",
+          "--lambda", "0.7", "--out", str(out), "--quiet"])
+    assert_negation_plain(out, base, {biased: -0.7, capable: 0.3})
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["options"]["mu"] == 0.3 and "capability" in manifest["inputs"]
+    assert manifest["results"]["formula"].endswith("+ mu * (capable - base)")
+    adapter = lora_adapter("llama", base, work / "llama_adapter")
+    merged = work / "llama_merged_for_retain"
+    if not merged.exists():
+        PeftModel.from_pretrained(load("llama", base), adapter).merge_and_unload().save_pretrained(merged)
+    [lora_out] = negate(base, adapter=adapter, capability=capable, mu=0.5, lambdas=[0.25], out=work / "retain_lora",
+                        progress=False)
+    assert_negation_plain(lora_out, base, {merged: -0.25, capable: 0.5})
+    assert Path(manifest["options"]["template"]).name == "negate_and_retain.yml"
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--capability", "CAPABLE"], "--capability .* and --mu together"),
+    (["--capability", "CAPABLE", "--mu", "-1"], "mu must be a positive number"),
+    (["--capability", "GPT2", "--mu", "0.5"], "Mismatched architectures"),
+])
+def test_bad_capability_options_exit_before_writing(extra, message, tiny_model, work, capsys):
+    from debias_plugin.cli import main
+
+    base = tiny_model("llama")
+    paths = {"CAPABLE": str(perturbed_copy("llama", base, work / "llama_capable", seed=2)),
+             "GPT2": str(tiny_model("gpt2"))}
+    out = work / "bad_retain"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["negate", "--base", str(base), "--biased", str(perturbed_copy("llama", base, work / "llama_biased", 1)),
+              "--lambda", "1", "--out", str(out), *[paths.get(a, a) for a in extra]])
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists()
 
 
 def ties_reference(base: torch.Tensor, models: list[torch.Tensor], density: float) -> torch.Tensor:

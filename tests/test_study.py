@@ -44,9 +44,11 @@ name: tiny
 models: {{gpt2: {gpt2}, llama: {llama}}}
 prepare:
   biased: {{method: finetune, options: {{corpus: {corpus}, steps: 2, batch_size: 2, max_length: 16, lr: 1.0e-2}}}}
+  capable: {{method: finetune, options: {{corpus: {corpus}, steps: 1, batch_size: 2, max_length: 16, lr: 1.0e-3}}}}
 sweeps:
   negate: {{file: sweeps/negate.yml, fixed: {{biased: "@biased"}}}}
   finetune: {{file: sweeps/finetune.yml}}
+  retain: {{file: sweeps/negate.yml, fixed: {{biased: "@biased", capability: "@capable", mu: 0.5}}}}
 """
 
 
@@ -80,7 +82,7 @@ def test_study_table_matches_the_sweeps_results(study_run):
     path, out, report = study_run
     rows = json.loads((out / "study.json").read_text())["rows"]
     assert [(r["model"], r["method"]) for r in rows] == [(m, s) for m in ("gpt2", "llama")
-                                                         for s in ("base", "negate", "finetune")]
+                                                         for s in ("base", "negate", "finetune", "retain")]
     for row in rows:
         sweep_dir = out / row["model"] / ("negate" if row["method"] == "base" else row["method"])
         content = json.loads((sweep_dir / "sweep.json").read_text())
@@ -97,7 +99,10 @@ def test_study_table_matches_the_sweeps_results(study_run):
     assert derived["base"].endswith("llama")
     assert derived["fixed"]["biased"] == str(out / "llama" / "prepared" / "biased")
     text = report.read_text()
-    assert text.count("| gpt2 |") == 3 and "gap cut % (all)" in text
+    assert text.count("| gpt2 |") == 4 and "gap cut % (all)" in text
+    retained = json.loads((out / "gpt2" / "retain" / "trials" / "lambda_1" / "model" / "debias_manifest.json")
+                          .read_text())
+    assert retained["options"]["mu"] == 0.5 and retained["inputs"]["capability"]["path"].endswith("capable")
     assert (out / "plots" / "tradeoff_gpt2.png").is_file() and (out / "plots" / "tradeoff_llama.svg").is_file()
 
 
@@ -125,6 +130,7 @@ def test_only_runs_part_and_marks_the_rest_pending(study_run, tmp_path):
     run_study(path, tmp_path / "part", only=["gpt2/negate"])
     rows = {(r["model"], r["method"]): r for r in json.loads((tmp_path / "part" / "study.json").read_text())["rows"]}
     assert "metrics" in rows[("gpt2", "negate")] and rows[("gpt2", "finetune")]["note"] == "pending: not run yet"
+    assert not (tmp_path / "part" / "gpt2" / "prepared" / "capable").exists()  # only what the chosen part reads
     assert rows[("llama", "negate")]["note"] == "pending: not run yet"
     assert not (tmp_path / "part" / "llama").exists()
     with pytest.raises(DebiasError, match="--only gpt3"):
@@ -155,6 +161,14 @@ def test_a_folder_holding_another_study_needs_force(study_run, tmp_path):
     other = tmp_path / "out"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(DebiasError, match="does not hold this study"):
+    with pytest.raises(DebiasError, match="does not hold a study"):
         run_study(path, other)
     assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_a_prepared_stage_with_changed_options_is_not_reused(study_run):
+    path, out, _ = study_run
+    edited = path.parent / "edited.yml"
+    edited.write_text(path.read_text().replace("steps: 2, batch_size: 2", "steps: 3, batch_size: 2"))
+    with pytest.raises(DebiasError, match=r"prepared/biased was made with other options \(steps\)"):
+        run_study(edited, out, only=["gpt2/negate"])

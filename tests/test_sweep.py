@@ -129,6 +129,7 @@ budget: {wikitext2_ppl/word_perplexity: {max_relative_increase: 0.02}}
     (("budget: {", "budgit: {"), 7, "budgit", "unknown key 'budgit'"),
     (("[0.1, 0.2]", "[0.1, -1]"), 4, "grid.lambda[1]", "lambda must be a number >= 0"),
     (("fixed: {biased: /b}", "fixed: {}"), 3, "fixed", "exactly one of biased"),
+    (("fixed: {biased: /b}", "fixed: {biased: /b, capability: /c}"), 3, "fixed", "needs both capability"),
     (("grid: {lambda: [0.1, 0.2]}", "grid: {k: [0.1]}"), 4, "grid.k", "negate varies only 'lambda'"),
     (("{max_relative_increase: 0.02}", "{max_relative_increase: 0.02, max: 3}"), 7,
      "budget.wikitext2_ppl/word_perplexity", "exactly one of"),

@@ -19,8 +19,12 @@ import click
 @click.option("--max-shard-size", default="auto", show_default=True,
               help="Output shard size, e.g. 500MB or 2GB; mergekit holds one shard in memory while writing. "
                    "auto = model size / 8, between 100 MB and 1 GB.")
+@click.option("--capability", default=None,
+              help="Negate-and-retain: the base fine-tuned on neutral text, whose task vector is added back "
+                   "(theta = base - L * (biased - base) + MU * (capable - base)).")
+@click.option("--mu", default=None, help="Weight MU > 0 of the capability vector (with --capability).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def negate_command(base, biased, adapter, lambdas, out, force, template, max_shard_size, quiet):
+def negate_command(base, biased, adapter, lambdas, out, force, template, max_shard_size, capability, mu, quiet):
     """Subtract a bias vector: theta = base - lambda * (biased - base), as a mergekit task_arithmetic merge.
 
     Validates everything (lambda, architectures, tensor shapes from safetensors headers, the config's signs)
@@ -30,5 +34,6 @@ def negate_command(base, biased, adapter, lambdas, out, force, template, max_sha
     from debias_plugin.merge import negate
 
     for folder in negate(base, biased=biased, adapter=adapter, lambdas=lambdas, out=out, force=force,
-                         template=template, shard_size=max_shard_size, progress=not quiet):
+                         template=template, shard_size=max_shard_size, progress=not quiet, capability=capability,
+                         mu=mu):
         click.echo(folder)

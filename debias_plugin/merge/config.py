@@ -18,21 +18,24 @@ NEGATION_FORMULA = "theta = base - lambda * (biased - base)"
 BASE_PLACEHOLDER = "/path/to/base_model"
 BIASED_PLACEHOLDER = "/path/to/biased_model"
 ADAPTER_PLACEHOLDER = "/path/to/bias_adapter"
+CAPABILITY_PLACEHOLDER = "/path/to/capability_model"
+RETAIN_FORMULA = "theta = base - lambda * (biased - base) + mu * (capable - base)"
 CHECKED_METHODS = ("task_arithmetic", "ties")  # the methods whose signs (normalize, election) we reason about
 
 
-def parse_lambda(value) -> float:
-    """lambda as a positive finite number; the template's negative weight supplies the minus sign."""
+def parse_lambda(value, name: str = "lambda") -> float:
+    """lambda (or mu) as a positive finite number; the template's weights supply the signs."""
     if isinstance(value, bool):
-        raise DebiasError(f"lambda must be a number, got {value!r}.")
+        raise DebiasError(f"{name} must be a number, got {value!r}.")
     try:
         lam = float(value)
     except (TypeError, ValueError):
-        raise DebiasError(f"lambda must be a number (e.g. 0.5), got {value!r}.") from None
+        raise DebiasError(f"{name} must be a number (e.g. 0.5), got {value!r}.") from None
     if not math.isfinite(lam) or lam <= 0:
+        formula = NEGATION_FORMULA if name == "lambda" else RETAIN_FORMULA
         raise DebiasError(
-            f"lambda must be a positive number, got {value!r}: the negation is {NEGATION_FORMULA}, so a "
-            "negative lambda would add the bias vector and 0 would return the base unchanged."
+            f"{name} must be a positive number, got {value!r}: the merge is {formula}, so a negative {name} "
+            "would flip its vector's sign and 0 would leave it out."
         )
     return lam
 
@@ -147,9 +150,10 @@ def _numbers(setting, where: str) -> list[float]:
 
 
 def validate_negation_config(config: dict, bias_models: Iterable[str], source: str = "config",
-                             exact_lambda: float | None = None) -> None:
+                             exact_lambda: float | None = None, exact_mu: tuple[str, float] | None = None) -> None:
     """Refuse a config that would not subtract every bias vector (mergekit #213, TIES signs), or with
-    exact_lambda anything but base - exact_lambda * (biased - base) from one task_arithmetic model."""
+    exact_lambda anything but base - exact_lambda * (biased - base) from one task_arithmetic model (plus, with
+    exact_mu = (capability model, mu), exactly + mu * (capable - base))."""
     from mergekit import merge_methods
 
     method = config.get("merge_method")
@@ -198,21 +202,26 @@ def validate_negation_config(config: dict, bias_models: Iterable[str], source: s
             )
     if exact_lambda is None:
         return
-    values = [w for ws in weights.values() for w in ws]
-    if len(values) != 1 or len(lambdas) != 1 or method != "task_arithmetic":
-        raise DebiasError(f"{source}: `debias negate` renders one bias model with task_arithmetic; found "
-                          f"{len(weights)} model(s) with {method}. Run multi-vector configs with mergekit-yaml.")
-    coefficient = lambdas[0] * (1.0 if normalize else values[0])
-    if not math.isclose(coefficient, -exact_lambda, rel_tol=1e-9):
-        raise DebiasError(f"{source}: the config computes base + {coefficient:g} * (biased - base), not "
-                          f"base - {exact_lambda:g} * (biased - base); keep normalize: false and the weight at -1.0.")
+    expected = {key: -exact_lambda for key in bias_models} | (dict([exact_mu]) if exact_mu else {})
+    if set(weights) != set(expected) or any(len(ws) != 1 for ws in weights.values()) or len(lambdas) != 1 \
+            or method != "task_arithmetic":
+        raise DebiasError(f"{source}: `debias negate` renders one bias model (and optionally one capability model) "
+                          f"with task_arithmetic; found {len(weights)} model(s) with {method}. Run other multi-vector "
+                          "configs with mergekit-yaml.")
+    for key, wanted in expected.items():
+        coefficient = lambdas[0] * (1.0 if normalize else weights[key][0])
+        if not math.isclose(coefficient, wanted, rel_tol=1e-9):
+            raise DebiasError(f"{source}: the config computes base + {coefficient:g} * ({key} - base), not "
+                              f"{wanted:+g} * ({key} - base); keep normalize: false and the template's weights.")
 
 
 # ----------------------------------------------------------------------------------------------- render
 
 def render_negation(template: dict, *, base: str, lam: float, biased: str | None = None,
-                    adapter: str | None = None, source: str = "template") -> tuple[dict, str]:
-    """Fill a template's placeholder paths and scale its bias weight by lambda; returns (config, bias key)."""
+                    adapter: str | None = None, capability: str | None = None, mu: float | None = None,
+                    source: str = "template") -> tuple[dict, str]:
+    """Fill a template's placeholder paths and scale its bias weight by lambda (and set the capability model's
+    weight to mu); returns (config, bias key)."""
     placeholder = f"{BASE_PLACEHOLDER}+{ADAPTER_PLACEHOLDER}" if adapter else BIASED_PLACEHOLDER
     bias_key = f"{base}+{adapter}" if adapter else str(biased)
     config = copy.deepcopy(template)
@@ -230,6 +239,12 @@ def render_negation(template: dict, *, base: str, lam: float, biased: str | None
         raise DataError(source, f"weight of {placeholder}", "a number (-1.0 means theta = base - lambda*tau)",
                         repr(weight))
     entry["parameters"]["weight"] = float(weight) * lam
+    if capability is not None:
+        kept = [e for e in config["models"] if isinstance(e, dict) and e.get("model") == CAPABILITY_PLACEHOLDER]
+        if len(kept) != 1:
+            raise DataError(source, "models", f"exactly one model entry `model: {CAPABILITY_PLACEHOLDER}`",
+                            f"{len(kept)} such entries")
+        kept[0].update(model=str(capability), parameters={**(kept[0].get("parameters") or {}), "weight": float(mu)})
     for other in config["models"]:
         if other is not entry and other.get("model") == BASE_PLACEHOLDER:
             other["model"] = str(base)

@@ -16,7 +16,8 @@ from debias_plugin.merge.checkpoints import (
     FLOAT_DTYPES, TensorInfo, architecture_mode, base_dtype, check_adapter, check_same_model, model_tensors,
 )
 from debias_plugin.merge.config import (
-    NEGATION_FORMULA, load_template, parse_lambda, parse_size, render_negation, validate_negation_config,
+    NEGATION_FORMULA, RETAIN_FORMULA, load_template, parse_lambda, parse_size, render_negation,
+    validate_negation_config,
 )
 from debias_plugin.outputs import MANIFEST_NAME, OutputFolder, manifest, write_json
 from debias_plugin.paths import merge_configs_dir
@@ -34,11 +35,18 @@ def lambda_folder(lam: float) -> str:
 
 def negate(base: str | Path, *, lambdas: Iterable, out: str | Path, biased: str | Path | None = None,
            adapter: str | Path | None = None, force: bool = False, template: str | Path | None = None,
-           shard_size: str | int = DEFAULT_SHARD_SIZE, progress: bool = True) -> list[Path]:
+           shard_size: str | int = DEFAULT_SHARD_SIZE, progress: bool = True, capability: str | Path | None = None,
+           mu: float | None = None) -> list[Path]:
     """theta = base - lambda * (biased - base) for each lambda via mergekit, into OUT (one lambda) or OUT/lambda_<L>;
-    every check runs before a byte is written, then OutputFolder publishes all at once. Returns the model folders."""
+    every check runs before a byte is written, then OutputFolder publishes all at once. Returns the model folders.
+
+    With `capability` (the base fine-tuned on neutral text) and `mu`, negate-and-retain adds + mu * (capable - base)
+    in the same merge (merge_configs/negate_and_retain*.yml)."""
     if (biased is None) == (adapter is None):
         raise DebiasError("Pass exactly one of --biased (a fully fine-tuned model) or --adapter (a LoRA adapter).")
+    if (capability is None) != (mu is None):
+        raise DebiasError("Pass --capability (a model fine-tuned on neutral text) and --mu together.")
+    mu = None if mu is None else parse_lambda(mu, "mu")
     lams = [parse_lambda(value) for value in lambdas]
     if not lams or len({lambda_folder(lam) for lam in lams}) != len(lams):
         raise DebiasError(f"Pass one --lambda or more, each value once (got {list(lambdas)}): each gets its folder.")
@@ -48,9 +56,11 @@ def negate(base: str | Path, *, lambdas: Iterable, out: str | Path, biased: str 
         if "+" in str(path) or "@" in str(path):
             raise DebiasError(f"{path}: mergekit reads '+' as BASE+ADAPTER and '@' as a revision; "
                               "rename or symlink the folder to a path without them.")
-    template_path = Path(template or merge_configs_dir() / ("negate_lora.yml" if lora else "negate.yml"))
-    template_path = template_path.expanduser().resolve()
-    folder = OutputFolder(out, inputs=[base, source, template_path], force=force, option="--out")
+    bundled = ("negate_and_retain" if capability else "negate") + ("_lora.yml" if lora else ".yml")
+    template_path = Path(template or merge_configs_dir() / bundled).expanduser().resolve()
+    capable = None if capability is None else Path(capability).expanduser().resolve()
+    folder = OutputFolder(out, inputs=[base, source, template_path, *([capable] if capable else [])], force=force,
+                          option="--out")
     parse_size(shard_size)  # fail early on a malformed size
     template_config = load_template(template_path)
     base_tensors = model_tensors(base)
@@ -58,11 +68,15 @@ def negate(base: str | Path, *, lambdas: Iterable, out: str | Path, biased: str 
         check_adapter(base, base_tensors, source)
     else:
         check_same_model(base, source, base_tensors, model_tensors(source))
+    if capable is not None:
+        check_same_model(base, capable, base_tensors, model_tensors(capable), role="capability model")
     plans = []
     for lam in lams:
         config, bias_key = render_negation(template_config, base=str(base), lam=lam, source=str(template_path),
+                                           capability=None if capable is None else str(capable), mu=mu,
                                            **{"adapter" if lora else "biased": str(source)})
-        validate_negation_config(config, [bias_key], source=str(template_path), exact_lambda=lam)
+        validate_negation_config(config, [bias_key], source=str(template_path), exact_lambda=lam,
+                                 exact_mu=None if capable is None else (str(capable), mu))
         plans.append((lam, config, bias_key))
     mode, out_dtype = architecture_mode(base, base_tensors), base_dtype(base, base_tensors)
 
@@ -71,8 +85,9 @@ def negate(base: str | Path, *, lambdas: Iterable, out: str | Path, biased: str 
 
     shard_bytes = parse_size(shard_size, engine.model_bytes(base_tensors))
     options = {"lambdas": lams, "template": str(template_path), "max_shard_size": shard_size,
-               "shard_size_bytes": shard_bytes, "force": force}
-    inputs = {"base": base, "adapter" if lora else "biased": source, "template": template_path}
+               "shard_size_bytes": shard_bytes, "force": force, **({"mu": mu} if capable else {})}
+    inputs = {"base": base, "adapter" if lora else "biased": source, "template": template_path,
+              **({"capability": capable} if capable else {})}
     with folder.staging() as staging:
         clock = time.monotonic()
         bias_path = str(engine.merge_adapter(base, source, staging / LORA_CACHE)) if lora else str(source)
@@ -83,11 +98,11 @@ def negate(base: str | Path, *, lambdas: Iterable, out: str | Path, biased: str 
             target.mkdir(exist_ok=True)
             runnable, text = _rendered(config, bias_key, lam, bias_path=bias_path, base=base, source=source,
                                        lora=lora, override=mode == "forced", out_dtype=out_dtype,
-                                       template=template_path)
+                                       template=template_path, mu=mu)
             clock = time.monotonic()
             engine.run_mergekit(runnable, target, text, shard_size=shard_bytes, progress=progress)
             merged = time.monotonic()
-            results = {"formula": NEGATION_FORMULA, "config": CONFIG_NAME, "merge_method": engine.BLOCKED_METHOD,
+            results = {"formula": RETAIN_FORMULA if capable else NEGATION_FORMULA, "config": CONFIG_NAME, "merge_method": engine.BLOCKED_METHOD,
                        "architecture": "mergekit JSON description" if mode == "json" else "inferred from tensor names",
                        "out_dtype": out_dtype, "tensors": len(base_tensors),
                        "parameters": _verify_output(target, base_tensors, out_dtype),
@@ -106,7 +121,7 @@ def negate(base: str | Path, *, lambdas: Iterable, out: str | Path, biased: str 
 
 
 def _rendered(config: dict, bias_key: str, lam: float, *, bias_path: str, base: Path, source: Path, lora: bool,
-              override: bool, out_dtype: str, template: Path) -> tuple[dict, str]:
+              override: bool, out_dtype: str, template: Path, mu: float | None = None) -> tuple[dict, str]:
     """(config mergekit runs, YAML text users can re-run): they differ only in how the bias model is named."""
     shown = {**copy.deepcopy(config), "out_dtype": out_dtype}
     runnable = copy.deepcopy(shown)
@@ -115,9 +130,13 @@ def _rendered(config: dict, bias_key: str, lam: float, *, bias_path: str, base: 
         if override:  # an architecture mergekit has no JSON for makes it infer the layout (adapter: base+adapter)
             reference = {"model": {"path": path or str(base)}, **({} if path else {"lora": {"path": str(source)}})}
             entry["model"] = {**reference, "override_architecture": INFER_ARCHITECTURE}
+            for other in rendered["models"]:  # a capability model: the same inference
+                if other is not entry and isinstance(other["model"], str) and other["model"] != str(base):
+                    other["model"] = {"model": {"path": other["model"]}, "override_architecture": INFER_ARCHITECTURE}
         elif path is not None:
             entry["model"] = path
-    header = [f"Rendered by `debias negate` from {template.name}: {NEGATION_FORMULA}, lambda = {lam:g}.",
+    formula = NEGATION_FORMULA if mu is None else f"{RETAIN_FORMULA}, mu = {mu:g}"
+    header = [f"Rendered by `debias negate` from {template.name}: {formula}, lambda = {lam:g}.",
               "Re-run by hand: mergekit-yaml THIS_FILE OUT" + (" --lora-merge-cache DIR" if lora else "")]
     if override:
         header.append(f"override_architecture {INFER_ARCHITECTURE!r} makes mergekit infer the tensor layout "

@@ -187,23 +187,40 @@ def run_study(path: str | Path, out: str | Path, *, force: bool = False, only: l
 
     study, out = load_study(path), Path(out).expanduser().resolve()
     plan = study.plan(out, only)  # every sweep and stage option validated before any model loads
-    previous = out / STUDY_FILE
-    if out.is_dir() and any(out.iterdir()) and not (previous.is_file() and previous.read_text() == study.text):
+    if out.is_dir() and any(out.iterdir()) and not (out / STUDY_FILE).is_file():
         if not force:
-            raise DebiasError(f"--out {out} is not empty and does not hold this study (no {STUDY_FILE}, or another "
-                              "one); pass --force to replace it, or choose another folder. The same study resumes.")
+            raise DebiasError(f"--out {out} is not empty and does not hold a study (no {STUDY_FILE}); pass --force "
+                              "to replace it, or choose another folder. A study folder is resumed (and extended by "
+                              "an edited study file: each sweep and prepared stage checks its own settings).")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(previous, study.text)
+    _write_text(out / STUDY_FILE, study.text)
     for model, parts in plan.items():
         for config, method in parts["prepare"].values():
-            if not (Path(config.output) / MANIFEST_NAME).is_file():
-                base = resolve_base(next(iter(parts["sweeps"].values())))
-                train(config.model_copy(update={"model": str(base)}), method)
+            base = resolve_base(next(iter(parts["sweeps"].values())))
+            config = config.model_copy(update={"model": str(base)})
+            if (Path(config.output) / MANIFEST_NAME).is_file():
+                _check_prepared(Path(config.output), config, method)
+            else:
+                train(config, method)
         for label, sweep in parts["sweeps"].items():
             _write_text(out / model / f"{label}.yml", sweep.text)
             run_sweep(out / model / f"{label}.yml", out / model / label)
     return render_study(out, study)
+
+
+def _check_prepared(folder: Path, config, method) -> None:
+    """A prepared stage made by an earlier run is reused only if it was made with the same options."""
+    from debias_plugin.outputs import read_manifest
+
+    volatile = ("output", "force", "keep_checkpoints", "checkpoint_every")
+    wanted = {**config.model_dump(mode="json"), "method": method.options()}
+    recorded = read_manifest(folder).get("options", {})
+    changed = sorted(key for key in set(wanted) | set(recorded) if key not in volatile
+                     and wanted.get(key) != recorded.get(key))
+    if changed:
+        raise DebiasError(f"{folder} was made with other options ({', '.join(changed)}) than the study file now "
+                          "gives; delete that folder to remake it (and the sweeps that read it).")
 
 
 # ------------------------------------------------------------------------------------------------ the table

@@ -35,7 +35,7 @@ from debias_plugin.yamlfile import ConfigFileError, field_text, line_of, read_ya
 
 NEGATE = "negate"
 NEGATE_KNOB = "lambda"
-NEGATE_FIXED = ("biased", "adapter", "template", "shard_size")
+NEGATE_FIXED = ("biased", "adapter", "template", "shard_size", "capability", "mu")
 # TrainConfig fields the sweep sets itself for every trial
 RESERVED_TRAINING_FIELDS = ("model", "output", "force", "snapshot_steps")
 STEP = "step"
@@ -435,6 +435,9 @@ def _negate_problems(sweep: Sweep) -> list[tuple[tuple, str]]:
     for key in config.fixed:
         if key not in NEGATE_FIXED:
             problems.append((("fixed", key), f"unknown negate option '{key}'; allowed: {', '.join(NEGATE_FIXED)}"))
+    if (config.fixed.get("capability") is None) != (config.fixed.get("mu") is None):
+        problems.append((("fixed",), "negate-and-retain needs both capability (a model fine-tuned on neutral text) "
+                         "and mu (its weight > 0)"))
     given = [key for key in ("biased", "adapter") if config.fixed.get(key) is not None]
     if len(given) != 1:
         problems.append((("fixed",), "negate needs exactly one of biased (a fine-tuned model folder) and adapter "

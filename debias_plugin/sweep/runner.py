@@ -134,7 +134,7 @@ def _inputs(sweep: Sweep) -> list[Path]:
     paths = []
     if not _is_builtin(sweep.config.base):
         paths.append(Path(sweep.config.base).expanduser())
-    for key in ("biased", "adapter", "template", "corpus", "heldout", "retain", "words"):
+    for key in ("biased", "adapter", "template", "capability", "corpus", "heldout", "retain", "words"):
         value = sweep.config.fixed.get(key)
         if isinstance(value, str):
             paths.append(Path(value).expanduser())
@@ -361,6 +361,7 @@ class SweepRun:
         try:
             negate(self.base, lambdas=[job.settings["lambda"]], out=out, biased=fixed.get("biased"),
                    adapter=fixed.get("adapter"), template=fixed.get("template"),
+                   capability=fixed.get("capability"), mu=fixed.get("mu"),
                    **({"shard_size": fixed["shard_size"]} if fixed.get("shard_size") else {}), progress=False)
         except DebiasError:
             if (out / MANIFEST_NAME).is_file():  # another process sharing DIR published it meanwhile
