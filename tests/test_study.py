@@ -172,3 +172,14 @@ def test_a_prepared_stage_with_changed_options_is_not_reused(study_run):
     edited.write_text(path.read_text().replace("steps: 2, batch_size: 2", "steps: 3, batch_size: 2"))
     with pytest.raises(DebiasError, match=r"prepared/biased was made with other options \(steps\)"):
         run_study(edited, out, only=["gpt2/negate"])
+
+
+def test_one_objective_and_budget_for_every_sweep(study_run, tmp_path):
+    path, _, _ = study_run
+    ruled = path.parent / "ruled.yml"
+    ruled.write_text(path.read_text() + "objective: crows_bias_gender/pct_stereotype\n"
+                     "budget: {wikitext2_ppl/word_perplexity: {max_relative_increase: 0.01}}\n")
+    for parts in load_study(ruled).plan(tmp_path / "out").values():
+        for sweep in parts["sweeps"].values():
+            assert sweep.config.objective == "crows_bias_gender/pct_stereotype"
+            assert sweep.config.budget["wikitext2_ppl/word_perplexity"].max_relative_increase == 0.01

@@ -2,6 +2,8 @@
 
     name: two_models
     models: {smollm2-135m: default, gemma3-270m: "builtin:gemma3-270m"}
+    objective: crows_bias/pct_stereotype  # optional: one objective and budget for every sweep
+    budget: {wikitext2_ppl/word_perplexity: {max_relative_increase: 0.02}}
     prepare:                     # stage outputs the sweeps read, trained once per model
       dghs_lora: {method: finetune, options: {corpus: ..., column: text, lora: true, steps: 100}}
     sweeps:                      # label -> a sweep file (relative to this file) and the fixed options it changes
@@ -57,6 +59,8 @@ class StudyConfig(BaseModel):
     models: dict[str, str] = Field(min_length=1)
     prepare: dict[str, PrepareEntry] = {}
     sweeps: dict[str, SweepEntry] = Field(min_length=1)
+    objective: str | None = None  # one rule for every sweep (each sweep file's own when absent)
+    budget: dict[str, dict[str, float]] | None = None
 
 
 class Study:
@@ -99,6 +103,8 @@ class Study:
         entry = self.config.sweeps[label]
         data.update(base=self.config.models[model], fixed={**(data.get("fixed") or {}), **fixed},
                     method=entry.method or data.get("method"))  # the Optuna study's name hashes all of it
+        data.update({key: value for key in ("objective", "budget")
+                     if (value := getattr(self.config, key)) is not None})
         return f"# {label} of {self.path.name} for {model}, derived from {self.sweep_file(label)}\n" + \
             yaml.safe_dump(data, sort_keys=False)
 
