@@ -17,28 +17,16 @@ import yaml
 from debias_plugin.errors import DebiasError
 from debias_plugin.sweep.compare import CROWS_TYPES, load_study, run_study
 
-NEGATE_SWEEP = """\
-base: default
-method: negate
-fixed: {biased: /not/yet}
-grid: {lambda: [0.5, 1.0]}
+EVALUATION = """\
 evaluate: [crows_bias, wikitext2_ppl]
 objective: crows_bias/pct_stereotype
 budget: {wikitext2_ppl/word_perplexity: {max_relative_increase: 10.0}}
 limit: 4
 resamples: 100
 """
-FINETUNE_SWEEP = """\
-base: default
-method: finetune
-fixed: {corpus: CORPUS, batch_size: 2, max_length: 16, lr: 1.0e-3}
-checkpoints: [1, 2]
-evaluate: [crows_bias, wikitext2_ppl]
-objective: crows_bias/pct_stereotype
-budget: {wikitext2_ppl/word_perplexity: {max_relative_increase: 10.0}}
-limit: 4
-resamples: 100
-"""
+NEGATE_SWEEP = "base: default\nmethod: negate\nfixed: {biased: /not/yet}\ngrid: {lambda: [0.5, 1.0]}\n" + EVALUATION
+FINETUNE_SWEEP = ("base: default\nmethod: finetune\nfixed: {corpus: CORPUS, batch_size: 2, max_length: 16, "
+                  "lr: 1.0e-3}\ncheckpoints: [1, 2]\n" + EVALUATION)
 STUDY = """\
 name: tiny
 models: {{gpt2: {gpt2}, llama: {llama}}}
