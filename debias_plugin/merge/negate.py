@@ -52,13 +52,13 @@ def negate(base: str | Path, *, lambdas: Iterable, out: str | Path, biased: str 
         raise DebiasError(f"Pass one --lambda or more, each value once (got {list(lambdas)}): each gets its folder.")
     lora = adapter is not None
     base, source = (Path(path).expanduser().resolve() for path in (base, adapter if lora else biased))
-    for path in (base, source):
+    capable = None if capability is None else Path(capability).expanduser().resolve()
+    for path in (base, source, capable):
         if "+" in str(path) or "@" in str(path):
             raise DebiasError(f"{path}: mergekit reads '+' as BASE+ADAPTER and '@' as a revision; "
                               "rename or symlink the folder to a path without them.")
     bundled = ("negate_and_retain" if capability else "negate") + ("_lora.yml" if lora else ".yml")
     template_path = Path(template or merge_configs_dir() / bundled).expanduser().resolve()
-    capable = None if capability is None else Path(capability).expanduser().resolve()
     folder = OutputFolder(out, inputs=[base, source, template_path, *([capable] if capable else [])], force=force,
                           option="--out")
     parse_size(shard_size)  # fail early on a malformed size
@@ -102,7 +102,8 @@ def negate(base: str | Path, *, lambdas: Iterable, out: str | Path, biased: str 
             clock = time.monotonic()
             engine.run_mergekit(runnable, target, text, shard_size=shard_bytes, progress=progress)
             merged = time.monotonic()
-            results = {"formula": RETAIN_FORMULA if capable else NEGATION_FORMULA, "config": CONFIG_NAME, "merge_method": engine.BLOCKED_METHOD,
+            results = {"formula": RETAIN_FORMULA if capable else NEGATION_FORMULA, "config": CONFIG_NAME,
+                       "merge_method": engine.BLOCKED_METHOD,
                        "architecture": "mergekit JSON description" if mode == "json" else "inferred from tensor names",
                        "out_dtype": out_dtype, "tensors": len(base_tensors),
                        "parameters": _verify_output(target, base_tensors, out_dtype),
