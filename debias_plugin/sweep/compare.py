@@ -72,7 +72,8 @@ class Study:
         try:
             self.config = StudyConfig.model_validate(data)
         except ValidationError as err:
-            raise self._error([(tuple(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in err.errors()])
+            raise self._error([(tuple(e["loc"]), e["msg"].removeprefix("Value error, "))
+                               for e in err.errors()]) from None
         problems = [(("models", m), "labels use letters, digits, '_', '.', '-'") for m in self.config.models
                     if not _is_label(m)]
         problems += [(("sweeps", s), "labels use letters, digits, '_', '.', '-'") for s in self.config.sweeps
@@ -97,7 +98,10 @@ class Study:
         """The sweep file's text for one model: base replaced, fixed options merged, "@NAME" resolved."""
         import yaml
 
-        data = yaml.safe_load(self.sweep_file(label).read_text(encoding="utf-8"))
+        from debias_plugin.data._io import read_text
+
+        path = self.sweep_file(label)
+        data, _ = read_yaml(path, read_text(path), "sweep")  # a broken file: its own line-numbered error
         fixed = {key: str(out / model / PREPARED / value[1:]) if isinstance(value, str) and value.startswith("@")
                  else value for key, value in self.config.sweeps[label].fixed.items()}
         entry = self.config.sweeps[label]
