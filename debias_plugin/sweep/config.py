@@ -510,6 +510,16 @@ def search_is_integer(sweep: Sweep) -> bool:
     return fields[knob].annotation is int
 
 
+def split_stage_options(method, values: dict) -> tuple[dict, dict]:
+    """(TrainConfig values with the stage's training defaults, the rest for the stage's Options)."""
+    from debias_plugin.training import TrainConfig
+
+    shared = {key: value for key, value in values.items() if key in TrainConfig.model_fields}
+    for key, value in method.training_defaults.items():
+        shared.setdefault(key, value)
+    return shared, {key: value for key, value in values.items() if key not in TrainConfig.model_fields}
+
+
 def training_settings(sweep: Sweep, settings: dict, output: Path, *, base: str) -> tuple[Any, Any]:
     """(TrainConfig, the stage's Options) of one job: fixed + varied values split between them by field name."""
     from debias_plugin.methods import method_class
@@ -517,11 +527,7 @@ def training_settings(sweep: Sweep, settings: dict, output: Path, *, base: str) 
 
     config = sweep.config
     method = method_class(config.method)
-    values = {**config.fixed, **settings}
-    shared = {key: value for key, value in values.items() if key in TrainConfig.model_fields}
-    own = {key: value for key, value in values.items() if key in method.Options.model_fields}
-    for key, value in method.training_defaults.items():
-        shared.setdefault(key, value)
+    shared, own = split_stage_options(method, {**config.fixed, **settings})
     if sweep.search_knob in shared and TrainConfig.model_fields[sweep.search_knob].annotation is int:
         shared[sweep.search_knob] = int(round(shared[sweep.search_knob]))
     if config.checkpoints:
