@@ -130,7 +130,7 @@ class Study:
         """{model: {"prepare": {name: (TrainConfig, method)}, "sweeps": {label: Sweep}}}, everything validated
         (a prepared stage's `model` is still the study's name for it until the run resolves it)."""
         from debias_plugin.methods import method_class
-        from debias_plugin.sweep.config import _expand, load_sweep
+        from debias_plugin.sweep.config import _expand, load_sweep, split_stage_options
         from debias_plugin.training import TrainConfig
 
         plan = {}
@@ -156,10 +156,7 @@ class Study:
                     raise ConfigFileError(self.path, problems, "study")
                 try:
                     method = method_class(entry.method)
-                    shared = {k: v for k, v in values.items() if k in TrainConfig.model_fields}
-                    own = {k: v for k, v in values.items() if k not in shared}
-                    for key, value in method.training_defaults.items():
-                        shared.setdefault(key, value)
+                    shared, own = split_stage_options(method, values)
                     config = TrainConfig.model_validate({**shared, "model": self.config.models[model],
                                                          "output": str(out / model / PREPARED / name)})
                     prepare[name] = (config, method(method.Options.model_validate(own)))
@@ -206,8 +203,8 @@ def run_study(path: str | Path, out: str | Path, *, force: bool = False, only: l
     out.mkdir(parents=True, exist_ok=True)
     _write_text(out / STUDY_FILE, study.text)
     for model, parts in plan.items():
+        base = resolve_base(next(iter(parts["sweeps"].values()))) if parts["prepare"] else None
         for config, method in parts["prepare"].values():
-            base = resolve_base(next(iter(parts["sweeps"].values())))
             config = config.model_copy(update={"model": str(base)})
             if (Path(config.output) / MANIFEST_NAME).is_file():
                 _check_prepared(Path(config.output), config, method)
@@ -259,18 +256,28 @@ def _reduction(base: float | None, now: float | None) -> float | None:
     return None if base in (None, 0) or now is None else 100.0 * (1 - now / base)
 
 
-def table_rows(out: Path, study: Study) -> list[dict]:
+def sweep_results(out: Path, study: Study) -> dict[tuple[str, str], dict]:
+    """{(model, sweep label): its sweep.json} for the sweeps that have run."""
+    found = {}
+    for model in study.config.models:
+        for label in study.config.sweeps:
+            path = out / model / label / "sweep.json"
+            if path.is_file():
+                found[model, label] = json.loads(path.read_text())
+    return found
+
+
+def table_rows(out: Path, study: Study, results: dict[tuple[str, str], dict]) -> list[dict]:
     """Per model: the base, then each sweep's chosen point (or its reason for having none)."""
     rows = []
     for model in study.config.models:
         base_metrics: dict = {}
         chosen = []
         for label in study.config.sweeps:
-            folder = out / model / label
-            if not (folder / "sweep.json").is_file():
+            folder, content = out / model / label, results.get((model, label))
+            if content is None:
                 chosen.append({"model": model, "method": label, "note": "pending: not run yet"})
                 continue
-            content = json.loads((folder / "sweep.json").read_text())
             points = {p["key"]: p for p in content["points"]}
             base_metrics = {**points["base"]["metrics"], **base_metrics}
             best = points.get(content["best"])
@@ -300,12 +307,12 @@ def table_rows(out: Path, study: Study) -> list[dict]:
     return rows
 
 
-def _cell(metrics: dict | None, key: str) -> str:
+def _cell(metrics: dict | None, key: str, interval: bool = True) -> str:
     entry = (metrics or {}).get(key) or {}
     if entry.get("value") is None:
         return "-"
     text = f"{entry['value']:.2f}"
-    return text + (f" [{entry['low']:.1f}, {entry['high']:.1f}]" if entry.get("low") is not None else "")
+    return text + (f" [{entry['low']:.1f}, {entry['high']:.1f}]" if interval and entry.get("low") is not None else "")
 
 
 def _number(value, digits=1) -> str:
@@ -317,7 +324,8 @@ def render_study(out: Path, study: Study | None = None) -> Path:
     from debias_plugin.sweep.runner import _write_text
 
     study = study or load_study(out / STUDY_FILE)
-    rows = table_rows(out, study)
+    results = sweep_results(out, study)
+    rows = table_rows(out, study, results)
     header = ["model", "method", "setting", "all", *CROWS_TYPES, *COLUMNS, "ppl change %", "gap cut % (all)",
               "gap cut % (type mean)", "stage s", "sweep eval s (points)"]
     lines = [f"# Study {study.config.name or study.path.stem}", "",
@@ -332,13 +340,13 @@ def render_study(out: Path, study: Study | None = None) -> Path:
         cells = [row["model"], row["method"], row.get("setting", row.get("note", "-")),
                  _cell(metrics, f"{CROWS}/pct_stereotype"),
                  *(_cell(metrics, f"{CROWS}_{t}/pct_stereotype") for t in CROWS_TYPES),
-                 *(_cell(metrics, key).split(" [")[0] for key in COLUMNS.values()),
+                 *(_cell(metrics, key, interval=False) for key in COLUMNS.values()),
                  _number(row.get("ppl_change_percent"), 2), _number(row.get("gap_reduction_overall")),
                  _number(row.get("gap_reduction_type_mean")), _number(row.get("stage_seconds"), 0),
                  "-" if "evaluated" not in row else f"{_number(row.get('evaluation_seconds'), 0)} ({row['evaluated']})"]
         lines.append("| " + " | ".join(cells) + " |")
         writer.writerow(cells)
-    plots = plot_tradeoffs(out, study)
+    plots = plot_tradeoffs(out, study, results)
     lines += ["", *(f"![{name}](plots/{name}.png)" for name in plots), ""]
     _write_text(out / "study.json", json.dumps({"study": study.config.model_dump(mode="json"), "rows": rows},
                                                indent=2, sort_keys=True) + "\n")
@@ -347,7 +355,7 @@ def render_study(out: Path, study: Study | None = None) -> Path:
     return out / "study.md"
 
 
-def plot_tradeoffs(out: Path, study: Study) -> list[str]:
+def plot_tradeoffs(out: Path, study: Study, results: dict[tuple[str, str], dict]) -> list[str]:
     """Per model: |CrowS - 50| against the perplexity change of every evaluated point, one series per sweep."""
     import matplotlib
 
@@ -360,10 +368,9 @@ def plot_tradeoffs(out: Path, study: Study) -> list[str]:
         figure, axis = plt.subplots(figsize=(6.4, 4.4))
         drawn = False
         for label in study.config.sweeps:
-            path = out / model / label / "sweep.json"
-            if not path.is_file():
+            content = results.get((model, label))
+            if content is None:
                 continue
-            content = json.loads(path.read_text())
             objective, budget = content["sweep"]["objective"], next(iter(content["sweep"]["budget"]), None)
             base = next(p for p in content["points"] if p["role"] == "reference")["metrics"]
             points = [p for p in content["points"] if budget and (p["metrics"].get(budget) or {}).get("value")]
