@@ -171,3 +171,16 @@ def test_one_objective_and_budget_for_every_sweep(study_run, tmp_path):
         for sweep in parts["sweeps"].values():
             assert sweep.config.objective == "crows_bias_gender/pct_stereotype"
             assert sweep.config.budget["wikitext2_ppl/word_perplexity"].max_relative_increase == 0.01
+
+
+def test_the_shipped_sweep_and_study_files_are_valid(tmp_path):
+    """sweeps/*.yml and studies/*.yml validate as shipped (they are only run on real models, outside CI)."""
+    from debias_plugin.sweep.config import load_sweep
+
+    repo = Path(__file__).resolve().parents[1]
+    for path in sorted((repo / "sweeps").glob("*.yml")):
+        assert load_sweep(path).config.name == path.stem
+    for path in sorted((repo / "studies").glob("*.yml")):
+        study = load_study(path)
+        plan = study.plan(tmp_path / path.stem)
+        assert {label for parts in plan.values() for label in parts["sweeps"]} == set(study.config.sweeps)
