@@ -160,6 +160,18 @@ def test_valid_file_plans_reference_then_one_job_per_lambda(tmp_path):
     assert _load(tmp_path, reformatted).sha256 == sweep.sha256  # one study per content, not per layout
 
 
+def test_negate_and_retain_evaluates_its_own_lambda_zero(tmp_path):
+    """Its lambda 0 is base + mu * capability vector, not the base: neither a grid nor a search may stand in the base."""
+    retain = VALID.replace("fixed: {biased: /b}", "fixed: {biased: /b, capability: /c, mu: 0.5}")
+    grid = _load(tmp_path, retain.replace("[0.1, 0.2]", "[0, 0.1]"))
+    assert grid.reference_knob_value is None
+    assert [job.name for job in grid.jobs()] == ["base", "lambda_0", "lambda_0.1"]
+    search = _load(tmp_path, retain.replace("grid: {lambda: [0.1, 0.2]}", "search: {lambda: [0, 1]}"))
+    assert search.reference_knob_value is None
+    assert _load(tmp_path, VALID.replace("grid: {lambda: [0.1, 0.2]}", "search: {lambda: [0, 1]}")) \
+        .reference_knob_value == 0.0
+
+
 def test_training_stage_options_are_checked_before_any_model_loads(tmp_path):
     text = """\
 base: /m

@@ -185,8 +185,11 @@ class Sweep:
 
     @property
     def reference_knob_value(self) -> float | None:
-        """Where the base model sits on the knob axis: lambda 0, step 0; None for other knobs."""
-        return 0.0 if self.is_negate or self.config.checkpoints else None
+        """Where the base model sits on the knob axis: lambda 0, step 0; None for other knobs and for
+        negate-and-retain, whose lambda 0 still adds mu times the capability vector."""
+        if self.is_negate:
+            return None if self.config.fixed.get("capability") else 0.0
+        return 0.0 if self.config.checkpoints else None
 
     @property
     def screen_tasks(self) -> list[str]:
@@ -227,8 +230,8 @@ class Sweep:
         combos = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] if keys else [{}]
         seen = set()
         for settings in combos:
-            if self.is_negate and float(settings[NEGATE_KNOB]) == 0.0:
-                continue  # lambda 0 is the base model itself: the reference point
+            if self.is_negate and float(settings[NEGATE_KNOB]) == self.reference_knob_value:
+                continue  # the base model itself: the reference point
             key = "model:" + canonical(settings)
             if key in seen:
                 continue
