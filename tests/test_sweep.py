@@ -161,7 +161,7 @@ def test_valid_file_plans_reference_then_one_job_per_lambda(tmp_path):
 
 
 def test_negate_and_retain_evaluates_its_own_lambda_zero(tmp_path):
-    """Its lambda 0 is base + mu * capability vector, not the base: neither a grid nor a search may stand in the base."""
+    """Its lambda 0 is base + mu * capability, not the base: neither a grid nor a search may stand the base in."""
     retain = VALID.replace("fixed: {biased: /b}", "fixed: {biased: /b, capability: /c, mu: 0.5}")
     grid = _load(tmp_path, retain.replace("[0.1, 0.2]", "[0, 0.1]"))
     assert grid.reference_knob_value is None
