@@ -123,6 +123,8 @@ def test_only_runs_part_and_marks_the_rest_pending(study_run, tmp_path):
     assert not (tmp_path / "part" / "llama").exists()
     with pytest.raises(DebiasError, match="--only gpt3"):
         run_study(path, tmp_path / "part", only=["gpt3"])
+    run_study(path, tmp_path / "fresh", only=["llama/finetune"])  # no prepared stage makes the model's folder
+    assert (tmp_path / "fresh" / "llama" / "finetune" / "sweep.json").is_file()
 
 
 @pytest.mark.parametrize("edit, expected", [

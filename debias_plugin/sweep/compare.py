@@ -210,6 +210,7 @@ def run_study(path: str | Path, out: str | Path, *, force: bool = False, only: l
                 _check_prepared(Path(config.output), config, method)
             else:
                 train(config, method)
+        (out / model).mkdir(exist_ok=True)  # a part with no prepared stage has nothing else that makes it
         for label, sweep in parts["sweeps"].items():
             _write_text(out / model / f"{label}.yml", sweep.text)
             run_sweep(out / model / f"{label}.yml", out / model / label)
