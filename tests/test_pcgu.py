@@ -157,8 +157,11 @@ def test_vectorized_step_equals_per_partition_loop(tiny_model, data_dir, model_t
     torch.testing.assert_close(result.scores[meaningful], torch.tensor(scores)[meaningful], atol=1e-3, rtol=1e-3)
     sorted_scores = sorted(scores)
     assert sorted_scores[k] - sorted_scores[k - 1] > 1e-6 or sorted_scores[k] == sorted_scores[k - 1] == 0.0
-    assert sorted(result.selected.tolist()) == sorted(chosen)
-    assert result.selected.tolist() == chosen  # same order too: ascending score, ties by index
+    # Noise-level partitions (and zero-gradient rows, tied at 0) may trade places at the cut: their scores' signs
+    # depend on the CPU's kernels. Every meaningful partition must be chosen by both, in the same order.
+    differing = set(result.selected.tolist()) ^ set(chosen)
+    assert not {i for i in differing if meaningful[i]}, "a partition with a real gradient was chosen by one only"
+    assert [i for i in result.selected.tolist() if meaningful[i]] == [i for i in chosen if meaningful[i]]
 
     moved = 0
     reference = dict(reference_model.named_parameters())
