@@ -1,7 +1,14 @@
 """Golden equality: every stage's weights and every task's metrics on tiny models equal those recorded before the
-method-contract redesign (tests/golden/pre_redesign.json, written by the pre-redesign code through the same CLI).
+method-contract redesign (tests/golden/pre_redesign.json, written by the pre-redesign code, 66d151f, through the
+same CLI).
 
-Regenerate only on purpose: DEBIAS_WRITE_GOLDEN=1 python -m pytest tests/test_golden.py
+Bits depend on the CPU's float32 kernels (AVX-512 and AVX2 sum in other orders), so the file keeps one set of
+digests and metrics per machine kind the pre-redesign code was run on. On one of those kinds the test asks for
+bit-identity; on any other it compares each tensor's update (trained minus initial weights) and each metric
+within float32 rounding, and warns that bit-identity was not checked there.
+
+Record a machine kind only with the pre-redesign code (see docs/RESULTS.md, "CI at the ninth session"):
+DEBIAS_WRITE_GOLDEN=1 python -m pytest tests/test_golden.py
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ import hashlib
 import json
 import math
 import os
+import platform
+import warnings
 from pathlib import Path
 
 import pytest
@@ -18,10 +27,22 @@ import torch
 GOLDEN = Path(__file__).parent / "golden" / "pre_redesign.json"
 WRITE = os.environ.get("DEBIAS_WRITE_GOLDEN") == "1"
 TRAIN = ["--steps", "3", "--batch-size", "4", "--max-length", "24", "--no-dropout", "--seed", "1"]
+UPDATE_RTOL = 1e-3  # 2 threads instead of 1 moved no real update by 1e-3; lr x 1.01 moved them by ~1e-2
+NOISE_FRACTION = 1e-4  # updates this small beside the largest are driven by rounding noise, in any direction
+METRIC_RTOL, METRIC_ATOL = 1e-5, 2e-6  # metrics are stored rounded to 6 decimals
 
 
-def weights_digest(folder: Path) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in name order (independent of file layout)."""
+def machine_kind() -> str:
+    """The CPU vendor and widest vector unit: what decides the float32 kernels' order of summation."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    vendor = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("vendor_id")),
+                  platform.processor() or platform.machine())
+    vector = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else platform.machine()
+    return f"{vendor}-{vector}"
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     tensors = {}
@@ -29,12 +50,29 @@ def weights_digest(folder: Path) -> str:
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():
                 tensors[name] = handle.get_tensor(name)
+    return tensors
+
+
+def weights_digest(folder: Path) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order (independent of file layout)."""
+    tensors = _tensors(folder)
     digest = hashlib.sha256()
     for name in sorted(tensors):
         tensor = tensors[name].contiguous()
         digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def update_norms(folder: Path, base: Path) -> dict[str, float]:
+    """Each tensor's L2 distance from the same-named base tensor (from zero where the base has none, e.g. LoRA)."""
+    start = _tensors(base)
+    norms = {}
+    for name, tensor in _tensors(folder).items():
+        initial = start.get(name)
+        delta = tensor.double() - (initial.double() if initial is not None and initial.shape == tensor.shape else 0)
+        norms[name] = float(delta.norm())
+    return norms
 
 
 @pytest.fixture(scope="module")
@@ -50,33 +88,68 @@ def files(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def golden() -> dict:
-    return {} if WRITE else json.loads(GOLDEN.read_text())
+    return json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
 
 
 @pytest.fixture(scope="module")
-def recorded():
+def recorded(golden):
     found: dict = {}
     yield found
     if WRITE:
-        existing = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
+        merged = json.loads(json.dumps(golden))
+        for section, cases in found.items():
+            for case, value in cases.items():
+                if section == "update_norms":
+                    merged.setdefault(section, {}).setdefault(case, value)  # the first kind recorded is the reference
+                else:
+                    merged.setdefault(section, {}).setdefault(case, {})[machine_kind()] = value
         GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps({**existing, **found}, indent=1, sort_keys=True) + "\n")
+        GOLDEN.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Reductions split over threads differ in the last bit: pin one thread for bit-identity across machines."""
+    """Reductions split over threads differ in the last bit: pin one thread so one machine kind gives one answer."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
-def _check(name: str, value, golden: dict, recorded: dict):
-    recorded[name] = value
-    if not WRITE:
-        assert name in golden, f"no golden value for {name}"
-        assert value == golden[name], f"{name} changed: {value!r} != golden {golden[name]!r}"
+def _check_weights(case: str, folder: Path, base: Path, golden: dict, recorded: dict):
+    digest = weights_digest(folder)
+    recorded.setdefault("digests", {})[case] = digest
+    recorded.setdefault("update_norms", {})[case] = norms = update_norms(folder, base)
+    if WRITE:
+        return
+    known = golden["digests"][case]
+    if digest in known.values():
+        return
+    assert machine_kind() not in known, f"{case} changed on {machine_kind()}: {digest} != {known[machine_kind()]}"
+    reference = golden["update_norms"][case]
+    assert norms.keys() == reference.keys(), f"{case}: other tensors than recorded"
+    noise = NOISE_FRACTION * max(reference.values())  # e.g. attention key biases: softmax cancels their gradient
+    drifted = {name: (norms[name], value) for name, value in reference.items()
+               if not math.isclose(norms[name], value, rel_tol=UPDATE_RTOL, abs_tol=noise)}
+    assert not drifted, f"{case} changed: update norms (now, golden) {drifted}"
+    warnings.warn(f"{case}: no digest recorded for {machine_kind()}; weights checked within float32 rounding only")
+
+
+def _check_metrics(case: str, metrics: dict, golden: dict, recorded: dict):
+    recorded.setdefault("metrics", {})[case] = metrics
+    if WRITE:
+        return
+    known = golden["metrics"][case]
+    if metrics in known.values():
+        return
+    assert machine_kind() not in known, f"{case} changed on {machine_kind()}: {metrics} != {known[machine_kind()]}"
+    reference = next(iter(known.values()))
+    assert metrics.keys() == reference.keys(), f"{case}: other metrics than recorded"
+    differ = {key: (metrics[key], value) for key, value in reference.items()
+              if (metrics[key] is None) != (value is None)
+              or value is not None and not math.isclose(metrics[key], value, rel_tol=METRIC_RTOL, abs_tol=METRIC_ATOL)}
+    assert not differ, f"{case} changed: (now, golden) {differ}"
+    warnings.warn(f"{case}: no metrics recorded for {machine_kind()}; checked within float32 rounding only")
 
 
 def _stage(tiny_model, files, tmp_path, case: str) -> Path:
@@ -112,7 +185,8 @@ TRAINING_CASES = ["unlearn_gpt2", "unlearn_bert_kl", "unlearn_gpt2_gd_accum", "p
 
 @pytest.mark.parametrize("case", TRAINING_CASES)
 def test_training_stage_weights_unchanged(tiny_model, files, tmp_path, case, golden, recorded):
-    _check(case, weights_digest(_stage(tiny_model, files, tmp_path, case)), golden, recorded)
+    base = tiny_model("bert" if "bert" in case else "gpt2")
+    _check_weights(case, _stage(tiny_model, files, tmp_path, case), base, golden, recorded)
 
 
 @pytest.mark.parametrize("source", ["full", "lora"])
@@ -124,12 +198,13 @@ def test_negate_weights_unchanged(tiny_model, files, tmp_path, source, golden, r
     out = tmp_path / "negated"
     main(["negate", "--base", str(tiny_model("gpt2")), flag, str(stage), "--lambda", "0.5", "--out", str(out),
           "--quiet"])
-    _check(f"negate_{source}", weights_digest(out), golden, recorded)
+    _check_weights(f"negate_{source}", out, tiny_model("gpt2"), golden, recorded)
 
 
-EVAL_CASES = {
-    "gpt2": ("hf", "crows_bias,crows_bias_overall,stereoset_bias,stereoset_bias_inter,wikitext2_ppl_quick"),
-    "bert": ("hf-mlm", "crows_bias,crows_bias_aul,stereoset_bias,wikitext2_ppl_quick"),
+EVAL_CASES = {  # kind -> `debias eval` runs as (model class, tasks, --limit)
+    "gpt2": [("hf", "crows_bias,crows_bias_overall,stereoset_bias,stereoset_bias_inter,wikitext2_ppl_quick", "6")],
+    "bert": [("hf-mlm", "crows_bias,crows_bias_aul,stereoset_bias", "6"),
+             ("hf-mlm", "wikitext2_ppl_quick", "1")],  # a pseudo-perplexity costs one forward pass per token
 }
 
 
@@ -137,12 +212,13 @@ EVAL_CASES = {
 def test_task_metrics_unchanged(tiny_model, tmp_path, kind, golden, recorded):
     from debias_plugin.cli import main
 
-    model_class, tasks = EVAL_CASES[kind]
-    out = tmp_path / "results"
-    main(["eval", "--model", model_class, "--model_args", f"pretrained={tiny_model(kind)}", "--tasks", tasks,
-          "--limit", "6", "--batch_size", "8", "--output_path", str(out)])
-    (results_file,) = out.rglob("results_*.json")
-    results = json.loads(results_file.read_text())["results"]
+    results = {}
+    for run, (model_class, tasks, limit) in enumerate(EVAL_CASES[kind]):
+        out = tmp_path / f"results_{run}"
+        main(["eval", "--model", model_class, "--model_args", f"pretrained={tiny_model(kind)}", "--tasks", tasks,
+              "--limit", limit, "--batch_size", "8", "--output_path", str(out)])
+        (results_file,) = out.rglob("results_*.json")
+        results.update(json.loads(results_file.read_text())["results"])
     metrics = {f"{task}/{key}": None if math.isnan(value) else round(value, 6)  # NaN: a group with no pair
                for task, values in results.items() for key, value in values.items()
                if isinstance(value, float) and "stderr" not in key}
@@ -153,4 +229,4 @@ def test_task_metrics_unchanged(tiny_model, tmp_path, kind, golden, recorded):
         task, name = key.split("/")
         source = metrics[f"{task}/{gap_source(name)},none"]
         assert metrics[key] == (None if source is None else round(abs(source - 50), 6)), key
-    _check(f"eval_{kind}", {key: value for key, value in metrics.items() if key not in added}, golden, recorded)
+    _check_metrics(f"eval_{kind}", {key: value for key, value in metrics.items() if key not in added}, golden, recorded)
