@@ -320,6 +320,7 @@ def test_grid_sweep_end_to_end(grid_run, models):
         assert point["suite"] == ("full" if on_front else "screen"), n
         assert any(key.startswith("stereoset_bias/") for key in point["metrics"]) == on_front
     assert content["evaluations"] == {"screen": 4, "full": sum(p["suite"] == "full" for p in points.values())}
+    assert content["pending"] == {"screen": [], "full": []}
 
     # the files: table, CSV, plots, best/ with its manifest
     report = (out / "report.md").read_text()
@@ -380,6 +381,17 @@ def test_kill_mid_sweep_then_rerun_gives_the_same_sweep_json(grid_run, models, t
     jobs = optuna.load_study(study_name=expected["study"] + ".jobs", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
     states = sorted(t.state.name for t in jobs.trials)
     assert states == ["COMPLETE", "COMPLETE", "RUNNING"], states  # base and one lambda done, one caught mid-job
+    from debias_plugin.cli import main
+
+    main(["sweep", "report", str(tmp_path / "out")])  # a report of the points so far says what is missing
+    partial = _deterministic(tmp_path / "out" / "sweep.json")
+    scored = {p["name"] for p in partial["points"]}
+    assert partial["pending"]["screen"] == [p["name"] for p in expected["points"] if p["name"] not in scored]
+    assert len(partial["pending"]["screen"]) == len(expected["points"]) - 2
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "**Not finished**: " in report and f"**Chosen so far: `{partial['best_name']}`**" in report
+    (line,) = [line for line in report.splitlines() if line.startswith("**Not finished**")]
+    assert all(f"`{name}`" in line for name in partial["pending"]["screen"])
     rerun = subprocess.run(command, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert _deterministic(tmp_path / "out" / "sweep.json") == expected

@@ -127,6 +127,9 @@ def collect(sweep: Sweep, studies: Studies, *, base: Path | None = None) -> tupl
                             for p in points)
     for point in points:
         point["best"] = point["key"] == chosen
+    pending = {"screen": [point.name for job in sweep.jobs() for point in job.points if point.key not in recorded],
+               "full": [p["name"] for p in points if sweep.full_tasks and (p["pareto"] or p["best"])
+                        and p["suite"] != "full" and not p["error"]]}
     counts = {"screen": sum(1 for p in points if not p["error"]),
               "full": sum(1 for p in points if p["suite"] == "full")}
     content = {
@@ -137,7 +140,7 @@ def collect(sweep: Sweep, studies: Studies, *, base: Path | None = None) -> tupl
         "points": points, "pareto_front": [p["key"] for p in points if p["pareto"]], "best": chosen,
         "best_name": next((p["name"] for p in points if p["key"] == chosen), None),
         "search": search_summary(sweep, points, reference_summary),
-        "evaluations": counts,
+        "evaluations": counts, "pending": pending,
     }
     costs = {}
     for key, trial in recorded.items():
@@ -319,11 +322,21 @@ def markdown(sweep: Sweep, content: dict, run: dict, plots: list[str]) -> str:
              f"with {config.resamples} resamples otherwise)."
              + (f" lm-eval `limit: {config.limit}` (a slice of every task)." if config.limit else ""), ""]
     best = next((p for p in content["points"] if p["best"]), None)
+    pending = content.get("pending") or {}
+    unfinished = []
+    if pending.get("screen"):
+        names = ", ".join(f"`{name}`" for name in pending["screen"])
+        unfinished.append(f"{len(pending['screen'])} planned point(s) not evaluated yet ({names})")
+    if pending.get("full"):
+        unfinished.append("the full suite not yet run on " + ", ".join(f"`{name}`" for name in pending["full"]))
+    if unfinished:
+        lines += [f"**Not finished**: {'; '.join(unfinished)}. The choice below is among the points evaluated so "
+                  "far; run the same `debias sweep` command again to finish.", ""]
     if best:
         budget = "; ".join(f"`{m}` {_number(c['value'])} (limit {_number(c['limit'])}"
                            + (f", {100 * c['relative_change']:+.1f}% vs base" if c["relative_change"] is not None else "")
                            + ")" for m, c in best["budget"].items())
-        lines += [f"**Chosen: `{best['name']}`** — `{config.objective}` "
+        lines += [f"**{'Chosen so far' if unfinished else 'Chosen'}: `{best['name']}`** — `{config.objective}` "
                   f"{_with_interval(best['metrics'].get(config.objective))}" + (f"; {budget}" if budget else "")
                   + (f". Model: `best/` → `{best['model']}` (its `debias_manifest.json` records how it was made)."
                      if best["role"] != "reference" else
@@ -360,7 +373,7 @@ def markdown(sweep: Sweep, content: dict, run: dict, plots: list[str]) -> str:
     if notes:
         lines += ["", "Notes:", *notes]
     screened, full = content["evaluations"]["screen"], content["evaluations"]["full"]
-    full_names = ", ".join(f"`{p['name']}`" for p in content["points"] if p["suite"] == "full")
+    full_names = ", ".join(f"`{p['name']}`" for p in content["points"] if p["suite"] == "full") or "none yet"
     lines += ["", "## Cost", "",
               f"- Screening suite ({', '.join(content['tasks']['screen'])}) on all {screened} points; "
               + (f"the other tasks ({', '.join(sweep.full_tasks)}) only on {full} point(s), the Pareto front of "
