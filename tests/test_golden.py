@@ -3,9 +3,10 @@ method-contract redesign (tests/golden/pre_redesign.json, written by the pre-red
 same CLI).
 
 Bits depend on the CPU's float32 kernels (AVX-512 and AVX2 sum in other orders), so the file keeps one set of
-digests and metrics per machine kind the pre-redesign code was run on. On one of those kinds the test asks for
-bit-identity; on any other it compares each tensor's update (trained minus initial weights) and each metric
-within float32 rounding, and warns that bit-identity was not checked there.
+digests and metrics per CPU kind the pre-redesign code was run on. Equal to one of them: bit-identical, done.
+Otherwise (another kind, or a new microarchitecture under a recorded kind's name) each tensor's update (trained
+minus initial weights) and each metric must agree within float32 rounding, and a warning says that the bits were
+not matched; a real change of weights (lr x 1.01) fails there too.
 
 Record a machine kind only with the pre-redesign code (see docs/RESULTS.md, "CI at the ninth session"):
 DEBIAS_WRITE_GOLDEN=1 python -m pytest tests/test_golden.py
@@ -117,10 +118,11 @@ def one_thread():
 
 
 def _equals_a_recorded_kind(case: str, value, known: dict) -> bool:
-    """Exactly one kind's record; a mismatch on a kind that has its own record is a failure, not a fallback."""
+    """Bit-identical to a recorded CPU kind's value; if not, warn (naming this kind) before the tolerance check."""
     if value in known.values():
         return True
-    assert machine_kind() not in known, f"{case} changed on {machine_kind()}: {value} != {known[machine_kind()]}"
+    own = "differs from its own record" if machine_kind() in known else "has no record"
+    warnings.warn(f"{case}: {machine_kind()} {own}; checked within float32 rounding only")
     return False
 
 
@@ -136,20 +138,19 @@ def _check_weights(case: str, folder: Path, base: Path, golden: dict, recorded: 
     drifted = {name: (norms[name], value) for name, value in reference.items()
                if not math.isclose(norms[name], value, rel_tol=UPDATE_RTOL, abs_tol=noise)}
     assert not drifted, f"{case} changed: update norms (now, golden) {drifted}"
-    warnings.warn(f"{case}: no digest recorded for {machine_kind()}; weights checked within float32 rounding only")
 
 
 def _check_metrics(case: str, metrics: dict, golden: dict, recorded: dict):
     recorded.setdefault("metrics", {})[case] = metrics
     if WRITE or _equals_a_recorded_kind(case, metrics, golden["metrics"][case]):
         return
-    reference = next(iter(golden["metrics"][case].values()))
+    known = golden["metrics"][case]
+    reference = known.get(machine_kind(), next(iter(known.values())))
     assert metrics.keys() == reference.keys(), f"{case}: other metrics than recorded"
     differ = {key: (metrics[key], value) for key, value in reference.items()
               if (metrics[key] is None) != (value is None)
               or value is not None and not math.isclose(metrics[key], value, rel_tol=METRIC_RTOL, abs_tol=METRIC_ATOL)}
     assert not differ, f"{case} changed: (now, golden) {differ}"
-    warnings.warn(f"{case}: no metrics recorded for {machine_kind()}; checked within float32 rounding only")
 
 
 def _stage(tiny_model, files, tmp_path, case: str) -> Path:
