@@ -8,8 +8,9 @@ Otherwise (another kind, or a new microarchitecture under a recorded kind's name
 minus initial weights) and each metric must agree within float32 rounding, and a warning says that the bits were
 not matched; a real change of weights (lr x 1.01) fails there too.
 
-Record a machine kind only with the pre-redesign code (see docs/RESULTS.md, "CI at the ninth session"):
-DEBIAS_WRITE_GOLDEN=1 python -m pytest tests/test_golden.py
+Record a new CPU kind from the pre-redesign code only: run 66d151f's own tests/test_golden.py there (with this
+file's EVAL_CASES) under DEBIAS_WRITE_GOLDEN=1 and copy its values in under machine_kind(); then this file under
+DEBIAS_WRITE_GOLDEN=1 must add nothing but equal values (docs/RESULTS.md, "CI at the ninth session").
 """
 
 from __future__ import annotations
