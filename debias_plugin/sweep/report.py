@@ -128,8 +128,8 @@ def collect(sweep: Sweep, studies: Studies, *, base: Path | None = None) -> tupl
     for point in points:
         point["best"] = point["key"] == chosen
     pending = {"screen": [point.name for job in sweep.jobs() for point in job.points if point.key not in recorded],
-               "full": [p["name"] for p in points if sweep.full_tasks and (p["pareto"] or p["best"])
-                        and p["suite"] != "full" and not p["error"]]}
+               "full": [p["name"] for p in points
+                        if sweep.full_tasks and _wants_full_suite(p) and p["suite"] != "full"]}
     counts = {"screen": sum(1 for p in points if not p["error"]),
               "full": sum(1 for p in points if p["suite"] == "full")}
     content = {
@@ -159,11 +159,15 @@ def _total(costs: dict, kind: str) -> int:
                for key, value in cost.items() if key.endswith("_" + kind))
 
 
+def _wants_full_suite(point: dict) -> bool:
+    """The remaining tasks go to the (feasible) Pareto front and the chosen point only."""
+    return (point["pareto"] or point["best"]) and not point["error"]
+
+
 def full_suite_keys(sweep: Sweep, studies: Studies) -> list[str]:
-    """Points that get the remaining tasks: the (feasible) Pareto front and the chosen point, in report order."""
+    """Points that get the remaining tasks, in report order."""
     content, _ = collect(sweep, studies)
-    wanted = set(content["pareto_front"]) | ({content["best"]} if content["best"] else set())
-    return [p["key"] for p in content["points"] if p["key"] in wanted and not p["error"]]
+    return [p["key"] for p in content["points"] if _wants_full_suite(p)]
 
 
 # ------------------------------------------------------------------------------------------------ render
@@ -322,12 +326,12 @@ def markdown(sweep: Sweep, content: dict, run: dict, plots: list[str]) -> str:
              f"with {config.resamples} resamples otherwise)."
              + (f" lm-eval `limit: {config.limit}` (a slice of every task)." if config.limit else ""), ""]
     best = next((p for p in content["points"] if p["best"]), None)
-    pending = content.get("pending") or {}
+    pending = content["pending"]
     unfinished = []
-    if pending.get("screen"):
+    if pending["screen"]:
         names = ", ".join(f"`{name}`" for name in pending["screen"])
         unfinished.append(f"{len(pending['screen'])} planned point(s) not evaluated yet ({names})")
-    if pending.get("full"):
+    if pending["full"]:
         unfinished.append("the full suite not yet run on " + ", ".join(f"`{name}`" for name in pending["full"]))
     if unfinished:
         lines += [f"**Not finished**: {'; '.join(unfinished)}. The choice below is among the points evaluated so "
