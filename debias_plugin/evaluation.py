@@ -23,7 +23,7 @@ RESULTS_NAME = "results.json"
 SEAT_TASK = "seat"  # not an lm-eval task: SEAT effect sizes (scoring/seat.py), reported like one as seat/<metric>
 _SAMPLES_NAME = "samples_{task}.jsonl"
 _DROPPED_SAMPLE_FIELDS = ("arguments", "resps")  # prompt texts and raw responses: large and kept in "doc"
-_KEY_SCHEMA = "debias_plugin.results-cache/2"  # 2: model_class "auto" means hf-bias for causal LMs (was hf)
+_KEY_SCHEMA = "debias_plugin.results-cache/2"  # 2: causal LMs default to hf-bias (was hf)
 CAUSAL_MODEL_CLASS = "hf-bias"  # lm-eval's hf scores, for less work (lm_eval/bias_lm.py); --model hf still works
 MASKED_MODEL_CLASS = "hf-mlm"
 
@@ -80,11 +80,13 @@ def _model_hash(model_dir: str | Path) -> str:
 
 def cache_key(model_dir: str | Path, tasks: list[str], *, model_class: str | None = None,
               model_args: dict | None = None, limit: int | float | None = None) -> str:
-    """The cache entry name for one evaluation request (the model by content, never by path)."""
+    """The cache entry name for one evaluation request (the model by content, never by path; the default model
+    class by its name, so a request that names it shares the entry)."""
     from debias_plugin.paths import data_root
 
     payload = {"schema": _KEY_SCHEMA, "model_sha256": _model_hash(model_dir), "tasks": sorted(set(tasks)),
-               "limit": limit, "model_class": model_class or "auto", "model_args": model_args or {},
+               "limit": limit, "model_class": model_class or resolve_model_class(model_dir),
+               "model_args": model_args or {},
                "lm_eval": _version("lm-eval"), "debias_plugin": _version("debias-plugin"),
                "task_definitions": _task_definitions_hash(), "data_dir": str(data_root())}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

@@ -740,6 +740,11 @@ def test_end_to_end_tiny_model_evaluated_once_then_cached(tmp_path, tiny_model, 
     copy = shutil.copytree(model, tmp_path / "copy")
     assert evaluation.cache_key(copy, ["stereoset_bias"]) == evaluation.cache_key(model, ["stereoset_bias"])
     assert evaluation.cache_key(model, ["stereoset_bias"], limit=5) != evaluation.cache_key(model, ["stereoset_bias"])
+    # naming the default model class (as the sweep runner does) is the same request as leaving it out
+    assert evaluation.cache_key(model, ["stereoset_bias"], model_class=evaluation.CAUSAL_MODEL_CLASS) == \
+        evaluation.cache_key(model, ["stereoset_bias"])
+    default_key = evaluation.cache_key(model, ["stereoset_bias"])
+    assert evaluation.cache_key(model, ["stereoset_bias"], model_class="hf") != default_key
     weights = copy / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
