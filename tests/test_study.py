@@ -6,7 +6,9 @@ summary), the gap reductions against |x - 50| computed here, and a rerun resumes
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 import yaml
 
 from debias_plugin.errors import DebiasError
-from debias_plugin.sweep.compare import CROWS_TYPES, load_study, run_study
+from debias_plugin.sweep.compare import CROWS_TYPES, load_study, render_study, run_study
 
 EVALUATION = """\
 evaluate: [crows_bias, wikitext2_ppl]
@@ -92,6 +94,19 @@ def test_study_table_matches_the_sweeps_results(study_run):
                           .read_text())
     assert retained["options"]["mu"] == 0.5 and retained["inputs"]["capability"]["path"].endswith("capable")
     assert (out / "plots" / "tradeoff_gpt2.png").is_file() and (out / "plots" / "tradeoff_llama.svg").is_file()
+
+
+def test_the_table_renders_from_the_saved_sweep_files_alone(study_run, tmp_path):
+    """What docs/results keeps of a study (each sweep.json) renders the same table, stage times included."""
+    path, out, _ = study_run
+    for saved in out.glob("*/*/sweep.json"):
+        target = tmp_path / saved.relative_to(out)
+        target.parent.mkdir(parents=True)
+        shutil.copy(saved, target)
+    render_study(tmp_path, load_study(path))  # as `debias study FILE --out DIR --report-only` does
+    assert (tmp_path / "study.csv").read_text() == (out / "study.csv").read_text()
+    stage_column = [row[-2] for row in list(csv.reader((out / "study.csv").open()))[1:]]
+    assert sum(cell not in ("", "-") for cell in stage_column) >= 4, stage_column  # trained and merged points
 
 
 def test_rerun_resumes_without_training_or_evaluating(study_run, monkeypatch):

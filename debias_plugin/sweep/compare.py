@@ -233,8 +233,9 @@ def _check_prepared(folder: Path, config, method) -> None:
 
 # ------------------------------------------------------------------------------------------------ the table
 
-def _stage_seconds(out: Path, model: str | None) -> float | None:
-    """The stage's own time from the model's manifest (a checkpoint's: its run's)."""
+def stage_seconds(out: Path, model: str | None) -> float | None:
+    """The stage's own time from the model's manifest (a checkpoint's: its run's); sweep.json keeps a copy, so a
+    table renders from saved sweep files alone."""
     from debias_plugin.outputs import MANIFEST_NAME, read_manifest
 
     if not model:
@@ -289,7 +290,8 @@ def table_rows(out: Path, study: Study, results: dict[tuple[str, str], dict]) ->
                 continue
             setting = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
             chosen.append({**row, "setting": setting or "base", "metrics": best["metrics"],
-                           "stage_seconds": _stage_seconds(folder, best.get("model")), "suite": best["suite"]})
+                           "stage_seconds": content.get("run", {}).get("stage_seconds", {}).get(best["name"])
+                           or stage_seconds(folder, best.get("model")), "suite": best["suite"]})
         rows.append({"model": model, "method": "base", "setting": "-", "metrics": base_metrics})
         rows += chosen
     for row in rows:

@@ -176,7 +176,11 @@ def render(out: Path, sweep: Sweep, studies: Studies, *, base: Path | None = Non
     """Write sweep.json, sweep.csv, report.md and the plots into DIR; returns the sweep.json content."""
     from debias_plugin.sweep.runner import _write_text
 
+    from debias_plugin.sweep.compare import stage_seconds
+
     content, run = collect(sweep, studies, base=base)
+    timed = {p["name"]: stage_seconds(out, p["model"]) for p in content["points"]}
+    run["stage_seconds"] = {name: seconds for name, seconds in timed.items() if seconds is not None}
     (out / PLOTS).mkdir(exist_ok=True)
     plots = plot(out / PLOTS, sweep, content)
     _write_text(out / "sweep.json", json.dumps({**content, "run": run}, indent=2, sort_keys=True) + "\n")
