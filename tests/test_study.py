@@ -109,6 +109,40 @@ def test_the_table_renders_from_the_saved_sweep_files_alone(study_run, tmp_path)
     assert sum(cell not in ("", "-") for cell in stage_column) >= 4, stage_column  # trained and merged points
 
 
+def test_a_sweep_stopped_partway_gives_its_base_but_no_choice(study_run, tmp_path):
+    """A partial sweep.json (`debias sweep report` after a kill) fills the base row; its row stays pending."""
+    path, out, _ = study_run
+    for saved in out.glob("*/*/sweep.json"):
+        if saved.parent.parent.name == "gpt2" or saved.parent.name == "negate":  # llama: only its negate sweep
+            target = tmp_path / saved.relative_to(out)
+            target.parent.mkdir(parents=True)
+            shutil.copy(saved, target)
+    partial = tmp_path / "llama" / "negate" / "sweep.json"
+    content = json.loads(partial.read_text())
+    *scored, missing = content["points"]  # as if the run had stopped before its last point
+    content.update(points=scored, pending={"screen": [missing["name"]], "full": []})
+    partial.write_text(json.dumps(content))
+    render_study(tmp_path, load_study(path))
+    rows = {(r["model"], r["method"]): r for r in json.loads((tmp_path / "study.json").read_text())["rows"]}
+    assert rows[("llama", "negate")]["note"] == f"pending: stopped after {len(scored)} evaluated point(s)"
+    assert "metrics" not in rows[("llama", "negate")]
+    assert rows[("llama", "finetune")]["note"] == "pending: not run yet"
+    full = {(r["model"], r["method"]): r for r in json.loads((out / "study.json").read_text())["rows"]}
+    assert rows[("llama", "base")]["metrics"] == full[("llama", "base")]["metrics"]
+    assert rows[("gpt2", "negate")] == full[("gpt2", "negate")]  # a finished sweep is untouched
+
+
+@pytest.mark.parametrize("timings, expected", [({"merge_s": 0.039, "verify_s": 0.001}, 0.0),
+                                                ({"wall_seconds": 12.5, "train_s": 11.0}, 12.5), ({}, None)])
+def test_stage_time_of_a_fast_merge_is_zero_not_unknown(tmp_path, timings, expected):
+    from debias_plugin.outputs import MANIFEST_NAME
+    from debias_plugin.sweep.compare import stage_seconds
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / MANIFEST_NAME).write_text(json.dumps({"timings": timings}))
+    assert stage_seconds(tmp_path, "model") == expected
+
+
 def test_rerun_resumes_without_training_or_evaluating(study_run, monkeypatch):
     import debias_plugin.evaluation as evaluation
     import debias_plugin.training as training

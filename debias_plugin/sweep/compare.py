@@ -246,7 +246,10 @@ def stage_seconds(out: Path, model: str | None) -> float | None:
     if not (folder / MANIFEST_NAME).is_file():  # the base model itself
         return None
     timings = read_manifest(folder).get("timings", {})
-    return timings.get("wall_seconds") or round(sum(v for k, v in timings.items() if k.endswith("_s")), 1) or None
+    if timings.get("wall_seconds") is not None:
+        return timings["wall_seconds"]
+    parts = [v for k, v in timings.items() if k.endswith("_s")]
+    return round(sum(parts), 1) if parts else None  # a 0.04 s merge is 0.0 s, not unknown
 
 
 def _gap(metrics: dict, key: str) -> float | None:
@@ -269,6 +272,12 @@ def sweep_results(out: Path, study: Study) -> dict[tuple[str, str], dict]:
     return found
 
 
+def _finished(content: dict) -> bool:
+    """A sweep.json written by `debias sweep report` on a stopped sweep lists what it still lacks."""
+    pending = content.get("pending") or {}
+    return not (pending.get("screen") or pending.get("full")) and (content.get("search") or {}).get("finished", True)
+
+
 def table_rows(out: Path, study: Study, results: dict[tuple[str, str], dict]) -> list[dict]:
     """Per model: the base, then each sweep's chosen point (or its reason for having none)."""
     rows = []
@@ -285,13 +294,16 @@ def table_rows(out: Path, study: Study, results: dict[tuple[str, str], dict]) ->
             best = points.get(content["best"])
             row = {"model": model, "method": label, "evaluated": len(points),
                    "evaluation_seconds": content.get("run", {}).get("evaluation_seconds")}
+            if not _finished(content):  # its base still counts; its best so far is not a choice
+                chosen.append({**row, "note": f"pending: stopped after {len(points)} evaluated point(s)"})
+                continue
             if best is None:
                 chosen.append({**row, "note": "no setting within the budget"})
                 continue
             setting = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
-            chosen.append({**row, "setting": setting or "base", "metrics": best["metrics"],
-                           "stage_seconds": content.get("run", {}).get("stage_seconds", {}).get(best["name"])
-                           or stage_seconds(folder, best.get("model")), "suite": best["suite"]})
+            recorded = content.get("run", {}).get("stage_seconds", {}).get(best["name"])
+            chosen.append({**row, "setting": setting or "base", "metrics": best["metrics"], "suite": best["suite"],
+                           "stage_seconds": stage_seconds(folder, best.get("model")) if recorded is None else recorded})
         rows.append({"model": model, "method": "base", "setting": "-", "metrics": base_metrics})
         rows += chosen
     for row in rows:
