@@ -174,9 +174,8 @@ def full_suite_keys(sweep: Sweep, studies: Studies) -> list[str]:
 
 def render(out: Path, sweep: Sweep, studies: Studies, *, base: Path | None = None) -> dict:
     """Write sweep.json, sweep.csv, report.md and the plots into DIR; returns the sweep.json content."""
-    from debias_plugin.sweep.runner import _write_text
-
     from debias_plugin.sweep.compare import stage_seconds
+    from debias_plugin.sweep.runner import _write_text
 
     content, run = collect(sweep, studies, base=base)
     timed = {p["name"]: stage_seconds(out, p["model"]) for p in content["points"]}
