@@ -132,6 +132,23 @@ def test_a_sweep_stopped_partway_gives_its_base_but_no_choice(study_run, tmp_pat
     assert rows[("gpt2", "negate")] == full[("gpt2", "negate")]  # a finished sweep is untouched
 
 
+def test_a_sweep_that_chose_its_base_has_no_stage_time(study_run, tmp_path):
+    """A built-in base has default-model's manifest; its materialising time is not the method's stage time."""
+    path, out, _ = study_run
+    for saved in out.glob("*/*/sweep.json"):
+        target = tmp_path / saved.relative_to(out)
+        target.parent.mkdir(parents=True)
+        content = json.loads(saved.read_text())
+        assert all(p["role"] != "reference" or p["name"] not in content["run"]["stage_seconds"]
+                   for p in content["points"])
+        content["run"]["stage_seconds"]["base"] = 88.0  # as sweep.json files before the fix recorded it
+        target.write_text(json.dumps(content))
+    render_study(tmp_path, load_study(path))
+    rows = {(r["model"], r["method"]): r for r in json.loads((tmp_path / "study.json").read_text())["rows"]}
+    assert rows[("gpt2", "finetune")]["setting"] == "base"  # finetune's 2 steps at lr 1e-3 do not beat the base
+    assert rows[("gpt2", "finetune")]["stage_seconds"] is None
+
+
 @pytest.mark.parametrize("timings, expected", [({"merge_s": 0.039, "verify_s": 0.001}, 0.0),
                                                 ({"wall_seconds": 12.5, "train_s": 11.0}, 12.5), ({}, None)])
 def test_stage_time_of_a_fast_merge_is_zero_not_unknown(tmp_path, timings, expected):

@@ -302,8 +302,10 @@ def table_rows(out: Path, study: Study, results: dict[tuple[str, str], dict]) ->
                 continue
             setting = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
             recorded = content.get("run", {}).get("stage_seconds", {}).get(best["name"])
+            seconds = stage_seconds(folder, best.get("model")) if recorded is None else recorded
             chosen.append({**row, "setting": setting or "base", "metrics": best["metrics"], "suite": best["suite"],
-                           "stage_seconds": stage_seconds(folder, best.get("model")) if recorded is None else recorded})
+                           # the base chosen: no stage ran (a built-in base's manifest is default-model's)
+                           "stage_seconds": None if best["role"] == "reference" else seconds})
         rows.append({"model": model, "method": "base", "setting": "-", "metrics": base_metrics})
         rows += chosen
     for row in rows:
