@@ -109,7 +109,8 @@ def test_the_table_renders_from_the_saved_sweep_files_alone(study_run, tmp_path)
     assert sum(cell not in ("", "-") for cell in stage_column) >= 4, stage_column  # trained and merged points
 
 
-def test_a_sweep_stopped_partway_gives_its_base_but_no_choice(study_run, tmp_path):
+@pytest.mark.parametrize("unfinished", ["planned point", "search"])
+def test_a_sweep_stopped_partway_gives_its_base_but_no_choice(study_run, tmp_path, unfinished):
     """A partial sweep.json (`debias sweep report` after a kill) fills the base row; its row stays pending."""
     path, out, _ = study_run
     for saved in out.glob("*/*/sweep.json"):
@@ -120,7 +121,10 @@ def test_a_sweep_stopped_partway_gives_its_base_but_no_choice(study_run, tmp_pat
     partial = tmp_path / "llama" / "negate" / "sweep.json"
     content = json.loads(partial.read_text())
     *scored, missing = content["points"]  # as if the run had stopped before its last point
-    content.update(points=scored, pending={"screen": [missing["name"]], "full": []})
+    if unfinished == "search":  # a budget search that has not converged lists no planned points
+        content.update(points=scored, search={**(content.get("search") or {}), "finished": False})
+    else:
+        content.update(points=scored, pending={"screen": [missing["name"]], "full": []})
     partial.write_text(json.dumps(content))
     render_study(tmp_path, load_study(path))
     rows = {(r["model"], r["method"]): r for r in json.loads((tmp_path / "study.json").read_text())["rows"]}
