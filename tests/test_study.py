@@ -161,7 +161,7 @@ def test_stage_time_of_a_fast_merge_is_zero_not_unknown(tmp_path, timings, expec
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / MANIFEST_NAME).write_text(json.dumps({"timings": timings}))
-    assert stage_seconds(tmp_path, "model") == expected
+    assert stage_seconds(tmp_path, {"role": "search", "model": "model"}) == expected
 
 
 def test_rerun_resumes_without_training_or_evaluating(study_run, monkeypatch):

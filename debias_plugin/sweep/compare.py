@@ -233,14 +233,17 @@ def _check_prepared(folder: Path, config, method) -> None:
 
 # ------------------------------------------------------------------------------------------------ the table
 
-def stage_seconds(out: Path, model: str | None) -> float | None:
-    """The stage's own time from the model's manifest (a checkpoint's: its run's); sweep.json keeps a copy, so a
-    table renders from saved sweep files alone."""
+def stage_seconds(out: Path, point: dict, recorded: float | None = None) -> float | None:
+    """A sweep point's stage time: sweep.json's copy (`recorded`, so a table renders from saved sweep files alone),
+    else the model's manifest (a checkpoint's: its run's); none for the base, where no stage ran (a built-in base's
+    manifest holds default-model's time)."""
     from debias_plugin.outputs import MANIFEST_NAME, read_manifest
 
-    if not model:
+    if point["role"] == "reference" or not point.get("model"):
         return None
-    folder = (out / model).resolve()
+    if recorded is not None:
+        return recorded
+    folder = (out / point["model"]).resolve()
     if folder.parent.name.endswith(".snapshots"):
         folder = folder.parent.with_name(folder.parent.name.removesuffix(".snapshots"))
     if not (folder / MANIFEST_NAME).is_file():  # the base model itself
@@ -302,10 +305,8 @@ def table_rows(out: Path, study: Study, results: dict[tuple[str, str], dict]) ->
                 continue
             setting = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
             recorded = content.get("run", {}).get("stage_seconds", {}).get(best["name"])
-            seconds = stage_seconds(folder, best.get("model")) if recorded is None else recorded
             chosen.append({**row, "setting": setting or "base", "metrics": best["metrics"], "suite": best["suite"],
-                           # the base chosen: no stage ran (a built-in base's manifest is default-model's)
-                           "stage_seconds": None if best["role"] == "reference" else seconds})
+                           "stage_seconds": stage_seconds(folder, best, recorded)})
         rows.append({"model": model, "method": "base", "setting": "-", "metrics": base_metrics})
         rows += chosen
     for row in rows:

@@ -178,7 +178,7 @@ def render(out: Path, sweep: Sweep, studies: Studies, *, base: Path | None = Non
     from debias_plugin.sweep.runner import _write_text
 
     content, run = collect(sweep, studies, base=base)
-    timed = {p["name"]: stage_seconds(out, p["model"]) for p in content["points"] if p["role"] != "reference"}
+    timed = {p["name"]: stage_seconds(out, p) for p in content["points"]}
     run["stage_seconds"] = {name: seconds for name, seconds in timed.items() if seconds is not None}
     (out / PLOTS).mkdir(exist_ok=True)
     plots = plot(out / PLOTS, sweep, content)
