@@ -1,11 +1,30 @@
-"""Config files in YAML (gate, sweep): safe_load plus the line of every key, and one error listing every problem."""
+"""Config files in YAML (gate, sweep, study): safe_load plus the line of every key, pydantic's errors turned into
+line-numbered problems, and one error listing every problem."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, ValidationError
 
 from debias_plugin.errors import DataError
+
+KeysAt = Callable[[tuple], Collection[str]]  # a key path -> the keys its mapping allows (() for free-form maps)
+
+
+def _pattern(regex: str, expected: str):
+    def check(value: str) -> str:
+        if not re.fullmatch(regex, value):
+            raise ValueError(expected)
+        return value
+    return AfterValidator(check)
+
+
+TaskMetric = Annotated[str, _pattern(r"[^/\s]+/[^/\s]+", "expected task/metric, e.g. crows_bias/pct_stereotype")]
+Label = Annotated[str, _pattern(r"[A-Za-z0-9_.-]+", "labels use letters, digits, '_', '.', '-'")]
 
 
 class ConfigFileError(DataError):
@@ -33,6 +52,39 @@ def line_of(lines: dict[tuple, int], loc) -> int:
     while loc not in lines:
         loc = loc[:-1]
     return lines[loc]
+
+
+def written_loc(loc, lines: dict[tuple, int], keys_at: KeysAt) -> tuple:
+    """pydantic's error location cut where the file stops naming it: no union-member tags ('int', 'literal[...]')
+    or '[key]' markers, but a missing key the schema allows is kept."""
+    kept: list = []
+    for element in loc:
+        here = tuple(kept + [element])
+        if here not in lines and not (isinstance(element, str) and element in keys_at(here)):
+            break
+        kept.append(element)
+    return tuple(kept)
+
+
+def describe_error(error: dict, loc: tuple, keys_at: KeysAt) -> str:
+    """One pydantic error as a sentence: an unknown key with the keys allowed there, a wrong value quoted."""
+    if error["type"] == "extra_forbidden":
+        return f"unknown key '{loc[-1]}'; allowed keys: {', '.join(keys_at(loc))}"
+    if error["type"] == "missing":
+        return "required key missing"
+    message = error["msg"].removeprefix("Value error, ")
+    if "input" in error and not isinstance(error["input"], (dict, list)):
+        message += f" (found {error['input']!r})"
+    return message
+
+
+def validation_problems(err: ValidationError, lines: dict[tuple, int], keys_at: KeysAt) -> list[tuple[int, str, str]]:
+    """Every error of a pydantic validation as (line, field, message), in line order."""
+    problems = []
+    for error in err.errors():
+        loc = written_loc(error["loc"], lines, keys_at)
+        problems.append((line_of(lines, loc), field_text(loc), describe_error(error, loc, keys_at)))
+    return sorted(problems, key=lambda problem: problem[0])
 
 
 def _node_lines(node, path: tuple, lines: dict[tuple, int], duplicates: list) -> None:

@@ -203,6 +203,12 @@ def test_only_runs_part_and_marks_the_rest_pending(study_run, tmp_path):
     (lambda s: s.replace("sweeps/finetune.yml", "sweeps/nothing.yml"), "does not exist"),
     (lambda s: s.replace("steps: 2,", "steps: -2,"), "prepare.biased"),
     (lambda s: s.replace("method: finetune", "method: dpo"), "prepare.biased"),
+    (lambda s: s.replace("  capable:", "  ../capable:").replace("@capable", "@../capable"),
+     "line 5, field 'prepare.../capable': labels use letters"),  # a prepared stage's name is a folder name
+    (lambda s: s.replace("{file: sweeps/finetune.yml}", "{fiel: sweeps/finetune.yml}"),
+     "field 'sweeps.finetune.fiel': unknown key 'fiel'; allowed keys: file, method, fixed"),
+    (lambda s: s.replace("name: tiny", "name: tiny\nobjective: pct_stereotype"),
+     "line 2, field 'objective': expected task/metric"),
 ])
 def test_bad_study_files_name_the_line_and_field(study_run, tmp_path, edit, expected):
     path, _, _ = study_run

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from debias_plugin.errors import DataError, DebiasError
 from debias_plugin.scoring.gap import gap_source
-from debias_plugin.yamlfile import ConfigFileError, field_text, line_of, read_yaml
+from debias_plugin.yamlfile import ConfigFileError, TaskMetric, field_text, line_of, read_yaml, validation_problems
 
 CHECK_KINDS = ("within", "min", "max", "not_worse_than_baseline", "max_relative_increase")
 BASELINE_KINDS = ("not_worse_than_baseline", "max_relative_increase")
@@ -23,7 +23,7 @@ class CheckConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    metric: str = Field(pattern=r"^[^/\s]+/[^/\s]+$")
+    metric: TaskMetric
     name: str | None = None
     within: list[float] | None = Field(None, min_length=2, max_length=2)
     min: float | None = None
@@ -97,9 +97,6 @@ class GateConfig(BaseModel):
     seed: int = 0
 
 
-_FIELD_NAMES = set(GateConfig.model_fields) | set(CheckConfig.model_fields)
-
-
 def is_results_file(value: str) -> bool:
     return value.lower().endswith(".json")
 
@@ -125,32 +122,10 @@ class Gate:
         return path if path.is_absolute() else (self.path.parent / path).resolve()
 
 
-def _display_loc(loc: tuple, lines: dict[tuple, int]) -> tuple:
-    """pydantic's error location without its union-member tags ('int', 'literal[...]')."""
-    kept: list = []
-    for element in loc:
-        if tuple(kept + [element]) in lines or (isinstance(element, str) and element in _FIELD_NAMES):
-            kept.append(element)
-        else:
-            break
-    return tuple(kept)
-
-
-def _explain(error: dict, loc: tuple) -> str:
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        allowed = CheckConfig.model_fields if "checks" in loc and len(loc) == 3 else GateConfig.model_fields
-        return f"unknown key '{loc[-1]}'; allowed keys: {', '.join(allowed)}"
-    if kind == "missing":
-        return "required key missing"
-    if kind == "string_pattern_mismatch" and loc[-1:] == ("metric",):
-        return f"expected task/metric, e.g. crows_bias/pct_stereotype (found {error['input']!r})"
-    message = error["msg"]
-    if message.startswith("Value error, "):
-        message = message[len("Value error, "):]
-    if kind not in ("value_error",) and "input" in error and not isinstance(error["input"], (dict, list)):
-        message += f" (found {error['input']!r})"
-    return message
+def _keys_at(loc: tuple) -> tuple[str, ...]:
+    if len(loc) == 3 and loc[0] == "checks":
+        return tuple(CheckConfig.model_fields)
+    return tuple(GateConfig.model_fields) if len(loc) == 1 else ()
 
 
 class GateFileError(ConfigFileError):
@@ -170,11 +145,7 @@ def load_gate(path: str | Path) -> Gate:
     try:
         config = GateConfig.model_validate(data)
     except ValidationError as err:
-        problems = []
-        for error in err.errors():
-            loc = _display_loc(tuple(error["loc"]), lines)
-            problems.append((line_of(lines, loc), field_text(loc), _explain(error, loc)))
-        raise GateFileError(path, sorted(problems, key=lambda problem: problem[0])) from None
+        raise GateFileError(path, validation_problems(err, lines, _keys_at)) from None
     gate = Gate(path, config, lines)
     problems = [(gate.line(*loc), field_text(loc), message) for loc, message in _cross_field_problems(config)]
     if problems:

@@ -29,11 +29,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from debias_plugin.errors import DebiasError
-from debias_plugin.yamlfile import ConfigFileError, field_text, line_of, read_yaml
+from debias_plugin.yamlfile import (ConfigFileError, Label, TaskMetric, field_text, line_of, read_yaml,
+                                    validation_problems)
 
 STUDY_FILE = "study.yml"
 PREPARED = "prepared"
-_LABEL = r"^[A-Za-z0-9_.-]+$"
 CROWS, CROWS_TYPES = "crows_bias", ("race_color", "gender", "socioeconomic", "nationality", "religion", "age",
                                     "sexual_orientation", "physical_appearance", "disability")
 COLUMNS = {"SS": "stereoset_bias/ss", "LMS": "stereoset_bias/lms", "ICAT": "stereoset_bias/icat",
@@ -55,11 +55,11 @@ class SweepEntry(BaseModel):
 
 class StudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    name: str | None = Field(None, pattern=_LABEL)
-    models: dict[str, str] = Field(min_length=1)
-    prepare: dict[str, PrepareEntry] = {}
-    sweeps: dict[str, SweepEntry] = Field(min_length=1)
-    objective: str | None = None  # one rule for every sweep (each sweep file's own when absent)
+    name: Label | None = None
+    models: dict[Label, str] = Field(min_length=1)
+    prepare: dict[Label, PrepareEntry] = {}
+    sweeps: dict[Label, SweepEntry] = Field(min_length=1)
+    objective: TaskMetric | None = None  # one rule for every sweep (each sweep file's own when absent)
     budget: dict[str, dict[str, float]] | None = None
 
 
@@ -72,12 +72,8 @@ class Study:
         try:
             self.config = StudyConfig.model_validate(data)
         except ValidationError as err:
-            raise self._error([(tuple(e["loc"]), e["msg"].removeprefix("Value error, "))
-                               for e in err.errors()]) from None
-        problems = [(("models", m), "labels use letters, digits, '_', '.', '-'") for m in self.config.models
-                    if not _is_label(m)]
-        problems += [(("sweeps", s), "labels use letters, digits, '_', '.', '-'") for s in self.config.sweeps
-                     if not _is_label(s)]
+            raise ConfigFileError(path, validation_problems(err, self.lines, _keys_at), "study") from None
+        problems = []
         for label, entry in self.config.sweeps.items():
             for key, value in entry.fixed.items():
                 if isinstance(value, str) and value.startswith("@") and value[1:] not in self.config.prepare:
@@ -168,10 +164,10 @@ class Study:
         return plan
 
 
-def _is_label(text: str) -> bool:
-    import re
-
-    return re.fullmatch(_LABEL, text) is not None
+def _keys_at(loc: tuple) -> tuple[str, ...]:
+    if len(loc) == 3 and loc[0] in ("prepare", "sweeps"):
+        return tuple((PrepareEntry if loc[0] == "prepare" else SweepEntry).model_fields)
+    return tuple(StudyConfig.model_fields) if len(loc) == 1 else ()
 
 
 def load_study(path: str | Path) -> Study:

@@ -31,7 +31,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from debias_plugin.errors import DebiasError
-from debias_plugin.yamlfile import ConfigFileError, field_text, line_of, read_yaml
+from debias_plugin.yamlfile import (ConfigFileError, Label, TaskMetric, describe_error, field_text, line_of, read_yaml,
+                                    validation_problems)
 
 NEGATE = "negate"
 NEGATE_KNOB = "lambda"
@@ -90,7 +91,7 @@ class SweepConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Label | None = None
     base: str
     method: str
     fixed: dict[str, Any] = Field(default_factory=dict)
@@ -101,9 +102,9 @@ class SweepConfig(BaseModel):
     checkpoints: list[int] | None = Field(None, min_length=1)
     evaluate: list[str] = Field(min_length=1)
     screen: list[str] | None = Field(None, min_length=1)
-    objective: str = Field(pattern=r"^[^/\s]+/[^/\s]+$")
+    objective: TaskMetric
     target: float = 50.0
-    budget: dict[str, BudgetRule] = Field(default_factory=dict)
+    budget: dict[TaskMetric, BudgetRule] = Field(default_factory=dict)
     limit: int | None = Field(None, ge=1)
     batch_size: int | Literal["auto"] = 16
     device: str | None = None
@@ -111,9 +112,6 @@ class SweepConfig(BaseModel):
     alpha: float = Field(0.05, gt=0, le=0.5)
     resamples: int = Field(1000, ge=100)
     seed: int = 0
-
-
-_TOP_FIELDS = set(SweepConfig.model_fields)
 
 
 @dataclass(frozen=True)
@@ -292,28 +290,10 @@ class SweepFileError(ConfigFileError):
         super().__init__(path, problems, "sweep")
 
 
-def _display_loc(loc: tuple, lines: dict[tuple, int]) -> tuple:
-    """pydantic's error location without its union-member tags ('int', 'literal[...]')."""
-    kept: list = []
-    for element in loc:
-        if tuple(kept + [element]) in lines or (not kept and element in _TOP_FIELDS) or isinstance(element, str) and kept and kept[0] == "budget" and len(kept) == 2:
-            kept.append(element)
-        else:
-            break
-    return tuple(kept)
-
-
-def _explain(error: dict, loc: tuple) -> str:
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        allowed = BudgetRule.model_fields if loc[:1] == ("budget",) else SweepConfig.model_fields
-        return f"unknown key '{loc[-1]}'; allowed keys: {', '.join(allowed)}"
-    if kind == "missing":
-        return "required key missing"
-    message = error["msg"].removeprefix("Value error, ")
-    if "input" in error and not isinstance(error["input"], (dict, list)):
-        message += f" (found {error['input']!r})"
-    return message
+def _keys_at(loc: tuple) -> tuple[str, ...]:
+    if len(loc) == 3 and loc[0] == "budget":
+        return tuple(BudgetRule.model_fields)
+    return tuple(SweepConfig.model_fields) if len(loc) == 1 else ()
 
 
 def _expand(value, loc: tuple, problems: list, lines):
@@ -358,10 +338,7 @@ def load_sweep(path: str | Path, *, text: str | None = None) -> Sweep:
     try:
         config = SweepConfig.model_validate(data)
     except ValidationError as err:
-        for error in err.errors():
-            loc = _display_loc(tuple(error["loc"]), lines)
-            problems.append((line_of(lines, loc), field_text(loc), _explain(error, loc)))
-        raise SweepFileError(path, problems) from None
+        raise SweepFileError(path, validation_problems(err, lines, _keys_at)) from None
     sweep = Sweep(path, text, config, lines)
     problems = [(sweep.line(*loc), field_text(loc), message) for loc, message in _plan_problems(sweep)]
     if not problems:
@@ -414,11 +391,7 @@ def _plan_problems(sweep: Sweep) -> list[tuple[tuple, str]]:
     needed = [("objective",)] + [("budget", metric) for metric in config.budget]
     screen = sweep.screen_tasks if not problems else []
     for loc in needed:
-        metric = config.objective if loc == ("objective",) else loc[1]
-        if not re.fullmatch(r"[^/\s]+/[^/\s]+", metric):
-            problems.append((loc, f"name a metric as task/metric, e.g. wikitext2_ppl/word_perplexity (found '{metric}')"))
-            continue
-        task = metric.split("/")[0]
+        task = (config.objective if loc == ("objective",) else loc[1]).split("/")[0]
         if config.screen and task not in screen and not any(_covers(group, [task]) for group in screen):
             problems.append((loc, f"the task '{task}' must be in screen: every point needs it"))
     if sweep.is_negate:
@@ -552,7 +525,8 @@ def training_settings(sweep: Sweep, settings: dict, output: Path, *, base: str) 
             loc = ("checkpoints",)
         else:
             loc = ("fixed",)
-        return _OptionError(loc, _explain(error, loc) if error["type"] != "extra_forbidden" else error["msg"])
+        message = error["msg"] if error["type"] == "extra_forbidden" else describe_error(error, loc, _keys_at)
+        return _OptionError(loc, message)
 
     try:
         train_config = TrainConfig.model_validate(shared)
