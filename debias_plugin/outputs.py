@@ -123,8 +123,18 @@ class OutputFolder:
         return out
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write beside the target, then rename over it: a reader never sees half a file, a failure leaves none."""
+    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        staging.write_text(text, encoding="utf-8")
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
 def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    write_text_atomically(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def sha256_file(path: str | Path) -> str:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import click
 
 
@@ -15,16 +12,6 @@ def _test_names(ctx, param, value: str | None) -> list[str] | None:
     if not names:
         raise click.BadParameter("expected comma-separated SEAT test names (file stems, e.g. sent-weat6,sent-weat7)")
     return names
-
-
-def write_json_file(path: Path, text: str) -> None:
-    """Write beside the target, then rename: a reader never sees half a file."""
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        staging.write_text(text, encoding="utf-8")
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
 
 
 @click.command("seat")
@@ -56,7 +43,7 @@ def seat_command(model, tests, pooling, output, force, seat_dir, n_samples, seed
     resolve_seat_tests(tests, seat_dir)  # unknown test names fail before the model loads
     out = None
     if output:
-        from debias_plugin.outputs import OutputFolder
+        from debias_plugin.outputs import OutputFolder, write_text_atomically
 
         target = OutputFolder(output, inputs=[model, seat_dir], force=force)  # checks only; we write one file
         out = target.path
@@ -68,5 +55,5 @@ def seat_command(model, tests, pooling, output, force, seat_dir, n_samples, seed
     if out is not None:
         target.check_replaceable()
         out.parent.mkdir(parents=True, exist_ok=True)
-        write_json_file(out, report_to_json(report))
+        write_text_atomically(out, report_to_json(report))
         click.echo(f"Wrote {out}")

@@ -6,13 +6,13 @@ import dataclasses
 import math
 import os
 import socket
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 from debias_plugin.errors import DebiasError
 from debias_plugin.gate.checks import CheckResult
+from debias_plugin.outputs import write_text_atomically
 
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 REPORT_SCHEMA = "debias_plugin.gate-report/1"
@@ -194,15 +194,6 @@ def check_report_path(path: str | Path, option: str, inputs: list[Path]) -> Path
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
         raise DebiasError(f"{option} {path}: the folder {path.parent} does not exist or is not writable.")
     return path
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        staging.write_text(text, encoding="utf-8")
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
 
 
 def write_reports(report: GateReport, *, junit: str | Path | None = None, json_path: str | Path | None = None,

@@ -185,7 +185,8 @@ def run_study(path: str | Path, out: str | Path, *, force: bool = False, only: l
     import shutil
 
     from debias_plugin.outputs import MANIFEST_NAME
-    from debias_plugin.sweep.runner import _write_text, resolve_base, run_sweep
+    from debias_plugin.outputs import write_text_atomically
+    from debias_plugin.sweep.runner import resolve_base, run_sweep
     from debias_plugin.training import train
 
     study, out = load_study(path), Path(out).expanduser().resolve()
@@ -197,7 +198,7 @@ def run_study(path: str | Path, out: str | Path, *, force: bool = False, only: l
                               "an edited study file: each sweep and prepared stage checks its own settings).")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    _write_text(out / STUDY_FILE, study.text)
+    write_text_atomically(out / STUDY_FILE, study.text)
     for model, parts in plan.items():
         base = resolve_base(next(iter(parts["sweeps"].values()))) if parts["prepare"] else None
         for config, method in parts["prepare"].values():
@@ -208,7 +209,7 @@ def run_study(path: str | Path, out: str | Path, *, force: bool = False, only: l
                 train(config, method)
         (out / model).mkdir(exist_ok=True)  # a part with no prepared stage has nothing else that makes it
         for label, sweep in parts["sweeps"].items():
-            _write_text(out / model / f"{label}.yml", sweep.text)
+            write_text_atomically(out / model / f"{label}.yml", sweep.text)
             run_sweep(out / model / f"{label}.yml", out / model / label)
     return render_study(out, study)
 
@@ -335,7 +336,7 @@ def _number(value, digits=1) -> str:
 
 def render_study(out: Path, study: Study | None = None) -> Path:
     """study.json, study.csv, study.md and plots/ from the sweeps' folders alone (no evaluation)."""
-    from debias_plugin.sweep.runner import _write_text
+    from debias_plugin.outputs import write_text_atomically
 
     study = study or load_study(out / STUDY_FILE)
     results = sweep_results(out, study)
@@ -362,10 +363,10 @@ def render_study(out: Path, study: Study | None = None) -> Path:
         writer.writerow(cells)
     plots = plot_tradeoffs(out, study, results)
     lines += ["", *(f"![{name}](plots/{name}.png)" for name in plots), ""]
-    _write_text(out / "study.json", json.dumps({"study": study.config.model_dump(mode="json"), "rows": rows},
+    write_text_atomically(out / "study.json", json.dumps({"study": study.config.model_dump(mode="json"), "rows": rows},
                                                indent=2, sort_keys=True) + "\n")
-    _write_text(out / "study.csv", buffer.getvalue())
-    _write_text(out / "study.md", "\n".join(lines))
+    write_text_atomically(out / "study.csv", buffer.getvalue())
+    write_text_atomically(out / "study.md", "\n".join(lines))
     return out / "study.md"
 
 

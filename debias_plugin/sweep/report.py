@@ -34,14 +34,14 @@ def write_state(out: Path, sweep: Sweep, url: str, *, external: bool) -> None:
     """Where the study lives, for `debias sweep report DIR` (a URL with a password is not written down)."""
     from sqlalchemy.engine import make_url
 
-    from debias_plugin.sweep.runner import _write_text
+    from debias_plugin.outputs import write_text_atomically
 
     try:
         secret = make_url(url).password is not None
     except Exception:
         secret = True
     state = {"study": sweep.study_name, "storage": None if not external else (None if secret else url)}
-    _write_text(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
+    write_text_atomically(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ collect
@@ -175,16 +175,16 @@ def full_suite_keys(sweep: Sweep, studies: Studies) -> list[str]:
 def render(out: Path, sweep: Sweep, studies: Studies, *, base: Path | None = None) -> dict:
     """Write sweep.json, sweep.csv, report.md and the plots into DIR; returns the sweep.json content."""
     from debias_plugin.sweep.compare import stage_seconds
-    from debias_plugin.sweep.runner import _write_text
+    from debias_plugin.outputs import write_text_atomically
 
     content, run = collect(sweep, studies, base=base)
     timed = {p["name"]: stage_seconds(out, p) for p in content["points"]}
     run["stage_seconds"] = {name: seconds for name, seconds in timed.items() if seconds is not None}
     (out / PLOTS).mkdir(exist_ok=True)
     plots = plot(out / PLOTS, sweep, content)
-    _write_text(out / "sweep.json", json.dumps({**content, "run": run}, indent=2, sort_keys=True) + "\n")
-    _write_text(out / "sweep.csv", table_csv(sweep, content))
-    _write_text(out / "report.md", markdown(sweep, content, run, plots))
+    write_text_atomically(out / "sweep.json", json.dumps({**content, "run": run}, indent=2, sort_keys=True) + "\n")
+    write_text_atomically(out / "sweep.csv", table_csv(sweep, content))
+    write_text_atomically(out / "report.md", markdown(sweep, content, run, plots))
     return content
 
 

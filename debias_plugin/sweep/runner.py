@@ -76,15 +76,9 @@ class Shard:
         return position % self.count == self.index
 
 
-def _write_text(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    staging.write_text(text, encoding="utf-8")
-    os.replace(staging, path)
-
-
 def prepare_folder(sweep: Sweep, out: Path, *, force: bool, inputs: list[Path]) -> None:
     """DIR is new, or holds this same sweep (resume); another sweep's folder is replaced only with --force."""
-    from debias_plugin.outputs import overlaps
+    from debias_plugin.outputs import overlaps, write_text_atomically
 
     for given in inputs:
         if overlaps(out, given.resolve()):
@@ -102,7 +96,7 @@ def prepare_folder(sweep: Sweep, out: Path, *, force: bool, inputs: list[Path]) 
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / SWEEP_FILE).is_file():
-        _write_text(out / SWEEP_FILE, sweep.text)
+        write_text_atomically(out / SWEEP_FILE, sweep.text)
 
 
 def _same_sweep(path: Path, sweep: Sweep) -> bool:
