@@ -123,11 +123,14 @@ def materialize_default_model(out_dir: str | Path | None = None) -> Path:
     return materialize_builtin(DEFAULT_MODEL, out_dir)
 
 
+def is_builtin(value: str | Path) -> bool:
+    """`default` or `builtin:NAME`: a model this package materialises rather than a folder."""
+    return str(value) == "default" or str(value).startswith(BUILTIN_PREFIX)
+
+
 def resolve_model(value: str | Path) -> str:
     """A model argument: `default` or `builtin:NAME` -> the materialised folder; anything else as given."""
     text = str(value)
-    if text == "default":
-        return str(materialize_default_model())
-    if text.startswith(BUILTIN_PREFIX):
-        return str(materialize_builtin(text.removeprefix(BUILTIN_PREFIX)))
-    return text
+    if not is_builtin(text):
+        return text
+    return str(materialize_builtin(text.removeprefix(BUILTIN_PREFIX) if text != "default" else DEFAULT_MODEL))

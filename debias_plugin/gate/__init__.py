@@ -11,8 +11,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from debias_plugin.default_model import is_builtin, resolve_model
 from debias_plugin.errors import DebiasError
-from debias_plugin.gate.config import DEFAULT_MODEL, Gate, is_results_file, load_gate
+from debias_plugin.gate.config import Gate, is_results_file, load_gate
 from debias_plugin.gate.report import GateReport, markdown_summary, junit_xml, terminal_table, write_reports
 from debias_plugin.gate.results import Results, read_results, results_from_dict
 
@@ -30,7 +31,7 @@ def gate_inputs(gate: Gate) -> list[Path]:
     """Files and folders the gate reads (report files must not overwrite them)."""
     inputs = [gate.path]
     for value in (gate.config.model, gate.config.results, gate.config.baseline):
-        if value and value != DEFAULT_MODEL:
+        if value and not is_builtin(value):
             inputs.append(gate.resolve(value))
     return inputs
 
@@ -45,9 +46,7 @@ def _results_file(gate: Gate, field: str, value: str) -> _Source:
 
 
 def _model_folder(gate: Gate, field: str, value: str) -> Path:
-    if value == DEFAULT_MODEL or value.startswith("builtin:"):
-        from debias_plugin.default_model import resolve_model
-
+    if is_builtin(value):
         return Path(resolve_model(value))
     path = gate.resolve(value)
     if not (path / "config.json").is_file():

@@ -15,7 +15,6 @@ from debias_plugin.yamlfile import ConfigFileError, TaskMetric, field_text, line
 
 CHECK_KINDS = ("within", "min", "max", "not_worse_than_baseline", "max_relative_increase")
 BASELINE_KINDS = ("not_worse_than_baseline", "max_relative_increase")
-DEFAULT_MODEL = "default"
 
 
 class CheckConfig(BaseModel):

@@ -126,7 +126,7 @@ class Study:
         """{model: {"prepare": {name: (TrainConfig, method)}, "sweeps": {label: Sweep}}}, everything validated
         (a prepared stage's `model` is still the study's name for it until the run resolves it)."""
         from debias_plugin.methods import method_class
-        from debias_plugin.sweep.config import _expand, load_sweep, split_stage_options
+        from debias_plugin.sweep.config import expand_variables, load_sweep, split_stage_options
         from debias_plugin.training import TrainConfig
 
         plan = {}
@@ -147,7 +147,7 @@ class Study:
                     continue
                 loc = ("prepare", name)
                 problems: list = []
-                values = _expand(entry.options, loc + ("options",), problems, self.lines)
+                values = expand_variables(entry.options, loc + ("options",), problems, self.lines)
                 if problems:
                     raise ConfigFileError(self.path, problems, "study")
                 try:

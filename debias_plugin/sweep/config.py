@@ -296,7 +296,7 @@ def _keys_at(loc: tuple) -> tuple[str, ...]:
     return tuple(SweepConfig.model_fields) if len(loc) == 1 else ()
 
 
-def _expand(value, loc: tuple, problems: list, lines):
+def expand_variables(value, loc: tuple, problems: list, lines):
     """${VAR} in strings (recursively); ${DEBIAS_DATA_DIR} falls back to the loaders' data folder."""
     if isinstance(value, str):
         def substitute(match):
@@ -314,9 +314,9 @@ def _expand(value, loc: tuple, problems: list, lines):
 
         return _VARIABLE.sub(substitute, value)
     if isinstance(value, list):
-        return [_expand(item, loc + (i,), problems, lines) for i, item in enumerate(value)]
+        return [expand_variables(item, loc + (i,), problems, lines) for i, item in enumerate(value)]
     if isinstance(value, dict):
-        return {key: _expand(item, loc + (key,), problems, lines) for key, item in value.items()}
+        return {key: expand_variables(item, loc + (key,), problems, lines) for key, item in value.items()}
     return value
 
 
@@ -331,7 +331,7 @@ def load_sweep(path: str | Path, *, text: str | None = None) -> Sweep:
         text = read_text(path)
     data, lines = read_yaml(path, text, "sweep", error=SweepFileError)
     problems: list[tuple[int, str, str]] = []
-    data = {key: (_expand(value, (key,), problems, lines) if key in ("base", "fixed", "grid") else value)
+    data = {key: (expand_variables(value, (key,), problems, lines) if key in ("base", "fixed", "grid") else value)
             for key, value in data.items()}
     if problems:
         raise SweepFileError(path, problems)

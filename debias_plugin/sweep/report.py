@@ -222,9 +222,9 @@ def render_folder(out: str | Path, storage: str | None = None) -> Path:
         raise DebiasError(f"{out}: the sweep's study is in an external storage; pass --storage URL.")
     url = storage_url(url, out)
     studies = Studies.open(open_storage(url), sweep.study_name, sweep.directions, create=False)
-    from debias_plugin.sweep.runner import _is_builtin
+    from debias_plugin.default_model import is_builtin
 
-    base = None if _is_builtin(sweep.config.base) else Path(sweep.config.base).expanduser().resolve()
+    base = None if is_builtin(sweep.config.base) else Path(sweep.config.base).expanduser().resolve()
     content = render(out, sweep, studies, base=base)
     link_best(out, sweep, studies, content, base=base)
     return out

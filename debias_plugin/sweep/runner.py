@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from debias_plugin.default_model import is_builtin, resolve_model
 from debias_plugin.errors import DebiasError
 from debias_plugin.sweep import metrics
 from debias_plugin.sweep.config import (
@@ -106,17 +107,9 @@ def _same_sweep(path: Path, sweep: Sweep) -> bool:
         return False
 
 
-def _is_builtin(value: str) -> bool:
-    from debias_plugin.default_model import BUILTIN_PREFIX
-
-    return value == "default" or value.startswith(BUILTIN_PREFIX)
-
-
 def resolve_base(sweep: Sweep) -> Path:
     """The base model folder: `default` / `builtin:NAME` materialised once, else the given folder."""
-    if _is_builtin(sweep.config.base):
-        from debias_plugin.default_model import resolve_model
-
+    if is_builtin(sweep.config.base):
         return Path(resolve_model(sweep.config.base))
     base = Path(sweep.config.base).expanduser().resolve()
     if not base.is_dir():
@@ -126,7 +119,7 @@ def resolve_base(sweep: Sweep) -> Path:
 
 def _inputs(sweep: Sweep) -> list[Path]:
     paths = []
-    if not _is_builtin(sweep.config.base):
+    if not is_builtin(sweep.config.base):
         paths.append(Path(sweep.config.base).expanduser())
     for key in ("biased", "adapter", "template", "capability", "corpus", "heldout", "retain", "words"):
         value = sweep.config.fixed.get(key)
