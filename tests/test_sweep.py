@@ -372,6 +372,15 @@ def test_budget_search_end_to_end(env, models, tmp_path):
     assert replay.proposal is None and replay.best == search["best_value"]
     chosen = next(p for p in points if p["best"])
     assert float(chosen["params"].get("lambda", 0.0)) == search["best_value"]
+    from debias_plugin.sweep.config import load_sweep
+    from debias_plugin.sweep.report import markdown
+
+    saved, sweep = json.loads((out / "sweep.json").read_text()), load_sweep(out / "sweep.yml")
+    stopped = {**saved, "search": {**search, "finished": False, "next": 0.375}}  # as if killed before its last step
+    report = markdown(sweep, stopped, saved["run"], [])
+    assert "**Not finished**: the budget search not finished (next: lambda 0.375)." in report, report
+    assert f"**Chosen so far: `{content['best_name']}`**" in report
+    assert "**Not finished**" not in markdown(sweep, saved, saved["run"], [])
 
 
 def test_kill_mid_sweep_then_rerun_gives_the_same_sweep_json(grid_run, models, tmp_path):

@@ -272,14 +272,10 @@ def sweep_results(out: Path, study: Study) -> dict[tuple[str, str], dict]:
     return found
 
 
-def _finished(content: dict) -> bool:
-    """A sweep.json written by `debias sweep report` on a stopped sweep lists what it still lacks."""
-    pending = content.get("pending") or {}
-    return not (pending.get("screen") or pending.get("full")) and (content.get("search") or {}).get("finished", True)
-
-
 def table_rows(out: Path, study: Study, results: dict[tuple[str, str], dict]) -> list[dict]:
     """Per model: the base, then each sweep's chosen point (or its reason for having none)."""
+    from debias_plugin.sweep.report import unfinished_work
+
     rows = []
     for model in study.config.models:
         base_metrics: dict = {}
@@ -294,7 +290,7 @@ def table_rows(out: Path, study: Study, results: dict[tuple[str, str], dict]) ->
             best = points.get(content["best"])
             row = {"model": model, "method": label, "evaluated": len(points),
                    "evaluation_seconds": content.get("run", {}).get("evaluation_seconds")}
-            if not _finished(content):  # its base still counts; its best so far is not a choice
+            if unfinished_work(content):  # its base still counts; its best so far is not a choice
                 chosen.append({**row, "note": f"pending: stopped after {len(points)} evaluated point(s)"})
                 continue
             if best is None:

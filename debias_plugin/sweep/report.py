@@ -320,6 +320,21 @@ def _param_cell(sweep: Sweep, point: dict, key: str) -> str:
     return ""
 
 
+def unfinished_work(content: dict) -> list[str]:
+    """What a sweep.json still lacks before its choice is final: planned points, full-suite runs, search steps."""
+    pending, search = content.get("pending") or {}, content.get("search") or {}
+    unfinished = []
+    if pending.get("screen"):
+        names = ", ".join(f"`{name}`" for name in pending["screen"])
+        unfinished.append(f"{len(pending['screen'])} planned point(s) not evaluated yet ({names})")
+    if pending.get("full"):
+        unfinished.append("the full suite not yet run on " + ", ".join(f"`{name}`" for name in pending["full"]))
+    if not search.get("finished", True):
+        step = f" (next: {search['knob']} {search['next']:g})" if search.get("next") is not None else ""
+        unfinished.append(f"the budget search not finished{step}")
+    return unfinished
+
+
 def markdown(sweep: Sweep, content: dict, run: dict, plots: list[str]) -> str:
     config = sweep.config
     budget_text = "; ".join(f"`{m}` {rule.describe()}" for m, rule in config.budget.items()) or "none"
@@ -329,13 +344,7 @@ def markdown(sweep: Sweep, content: dict, run: dict, plots: list[str]) -> str:
              f"with {config.resamples} resamples otherwise)."
              + (f" lm-eval `limit: {config.limit}` (a slice of every task)." if config.limit else ""), ""]
     best = next((p for p in content["points"] if p["best"]), None)
-    pending = content["pending"]
-    unfinished = []
-    if pending["screen"]:
-        names = ", ".join(f"`{name}`" for name in pending["screen"])
-        unfinished.append(f"{len(pending['screen'])} planned point(s) not evaluated yet ({names})")
-    if pending["full"]:
-        unfinished.append("the full suite not yet run on " + ", ".join(f"`{name}`" for name in pending["full"]))
+    unfinished = unfinished_work(content)
     if unfinished:
         lines += [f"**Not finished**: {'; '.join(unfinished)}. The choice below is among the points evaluated so "
                   "far; run the same `debias sweep` command again to finish.", ""]
@@ -355,7 +364,7 @@ def markdown(sweep: Sweep, content: dict, run: dict, plots: list[str]) -> str:
         s = content["search"]
         lines += [f"Budget search over `{s['knob']}` in [{s['range'][0]:g}, {s['range'][1]:g}]: "
                   f"{s['evaluations']} evaluations" + (" (the low end is the base model)" if s["reference_used_as_low_end"] else "")
-                  + f", {s['reason']}." + ("" if s["finished"] else f" Not finished: next {s['next']:g}."), ""]
+                  + f", {s['reason']}.", ""]
         for problem in s["monotonicity_violations"]:
             lines.append(f"- Warning: {problem}; the bisection assumes monotone metrics, so the result may be local.")
     params = _param_columns(content)
