@@ -377,7 +377,7 @@ def plot_tradeoffs(out: Path, study: Study, results: dict[tuple[str, str], dict]
     (out / "plots").mkdir(exist_ok=True)
     for model in study.config.models:
         figure, axis = plt.subplots(figsize=(6.4, 4.4))
-        drawn = False
+        drawn, widest, lowest = False, 0.0, 0.0
         for label in study.config.sweeps:
             content = results.get((model, label))
             if content is None:
@@ -388,6 +388,7 @@ def plot_tradeoffs(out: Path, study: Study, results: dict[tuple[str, str], dict]
             xs = [100 * (p["metrics"][budget]["value"] / base[budget]["value"] - 1) for p in points]
             ys = [p["objective"]["distance"] for p in points]
             axis.plot(xs, ys, marker="o", linewidth=1, label=label)
+            widest, lowest = max([widest, *map(abs, xs)]), min([lowest, *xs])
             for x, y, p in zip(xs, ys, points):
                 if p.get("best"):
                     axis.plot([x], [y], marker="*", markersize=14, color="black")
@@ -396,7 +397,11 @@ def plot_tradeoffs(out: Path, study: Study, results: dict[tuple[str, str], dict]
                 axis.axvline(100 * rule["max_relative_increase"], color="tab:red", linestyle="--")
             drawn = True
         if drawn:
-            axis.set_xlabel("perplexity change vs base (%)")
+            if widest > 100:  # a collapsed model (+2900 %) would squash the budget's few percent into one pixel
+                axis.set_xscale("symlog", linthresh=10)
+                axis.set_xlim(left=lowest - 2)
+            scale = ", linear up to ±10 %, then log" if widest > 100 else ""
+            axis.set_xlabel(f"perplexity change vs base (%){scale}")
             axis.set_ylabel(f"|{objective} - 50|")
             axis.set_title(f"{model}: bias against perplexity (star: chosen, dashed: budget)")
             axis.legend(fontsize=8)

@@ -452,7 +452,11 @@ def plot(folder: Path, sweep: Sweep, content: dict) -> list[str]:
         if best:
             axis.plot([best["budget"][metric]["value"]], [best["objective"]["value"]], "*", color="tab:orange",
                       markersize=16, label=f"chosen: {best['name']}")
-        axis.set_xlabel(metric)
+        shown = [x for x in xs if x is not None]
+        logarithmic = bool(shown) and min(shown) > 0 and max(shown) > 10 * min(shown)  # e.g. a collapsed model
+        if logarithmic:
+            axis.set_xscale("log")
+        axis.set_xlabel(metric + (" (log scale)" if logarithmic else ""))
         axis.set_ylabel(config.objective)
         axis.legend(fontsize=7)
         _save(figure, folder, "bias_vs_budget")
