@@ -133,4 +133,5 @@ def resolve_model(value: str | Path) -> str:
     text = str(value)
     if not is_builtin(text):
         return text
-    return str(materialize_builtin(text.removeprefix(BUILTIN_PREFIX) if text != "default" else DEFAULT_MODEL))
+    name = DEFAULT_MODEL if text == "default" else text.removeprefix(BUILTIN_PREFIX)
+    return str(materialize_builtin(name))

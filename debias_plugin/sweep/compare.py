@@ -184,8 +184,7 @@ def run_study(path: str | Path, out: str | Path, *, force: bool = False, only: l
     a later run with other selectors adds to the same table); returns DIR/study.md."""
     import shutil
 
-    from debias_plugin.outputs import MANIFEST_NAME
-    from debias_plugin.outputs import write_text_atomically
+    from debias_plugin.outputs import MANIFEST_NAME, write_text_atomically
     from debias_plugin.sweep.runner import resolve_base, run_sweep
     from debias_plugin.training import train
 
@@ -359,8 +358,8 @@ def render_study(out: Path, study: Study | None = None) -> Path:
         writer.writerow(cells)
     plots = plot_tradeoffs(out, study, results)
     lines += ["", *(f"![{name}](plots/{name}.png)" for name in plots), ""]
-    write_text_atomically(out / "study.json", json.dumps({"study": study.config.model_dump(mode="json"), "rows": rows},
-                                               indent=2, sort_keys=True) + "\n")
+    table = {"study": study.config.model_dump(mode="json"), "rows": rows}
+    write_text_atomically(out / "study.json", json.dumps(table, indent=2, sort_keys=True) + "\n")
     write_text_atomically(out / "study.csv", buffer.getvalue())
     write_text_atomically(out / "study.md", "\n".join(lines))
     return out / "study.md"

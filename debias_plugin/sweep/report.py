@@ -174,8 +174,8 @@ def full_suite_keys(sweep: Sweep, studies: Studies) -> list[str]:
 
 def render(out: Path, sweep: Sweep, studies: Studies, *, base: Path | None = None) -> dict:
     """Write sweep.json, sweep.csv, report.md and the plots into DIR; returns the sweep.json content."""
-    from debias_plugin.sweep.compare import stage_seconds
     from debias_plugin.outputs import write_text_atomically
+    from debias_plugin.sweep.compare import stage_seconds
 
     content, run = collect(sweep, studies, base=base)
     timed = {p["name"]: stage_seconds(out, p) for p in content["points"]}
