@@ -54,6 +54,18 @@ def line_of(lines: dict[tuple, int], loc) -> int:
     return lines[loc]
 
 
+def schema_keys(root, nested: dict | None = None) -> KeysAt:
+    """keys_at of a file whose top level is the pydantic model `root` and whose `key: {label or index: {...}}`
+    entries are the models in `nested` (e.g. {"checks": CheckConfig})."""
+    nested = nested or {}
+
+    def keys_at(loc: tuple) -> tuple[str, ...]:
+        if len(loc) == 1:
+            return tuple(root.model_fields)
+        return tuple(nested[loc[0]].model_fields) if len(loc) == 3 and loc[0] in nested else ()
+    return keys_at
+
+
 def written_loc(loc, lines: dict[tuple, int], keys_at: KeysAt) -> tuple:
     """pydantic's error location cut where the file stops naming it: no union-member tags ('int', 'literal[...]')
     or '[key]' markers, but a missing key the schema allows is kept."""

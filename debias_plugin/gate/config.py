@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from debias_plugin.errors import DataError, DebiasError
 from debias_plugin.scoring.gap import gap_source
-from debias_plugin.yamlfile import ConfigFileError, TaskMetric, field_text, line_of, read_yaml, validation_problems
+from debias_plugin.yamlfile import (ConfigFileError, TaskMetric, field_text, line_of, read_yaml, schema_keys,
+                                    validation_problems)
 
 CHECK_KINDS = ("within", "min", "max", "not_worse_than_baseline", "max_relative_increase")
 BASELINE_KINDS = ("not_worse_than_baseline", "max_relative_increase")
@@ -121,10 +122,7 @@ class Gate:
         return path if path.is_absolute() else (self.path.parent / path).resolve()
 
 
-def _keys_at(loc: tuple) -> tuple[str, ...]:
-    if len(loc) == 3 and loc[0] == "checks":
-        return tuple(CheckConfig.model_fields)
-    return tuple(GateConfig.model_fields) if len(loc) == 1 else ()
+_keys_at = schema_keys(GateConfig, {"checks": CheckConfig})
 
 
 class GateFileError(ConfigFileError):

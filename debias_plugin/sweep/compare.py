@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from debias_plugin.errors import DebiasError
 from debias_plugin.yamlfile import (ConfigFileError, Label, TaskMetric, field_text, line_of, read_yaml,
-                                    validation_problems)
+                                    schema_keys, validation_problems)
 
 STUDY_FILE = "study.yml"
 PREPARED = "prepared"
@@ -164,10 +164,7 @@ class Study:
         return plan
 
 
-def _keys_at(loc: tuple) -> tuple[str, ...]:
-    if len(loc) == 3 and loc[0] in ("prepare", "sweeps"):
-        return tuple((PrepareEntry if loc[0] == "prepare" else SweepEntry).model_fields)
-    return tuple(StudyConfig.model_fields) if len(loc) == 1 else ()
+_keys_at = schema_keys(StudyConfig, {"prepare": PrepareEntry, "sweeps": SweepEntry})
 
 
 def load_study(path: str | Path) -> Study:
@@ -396,10 +393,11 @@ def plot_tradeoffs(out: Path, study: Study, results: dict[tuple[str, str], dict]
                 axis.axvline(100 * rule["max_relative_increase"], color="tab:red", linestyle="--")
             drawn = True
         if drawn:
+            scale = ""
             if widest > 100:  # a collapsed model (+2900 %) would squash the budget's few percent into one pixel
                 axis.set_xscale("symlog", linthresh=10)
                 axis.set_xlim(left=lowest - 2)
-            scale = ", linear up to ±10 %, then log" if widest > 100 else ""
+                scale = ", linear up to ±10 %, then log"
             axis.set_xlabel(f"perplexity change vs base (%){scale}")
             axis.set_ylabel(f"|{objective} - 50|")
             axis.set_title(f"{model}: bias against perplexity (star: chosen, dashed: budget)")

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from debias_plugin.errors import DebiasError
 from debias_plugin.yamlfile import (ConfigFileError, Label, TaskMetric, describe_error, field_text, line_of, read_yaml,
-                                    validation_problems)
+                                    schema_keys, validation_problems)
 
 NEGATE = "negate"
 NEGATE_KNOB = "lambda"
@@ -290,10 +290,7 @@ class SweepFileError(ConfigFileError):
         super().__init__(path, problems, "sweep")
 
 
-def _keys_at(loc: tuple) -> tuple[str, ...]:
-    if len(loc) == 3 and loc[0] == "budget":
-        return tuple(BudgetRule.model_fields)
-    return tuple(SweepConfig.model_fields) if len(loc) == 1 else ()
+_keys_at = schema_keys(SweepConfig, {"budget": BudgetRule})
 
 
 def expand_variables(value, loc: tuple, problems: list, lines):
