@@ -24,6 +24,12 @@ class DataError(DebiasError, ValueError):
         super().__init__(message + ".")
 
 
+def one_line(err: BaseException, limit: int = 500) -> str:
+    """A library's message as one line of at most `limit` characters, to quote inside our own paragraph."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def describe_library_error(err: BaseException) -> str:
     """One paragraph for an exception raised inside a library we call: what, where it came from, the file."""
     import errno
@@ -33,7 +39,7 @@ def describe_library_error(err: BaseException) -> str:
     frames = traceback.extract_tb(err.__traceback__)
     origin = next((part for frame in reversed(frames) for part in PurePath(frame.filename).parts[-4:]
                    if part in _LIBRARIES), None)
-    message = " ".join(str(err).split()) or type(err).__name__
+    message = one_line(err, 800) or type(err).__name__
     hints = {errno.ENOSPC: " The disk is full: free space or write elsewhere; nothing was published.",
              errno.EACCES: " Permission denied: choose a location you can write.",
              errno.EROFS: " The file system is read-only: choose another location."}
@@ -44,8 +50,6 @@ def describe_library_error(err: BaseException) -> str:
     code = re.search(r"os error (\d+)", message)  # OS errors wrapped by Rust-backed libraries (safetensors)
     if code and int(code.group(1)) in hints:
         return f"{message}.{hints[int(code.group(1))]}"
-    if len(message) > 800:
-        message = message[:800] + " ..."
     source = f" in {origin}" if origin else ""
     return (f"{type(err).__name__}{source}: {message} (set DEBIAS_DEBUG=1 to see the traceback; if the input "
             "looks right, please report it).")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from debias_plugin.errors import DebiasError
+from debias_plugin.errors import DebiasError, one_line
 
 ModelKind = Literal["causal", "masked"]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -84,16 +84,16 @@ def load_model(model_dir: str | Path, *, allow_pickle: bool = False, trust_remot
         )
     except ValueError as err:  # transformers: unrecognized configuration class for the Auto class
         if "configuration class" not in str(err):
-            raise DebiasError(f"{model_dir}: the weights cannot be loaded ({_one_line(err)}).") from None
+            raise DebiasError(f"{model_dir}: the weights cannot be loaded ({one_line(err)}).") from None
         raise DebiasError(f"{model_dir}: architecture {config.model_type!r} has no {head_name} class in "
-                          f"transformers ({_one_line(err)}).") from None
+                          f"transformers ({one_line(err)}).") from None
     except (OSError, RuntimeError) as err:  # truncated or corrupt safetensors, shape mismatches
-        raise DebiasError(f"{model_dir}: the weights cannot be read ({_one_line(err)}); expected complete "
+        raise DebiasError(f"{model_dir}: the weights cannot be read ({one_line(err)}); expected complete "
                           "safetensors files matching config.json.") from None
     except Exception as err:
         if type(err).__name__ != "SafetensorError":
             raise
-        raise DebiasError(f"{model_dir}: a .safetensors file is truncated or corrupt ({_one_line(err)}).") from None
+        raise DebiasError(f"{model_dir}: a .safetensors file is truncated or corrupt ({one_line(err)}).") from None
     head = model.get_output_embeddings()
     head_names = {name for name, module in model.named_modules() if module is head and head is not None}
     missing = [key for key in info.get("missing_keys", []) if any(key.startswith(name) for name in head_names)]
@@ -103,11 +103,6 @@ def load_model(model_dir: str | Path, *, allow_pickle: bool = False, trust_remot
     return model, tokenizer, kind
 
 
-def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text if len(text) <= 500 else text[:500] + " ..."
-
-
 def load_config(model_dir: str | Path, *, trust_remote_code: bool = False):
     """transformers' config of a model folder; an unreadable or remote-code config is one clear error."""
     from transformers import AutoConfig
@@ -115,7 +110,7 @@ def load_config(model_dir: str | Path, *, trust_remote_code: bool = False):
     try:
         return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as err:
-        text = _one_line(err)
+        text = one_line(err)
         if "trust_remote_code" in text:
             raise DebiasError(f"{model_dir}/config.json needs code shipped in the folder (auto_map) to load; "
                               "pass --trust-remote-code only if you trust it.") from None
@@ -129,7 +124,7 @@ def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError, KeyError) as err:
-        raise DebiasError(f"{model_dir}: no usable tokenizer ({_one_line(err)}); expected tokenizer.json or "
+        raise DebiasError(f"{model_dir}: no usable tokenizer ({one_line(err)}); expected tokenizer.json or "
                           "the tokenizer's vocabulary files beside config.json.") from None
     probe = tokenizer("The doctor said she would call them tomorrow.", add_special_tokens=False)["input_ids"]
     unknown = tokenizer.unk_token_id

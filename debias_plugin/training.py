@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 from pydantic import Field, FiniteFloat, model_validator
 
-from debias_plugin.errors import DebiasError
+from debias_plugin.errors import DebiasError, one_line
 from debias_plugin.methods.base import TrainingMethod
 from debias_plugin.options import Options
 from debias_plugin.outputs import MANIFEST_NAME, OutputFolder, manifest  # noqa: F401  (MANIFEST_NAME: API)
@@ -145,14 +145,14 @@ class Run:
         """model.save_pretrained as safetensors; under FSDP from the gathered full state dict."""
         extra = {} if self.full_state is None else {"state_dict": self.full_state}
         config = getattr(model, "config", None)
-        if self.saved_use_cache is None or config is None:
-            model.save_pretrained(folder, safe_serialization=True, **extra)
-            return
-        config.use_cache = self.saved_use_cache
+        restore = self.saved_use_cache is not None and config is not None
+        if restore:
+            config.use_cache = self.saved_use_cache
         try:
             model.save_pretrained(folder, safe_serialization=True, **extra)
         finally:
-            config.use_cache = False
+            if restore:
+                config.use_cache = False
 
     @property
     def device(self):
@@ -394,7 +394,7 @@ class Trainer:
             raise DebiasError(f"{folder} was written by another number of processes or is incomplete; resume "
                               "with the same process count, or delete that folder to start afresh.") from None
         except Exception as err:  # truncated or corrupt: torch raises several unpickling/runtime errors
-            raise DebiasError(f"{folder} is corrupt ({type(err).__name__}: {' '.join(str(err).split())[:300]}); "
+            raise DebiasError(f"{folder} is corrupt ({type(err).__name__}: {one_line(err, 300)}); "
                               f"delete {self.checkpoints} to start afresh.") from None
         if state["fingerprint"] != self._fingerprint():
             raise DebiasError(
@@ -404,7 +404,7 @@ class Trainer:
         try:
             load_model(run.unwrapped, str(folder / "model.safetensors"))
         except Exception as err:  # safetensors' own error type for a truncated file, OSError, shape mismatches
-            raise DebiasError(f"{folder}/model.safetensors is corrupt ({' '.join(str(err).split())[:300]}); "
+            raise DebiasError(f"{folder}/model.safetensors is corrupt ({one_line(err, 300)}); "
                               f"delete {self.checkpoints} to start afresh.") from None
         if run.optimizer is not None:
             run.optimizer.load_state_dict(state["optimizer"])
@@ -501,10 +501,12 @@ class Trainer:
                    "device": str(run.device)}
         with gathered_weights(run):
             if run.is_main:
-                self._save_final(run, manifest(self.method.name, options={**config.model_dump(mode="json"),
+                self._publish(run, self.folder, manifest(self.method.name, options={**config.model_dump(mode="json"),
                                                                           "method": self.method.options()},
                                                inputs={"model": config.model, **self.method.inputs()},
                                                results=results, timings=timings))
+        if run.is_main and not config.keep_checkpoints:
+            shutil.rmtree(self.checkpoints, ignore_errors=True)
         run.accelerator.wait_for_everyone()
         return self.output
 
@@ -517,24 +519,18 @@ class Trainer:
         run.accelerator.wait_for_everyone()
 
     def _write_snapshot(self, run: Run) -> None:
-        folder = OutputFolder(self.snapshots / f"step-{run.step}", force=True)
         record = manifest(self.method.name, options={**self.config.model_dump(mode="json"),
                                                      "method": self.method.options()},
                           inputs={"model": self.config.model}, hash_inputs=False,
                           results={"step": run.step, "losses": list(self.losses)})
+        self._publish(run, OutputFolder(self.snapshots / f"step-{run.step}", force=True), record)
+
+    def _publish(self, run: Run, folder: OutputFolder, record: dict) -> None:
+        """Model, tokenizer and manifest in a staging folder, then one rename: no half-written model folder."""
         with folder.staging() as staging:
             self.method.save(run, staging)
             run.tokenizer.save_pretrained(staging)
             folder.publish(staging, record)
-
-    def _save_final(self, run: Run, record: dict) -> None:
-        """Model, tokenizer and manifest in a staging folder, then one rename: no half-written model folder."""
-        with self.folder.staging() as staging:
-            self.method.save(run, staging)
-            run.tokenizer.save_pretrained(staging)
-            self.folder.publish(staging, record)
-        if not self.config.keep_checkpoints:
-            shutil.rmtree(self.checkpoints, ignore_errors=True)
 
 
 def check_finite(model, step: int, accelerator=None) -> None:

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from debias_plugin.errors import DebiasError
+from debias_plugin.errors import DebiasError, one_line
 from debias_plugin.outputs import pid_alive
 
 logger = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def open_storage(url: str):
                 time.sleep(0.5 * (attempt + 1))
                 continue
             raise DebiasError(f"--storage {url}: Optuna could not open it ({type(err).__name__}: "
-                              f"{' '.join(str(err).split())[:500]}).") from None
+                              f"{one_line(err)}).") from None
 
 
 @dataclass
