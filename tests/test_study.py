@@ -209,6 +209,9 @@ def test_only_runs_part_and_marks_the_rest_pending(study_run, tmp_path):
      "field 'sweeps.finetune.fiel': unknown key 'fiel'; allowed keys: file, method, fixed"),
     (lambda s: s.replace("name: tiny", "name: tiny\nobjective: pct_stereotype"),
      "line 2, field 'objective': expected task/metric"),
+    (lambda s: s.replace("name: tiny", "name: tiny\nbudget: {wikitext2_ppl/word_perplexity: {max_relative: 0.02}}"),
+     "line 2, field 'budget.wikitext2_ppl/word_perplexity.max_relative': unknown key 'max_relative'; allowed keys: "
+     "max_relative_increase, max, min"),  # the study's own line, not one of a derived sweep file
 ])
 def test_bad_study_files_name_the_line_and_field(study_run, tmp_path, edit, expected):
     path, _, _ = study_run

@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from debias_plugin.errors import DebiasError
+from debias_plugin.sweep.config import BudgetRule
 from debias_plugin.yamlfile import (ConfigFileError, Label, TaskMetric, field_text, line_of, read_yaml,
                                     schema_keys, validation_problems)
 
@@ -60,7 +61,7 @@ class StudyConfig(BaseModel):
     prepare: dict[Label, PrepareEntry] = {}
     sweeps: dict[Label, SweepEntry] = Field(min_length=1)
     objective: TaskMetric | None = None  # one rule for every sweep (each sweep file's own when absent)
-    budget: dict[str, dict[str, float]] | None = None
+    budget: dict[TaskMetric, BudgetRule] | None = None
 
 
 class Study:
@@ -103,8 +104,10 @@ class Study:
         entry = self.config.sweeps[label]
         data.update(base=self.config.models[model], fixed={**(data.get("fixed") or {}), **fixed},
                     method=entry.method or data.get("method"))  # the Optuna study's name hashes all of it
-        data.update({key: value for key in ("objective", "budget")
-                     if (value := getattr(self.config, key)) is not None})
+        if self.config.objective is not None:
+            data["objective"] = self.config.objective
+        if self.config.budget is not None:
+            data["budget"] = {metric: rule.model_dump(exclude_none=True) for metric, rule in self.config.budget.items()}
         return f"# {label} of {self.path.name} for {model}, derived from {self.sweep_file(label)}\n" + \
             yaml.safe_dump(data, sort_keys=False)
 
@@ -164,7 +167,7 @@ class Study:
         return plan
 
 
-_keys_at = schema_keys(StudyConfig, {"prepare": PrepareEntry, "sweeps": SweepEntry})
+_keys_at = schema_keys(StudyConfig, {"prepare": PrepareEntry, "sweeps": SweepEntry, "budget": BudgetRule})
 
 
 def load_study(path: str | Path) -> Study:
