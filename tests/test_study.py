@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -206,18 +207,24 @@ def test_only_runs_part_and_marks_the_rest_pending(study_run, tmp_path):
     (lambda s: s.replace("  capable:", "  ../capable:").replace("@capable", "@../capable"),
      "line 5, field 'prepare.../capable': labels use letters"),  # a prepared stage's name is a folder name
     (lambda s: s.replace("{file: sweeps/finetune.yml}", "{fiel: sweeps/finetune.yml}"),
-     "field 'sweeps.finetune.fiel': unknown key 'fiel'; allowed keys: file, method, fixed"),
+     "field 'sweeps.finetune.fiel': unknown key 'fiel'; allowed keys: file, method, fixed, models"),
     (lambda s: s.replace("name: tiny", "name: tiny\nobjective: pct_stereotype"),
      "line 2, field 'objective': expected task/metric"),
     (lambda s: s.replace("name: tiny", "name: tiny\nbudget: {wikitext2_ppl/word_perplexity: {max_relative: 0.02}}"),
      "line 2, field 'budget.wikitext2_ppl/word_perplexity.max_relative': unknown key 'max_relative'; allowed keys: "
      "max_relative_increase, max, min"),  # the study's own line, not one of a derived sweep file
+    (lambda s: s.replace("{file: sweeps/finetune.yml}", "{file: sweeps/finetune.yml, models: {gpt3: {}}}"),
+     "field 'sweeps.finetune.models.gpt3': 'gpt3' is not one of the study's models (gpt2, llama)"),
+    (lambda s: s.replace("{file: sweeps/finetune.yml}", "{file: sweeps/finetune.yml, models: {gpt2: {base: x}}}"),
+     "field 'sweeps.finetune.models.gpt2.base': the study sets 'base' for every model"),
+    (lambda s: s.replace("{file: sweeps/finetune.yml}", "{file: sweeps/finetune.yml, models: {gpt2: {checkpoints: "
+                         "[0]}}}"), "sweeps.finetune (from"),  # the derived sweep's own check, for that model
 ])
 def test_bad_study_files_name_the_line_and_field(study_run, tmp_path, edit, expected):
     path, _, _ = study_run
     bad = path.parent / "bad.yml"
     bad.write_text(edit(path.read_text()))
-    with pytest.raises(DebiasError, match=expected.replace(".", r"\.").replace("'", "'")):
+    with pytest.raises(DebiasError, match=re.escape(expected)):
         load_study(bad).plan(tmp_path / "out")
     result = subprocess.run([sys.executable, "-c", "from debias_plugin.cli import main; main()", "study", str(bad),
                              "--out", str(tmp_path / "out")], capture_output=True, text=True)
@@ -265,3 +272,25 @@ def test_the_shipped_sweep_and_study_files_are_valid(tmp_path):
         study = load_study(path)
         plan = study.plan(tmp_path / path.stem)
         assert {label for parts in plan.values() for label in parts["sweeps"]} == set(study.config.sweeps)
+
+
+def test_a_sweep_can_take_other_settings_for_one_model(tmp_path):
+    """Per-model keys replace the sweep file's (fixed is merged, "@NAME" resolved); other models keep the file's."""
+    (tmp_path / "sweeps").mkdir()
+    (tmp_path / "sweeps" / "finetune.yml").write_text(FINETUNE_SWEEP.replace("CORPUS", "corpus.txt"))
+    (tmp_path / "sweeps" / "negate.yml").write_text(NEGATE_SWEEP)
+    path = tmp_path / "study.yml"
+    path.write_text(STUDY.format(gpt2="/models/gpt2", llama="/models/llama", corpus="corpus.txt").replace(
+        "{file: sweeps/finetune.yml}", "{file: sweeps/finetune.yml, models: {llama: {checkpoints: [1], "
+        "fixed: {lr: 1.0e-4}}}}").replace(
+        '{file: sweeps/negate.yml, fixed: {biased: "@biased"}}',
+        '{file: sweeps/negate.yml, fixed: {biased: "@biased"}, models: {llama: {fixed: {biased: "@capable"}}}}'))
+    study = load_study(path)
+    derived = {(model, label): yaml.safe_load(study.derived_sweep(model, label, tmp_path / "out"))
+               for model in ("gpt2", "llama") for label in ("finetune", "negate")}
+    assert derived["gpt2", "finetune"]["checkpoints"] == [1, 2] and derived["gpt2", "finetune"]["fixed"]["lr"] == 1e-3
+    assert derived["llama", "finetune"]["checkpoints"] == [1] and derived["llama", "finetune"]["fixed"]["lr"] == 1e-4
+    assert derived["llama", "finetune"]["fixed"]["batch_size"] == 2  # the file's other fixed options stay
+    assert derived["gpt2", "negate"]["fixed"]["biased"] == str(tmp_path / "out" / "gpt2" / "prepared" / "biased")
+    assert derived["llama", "negate"]["fixed"]["biased"] == str(tmp_path / "out" / "llama" / "prepared" / "capable")
+    assert derived["llama", "finetune"]["base"] == "/models/llama"

@@ -7,7 +7,9 @@
     prepare:                     # stage outputs the sweeps read, trained once per model
       dghs_lora: {method: finetune, options: {corpus: ..., column: text, lora: true, steps: 100}}
     sweeps:                      # label -> a sweep file (relative to this file) and the fixed options it changes
-      unlearn: {file: ../sweeps/unlearn_smollm2.yml}
+      unlearn:                   # models: per model, sweep-file keys replaced (fixed: merged), e.g. its own range
+        file: ../sweeps/unlearn_smollm2.yml
+        models: {gemma3-270m: {checkpoints: [2, 4, 6]}}
       npo: {file: ../sweeps/unlearn_smollm2.yml, method: npo}     # another stage over the same sweep
       negate: {file: ../sweeps/negate_smollm2.yml, fixed: {adapter: "@dghs_lora"}}
 
@@ -52,6 +54,7 @@ class SweepEntry(BaseModel):
     file: str
     method: str | None = None  # another stage over the same sweep (npo for unlearn's)
     fixed: dict[str, Any] = {}
+    models: dict[Label, dict[str, Any]] = {}  # per model: sweep-file keys replaced (fixed: merged), e.g. a range
 
 
 class StudyConfig(BaseModel):
@@ -75,10 +78,23 @@ class Study:
         except ValidationError as err:
             raise ConfigFileError(path, validation_problems(err, self.lines, _keys_at), "study") from None
         problems = []
+        own = {"base", "method"} | {key for key in ("objective", "budget") if getattr(self.config, key) is not None}
         for label, entry in self.config.sweeps.items():
-            for key, value in entry.fixed.items():
+            fixed = [(("sweeps", label, "fixed", key), value) for key, value in entry.fixed.items()]
+            for model, override in entry.models.items():
+                loc = ("sweeps", label, "models", model)
+                if model not in self.config.models:
+                    known = ", ".join(self.config.models)
+                    problems.append((loc, f"'{model}' is not one of the study's models ({known})"))
+                for key in sorted(override.keys() & own):
+                    problems.append((loc + (key,), f"the study sets '{key}' for every model; it cannot change here"))
+                if not isinstance(override.get("fixed") or {}, dict):
+                    problems.append((loc + ("fixed",), "expected a mapping of the stage's options"))
+                    continue
+                fixed += [(loc + ("fixed", key), value) for key, value in (override.get("fixed") or {}).items()]
+            for loc, value in fixed:
                 if isinstance(value, str) and value.startswith("@") and value[1:] not in self.config.prepare:
-                    problems.append((("sweeps", label, "fixed", key), f"{value} names no prepare entry"))
+                    problems.append((loc, f"{value} names no prepare entry"))
             if not self.sweep_file(label).is_file():
                 problems.append((("sweeps", label, "file"), f"{self.sweep_file(label)} does not exist"))
         if problems:
@@ -99,9 +115,11 @@ class Study:
 
         path = self.sweep_file(label)
         data, _ = read_yaml(path, read_text(path), "sweep")  # a broken file: its own line-numbered error
-        fixed = {key: str(out / model / PREPARED / value[1:]) if isinstance(value, str) and value.startswith("@")
-                 else value for key, value in self.config.sweeps[label].fixed.items()}
         entry = self.config.sweeps[label]
+        override = dict(entry.models.get(model, {}))
+        fixed = {key: str(out / model / PREPARED / value[1:]) if isinstance(value, str) and value.startswith("@")
+                 else value for key, value in {**entry.fixed, **(override.pop("fixed", None) or {})}.items()}
+        data.update(override)
         data.update(base=self.config.models[model], fixed={**(data.get("fixed") or {}), **fixed},
                     method=entry.method or data.get("method"))  # the Optuna study's name hashes all of it
         if self.config.objective is not None:
