@@ -69,6 +69,15 @@ def _lm_eval_value(sweep_dir: Path, point_name: str, task: str) -> float:
     raise AssertionError(f"no {task} result for {point_name}")
 
 
+def _copy_sweep_files(out: Path, folder: Path, keep=lambda model, label: True) -> None:
+    """What docs/results keeps of a study (each sweep.json), laid out as a study folder."""
+    for saved in out.glob("*/*/sweep.json"):
+        if keep(saved.parent.parent.name, saved.parent.name):
+            target = folder / saved.relative_to(out)
+            target.parent.mkdir(parents=True)
+            shutil.copy(saved, target)
+
+
 def test_study_table_matches_the_sweeps_results(study_run):
     path, out, report = study_run
     rows = json.loads((out / "study.json").read_text())["rows"]
@@ -100,10 +109,7 @@ def test_study_table_matches_the_sweeps_results(study_run):
 def test_the_table_renders_from_the_saved_sweep_files_alone(study_run, tmp_path):
     """What docs/results keeps of a study (each sweep.json) renders the same table, stage times included."""
     path, out, _ = study_run
-    for saved in out.glob("*/*/sweep.json"):
-        target = tmp_path / saved.relative_to(out)
-        target.parent.mkdir(parents=True)
-        shutil.copy(saved, target)
+    _copy_sweep_files(out, tmp_path)
     render_study(tmp_path, load_study(path))  # as `debias study FILE --out DIR --report-only` does
     assert (tmp_path / "study.csv").read_text() == (out / "study.csv").read_text()
     stage_column = [row[-2] for row in list(csv.reader((out / "study.csv").open()))[1:]]
@@ -114,11 +120,7 @@ def test_the_table_renders_from_the_saved_sweep_files_alone(study_run, tmp_path)
 def test_a_sweep_stopped_partway_gives_its_base_but_no_choice(study_run, tmp_path, unfinished):
     """A partial sweep.json (`debias sweep report` after a kill) fills the base row; its row stays pending."""
     path, out, _ = study_run
-    for saved in out.glob("*/*/sweep.json"):
-        if saved.parent.parent.name == "gpt2" or saved.parent.name == "negate":  # llama: only its negate sweep
-            target = tmp_path / saved.relative_to(out)
-            target.parent.mkdir(parents=True)
-            shutil.copy(saved, target)
+    _copy_sweep_files(out, tmp_path, lambda model, label: model == "gpt2" or label == "negate")  # llama: negate only
     partial = tmp_path / "llama" / "negate" / "sweep.json"
     content = json.loads(partial.read_text())
     *scored, missing = content["points"]  # as if the run had stopped before its last point
@@ -152,6 +154,33 @@ def test_a_sweep_that_chose_its_base_has_no_stage_time(study_run, tmp_path):
     rows = {(r["model"], r["method"]): r for r in json.loads((tmp_path / "study.json").read_text())["rows"]}
     assert rows[("gpt2", "finetune")]["setting"] == "base"  # finetune's 2 steps at lr 1e-3 do not beat the base
     assert rows[("gpt2", "finetune")]["stage_seconds"] is None
+
+
+def test_a_base_chosen_because_every_setting_broke_the_budget_says_so(study_run, tmp_path):
+    """Gemma's PCGU and unlearning: the range starts past the budget, which is not "the method cannot help"."""
+    from debias_plugin.sweep.config import load_sweep
+    from debias_plugin.sweep.report import markdown
+
+    path, out, _ = study_run
+    _copy_sweep_files(out, tmp_path)
+    rewritten = tmp_path / "llama" / "finetune" / "sweep.json"
+    content = json.loads(rewritten.read_text())
+    (metric, rule), = content["points"][0]["budget"].items()
+    for point, change in zip(content["points"][1:], (0.30, 0.10)):  # step 1 misses by 30 %, step 2 by 10 %
+        value = rule["reference"] * (1 + change)
+        point.update(feasible=False, best=False, pareto=False,
+                     budget={metric: {**rule, "value": value, "limit": rule["reference"] * 1.01, "holds": False,
+                                      "relative_change": change}})
+    content["points"][0]["best"], content["best"] = True, content["points"][0]["key"]
+    rewritten.write_text(json.dumps(content))
+    render_study(tmp_path, load_study(path))
+    rows = {(r["model"], r["method"]): r for r in json.loads((tmp_path / "study.json").read_text())["rows"]}
+    assert rows[("llama", "finetune")]["setting"] == ("base (every setting tried breaks the budget; closest step=2 "
+                                                      "at +10.0 %)")
+    assert rows[("gpt2", "finetune")]["setting"] == "base"  # within the budget, only farther from the target
+    report = markdown(load_sweep(out / "llama" / "finetune.yml"), content, content["run"], [])
+    assert "every setting tried breaks the budget, the closest being `step_2`" in report
+    assert "+10.0% vs base" in report and "no setting came closer" not in report
 
 
 @pytest.mark.parametrize("timings, expected", [({"merge_s": 0.039, "verify_s": 0.001}, 0.0),

@@ -291,7 +291,7 @@ def sweep_results(out: Path, study: Study) -> dict[tuple[str, str], dict]:
 
 def table_rows(out: Path, study: Study, results: dict[tuple[str, str], dict]) -> list[dict]:
     """Per model: the base, then each sweep's chosen point (or its reason for having none)."""
-    from debias_plugin.sweep.report import unfinished_work
+    from debias_plugin.sweep.report import closest_miss, unfinished_work
 
     rows = []
     for model in study.config.models:
@@ -313,7 +313,11 @@ def table_rows(out: Path, study: Study, results: dict[tuple[str, str], dict]) ->
             if best is None:
                 chosen.append({**row, "note": "no setting within the budget"})
                 continue
-            setting = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+            setting, miss = _setting(best), closest_miss(content)
+            if miss:
+                change = next(c for c in miss["budget"].values() if not c["holds"])["relative_change"]
+                setting = (f"base (every setting tried breaks the budget; closest {_setting(miss)}"
+                           + ("" if change is None else f" at {100 * change:+.1f} %") + ")")
             recorded = content.get("run", {}).get("stage_seconds", {}).get(best["name"])
             chosen.append({**row, "setting": setting or "base", "metrics": best["metrics"], "suite": best["suite"],
                            "stage_seconds": stage_seconds(folder, best, recorded)})
@@ -333,6 +337,10 @@ def table_rows(out: Path, study: Study, results: dict[tuple[str, str], dict]) ->
         ppl, base_ppl = ((m.get(COLUMNS["ppl"]) or {}).get("value") for m in (metrics, base))
         row["ppl_change_percent"] = None if None in (ppl, base_ppl) else 100.0 * (ppl / base_ppl - 1)
     return rows
+
+
+def _setting(point: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point["params"].items())
 
 
 def _cell(metrics: dict | None, key: str, interval: bool = True) -> str:

@@ -335,6 +335,28 @@ def unfinished_work(content: dict) -> list[str]:
     return unfinished
 
 
+def closest_miss(content: dict) -> dict | None:
+    """The setting nearest its budget when every one tried broke it: the base was chosen for want of any other."""
+    settings = [p for p in content["points"] if p["role"] != "reference" and not p["error"]]
+    best = next((p for p in content["points"] if p["best"]), None)
+    if not settings or best is None or best["role"] != "reference":
+        return None
+    if any(all(c["holds"] for c in p["budget"].values()) for p in settings):
+        return None
+
+    def overshoot(point: dict) -> float:  # the worst broken rule, as a fraction of its limit
+        return max(abs(c["value"] - c["limit"]) / abs(c["limit"]) for c in point["budget"].values()
+                   if not c["holds"] and c["value"] is not None and c["limit"])
+
+    return min(settings, key=overshoot)
+
+
+def point_budget(point: dict) -> str:
+    return "; ".join(f"`{m}` {_number(c['value'])} (limit {_number(c['limit'])}"
+                     + (f", {100 * c['relative_change']:+.1f}% vs base" if c["relative_change"] is not None else "")
+                     + ")" for m, c in point["budget"].items())
+
+
 def markdown(sweep: Sweep, content: dict, run: dict, plots: list[str]) -> str:
     config = sweep.config
     budget_text = "; ".join(f"`{m}` {rule.describe()}" for m, rule in config.budget.items()) or "none"
@@ -349,15 +371,16 @@ def markdown(sweep: Sweep, content: dict, run: dict, plots: list[str]) -> str:
         lines += [f"**Not finished**: {'; '.join(unfinished)}. The choice below is among the points evaluated so "
                   "far; run the same `debias sweep` command again to finish.", ""]
     if best:
-        budget = "; ".join(f"`{m}` {_number(c['value'])} (limit {_number(c['limit'])}"
-                           + (f", {100 * c['relative_change']:+.1f}% vs base" if c["relative_change"] is not None else "")
-                           + ")" for m, c in best["budget"].items())
+        budget, miss = point_budget(best), closest_miss(content)
         lines += [f"**{'Chosen so far' if unfinished else 'Chosen'}: `{best['name']}`** — `{config.objective}` "
                   f"{_with_interval(best['metrics'].get(config.objective))}" + (f"; {budget}" if budget else "")
                   + (f". Model: `best/` → `{best['model']}` (its `debias_manifest.json` records how it was made)."
                      if best["role"] != "reference" else
-                     f". That is the base model itself (`best/` → `{best['model']}`): no setting came closer to "
-                     "the target within the budget."), ""]
+                     f". That is the base model itself (`best/` → `{best['model']}`): "
+                     + (f"every setting tried breaks the budget, the closest being `{miss['name']}` "
+                        f"({point_budget(miss)}), so the range starts past what this model allows; try gentler "
+                        "settings (a lower `search` range, earlier `checkpoints`, smaller `grid` values)."
+                        if miss else "no setting came closer to the target within the budget.")), ""]
     else:
         lines += ["**No setting keeps the budget**: nothing was chosen.", ""]
     if content["search"]:
