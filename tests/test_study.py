@@ -183,6 +183,18 @@ def test_a_base_chosen_because_every_setting_broke_the_budget_says_so(study_run,
     assert "+10.0% vs base" in report and "no setting came closer" not in report
 
 
+def test_no_closest_miss_is_claimed_while_a_setting_could_not_be_judged():
+    from debias_plugin.sweep.report import closest_miss
+
+    unjudged = {"holds": False, "value": None, "limit": 46.8, "relative_change": None}
+    points = [{"role": "reference", "best": True, "error": None,
+               "budget": {"ppl": {**unjudged, "holds": True, "value": 45.9, "relative_change": 0.0}}},
+              {"role": "checkpoint", "best": False, "error": None, "budget": {"ppl": unjudged}}]
+    assert closest_miss({"points": points}) is None  # a missing metric is no evidence of a broken budget
+    points[1]["budget"]["ppl"] = {**unjudged, "value": 51.5, "relative_change": 0.12}
+    assert closest_miss({"points": points}) is points[1]
+
+
 @pytest.mark.parametrize("timings, expected", [({"merge_s": 0.039, "verify_s": 0.001}, 0.0),
                                                 ({"wall_seconds": 12.5, "train_s": 11.0}, 12.5), ({}, None)])
 def test_stage_time_of_a_fast_merge_is_zero_not_unknown(tmp_path, timings, expected):

@@ -341,12 +341,12 @@ def closest_miss(content: dict) -> dict | None:
     best = next((p for p in content["points"] if p["best"]), None)
     if not settings or best is None or best["role"] != "reference":
         return None
-    if any(all(c["holds"] for c in p["budget"].values()) for p in settings):
+    judged = all(c["value"] is not None and c["limit"] for p in settings for c in p["budget"].values())
+    if not judged or any(all(c["holds"] for c in p["budget"].values()) for p in settings):
         return None
 
     def overshoot(point: dict) -> float:  # the worst broken rule, as a fraction of its limit
-        return max(abs(c["value"] - c["limit"]) / abs(c["limit"]) for c in point["budget"].values()
-                   if not c["holds"] and c["value"] is not None and c["limit"])
+        return max(abs(c["value"] - c["limit"]) / abs(c["limit"]) for c in point["budget"].values() if not c["holds"])
 
     return min(settings, key=overshoot)
 
