@@ -411,6 +411,41 @@ def test_kill_mid_sweep_then_rerun_gives_the_same_sweep_json(grid_run, models, t
     assert _deterministic(tmp_path / "out" / "sweep.json") == expected
 
 
+def test_a_claim_half_written_is_not_taken_for_stale(tmp_path):
+    """A rival looking between the claim's attribute writes must see it busy, not fail it (CI flake, session 17)."""
+    import optuna
+
+    from debias_plugin.sweep.study import JobBoard, open_storage
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'jobs.db'}"), study_name="s.jobs")
+    rival, seen = JobBoard(study), []
+    rival.pid += 1  # another live process on this host ...
+    elsewhere = JobBoard(study)
+    elsewhere.host = "another-host"  # ... and one on another machine
+
+    class WatchedStudy:  # the claimant's study: after each attribute it writes, both rivals look at the job
+        def __getattr__(self, name):
+            return getattr(study, name)
+
+        def ask(self):
+            trial = study.ask()
+            write = trial.set_user_attr
+
+            def set_user_attr(name, value):
+                write(name, value)
+                seen.append((name, rival.status("job-1"), elsewhere.status("job-1")))
+
+            trial.set_user_attr = set_user_attr
+            return trial
+
+    claimant = JobBoard(WatchedStudy())
+    claimant.pid = os.getppid()  # alive, and not the rival's pid
+    trial = claimant.claim("job-1")
+    assert trial is not None and study.trials[trial.number].state.name == "RUNNING", seen
+    assert [states for _, *states in seen] == [["free", "free"]] * 3 + [["busy", "busy"]], seen
+    assert rival.claim("job-1") is None and elsewhere.claim("job-1") is None
+
+
 def test_two_processes_sharing_one_storage_give_the_same_results(grid_run, models, tmp_path):
     import optuna
 

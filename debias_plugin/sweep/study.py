@@ -132,7 +132,8 @@ class JobBoard:
         if self.status(key) not in ("free", "failed"):
             return None
         trial = self.study.ask()
-        for name, value in (("job", key), ("host", self.host), ("pid", self.pid), ("heartbeat", time.time())):
+        # "job" last: rivals find claims by it, so they never see one without its owner and take it for stale
+        for name, value in (("host", self.host), ("pid", self.pid), ("heartbeat", time.time()), ("job", key)):
             trial.set_user_attr(name, value)
         rivals = [t for t in self._claims(key) if t.state == optuna.trial.TrialState.RUNNING
                   or (t.state == optuna.trial.TrialState.COMPLETE and "error" not in t.user_attrs)]
