@@ -18,3 +18,10 @@ def gap_source(metric: str) -> str | None:
     if name == "ss_gap" or name.startswith("ss_gap_"):
         return "ss" + name[len("ss_gap"):]
     return None
+
+
+def gap_interval(low: float, high: float) -> tuple[float, float]:
+    """The gaps of every percentage in [low, high]: a percentage's interval maps to this interval for its gap."""
+    if low <= NO_PREFERENCE <= high:
+        return 0.0, max(gap(low), gap(high))
+    return min(gap(low), gap(high)), max(gap(low), gap(high))

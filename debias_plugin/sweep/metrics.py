@@ -1,7 +1,8 @@
 """Per-point numbers: every reported lm-eval metric with its interval (the gate's statistics), and the choice.
 
 Intervals: CrowS-style 0/100 outcomes get the exact Clopper-Pearson interval, perplexities (over documents),
-StereoSet SS/LMS/ICAT (over target terms) and other means a percentile bootstrap, all at 1 - alpha.
+StereoSet SS/LMS/ICAT (over target terms) and other means a percentile bootstrap, all at 1 - alpha; a gap
+metric (|x - 50|) the image of its percentage's interval.
 """
 
 from __future__ import annotations
@@ -21,7 +22,14 @@ def finite_or_none(value) -> float | None:
 def _interval(samples, metric: str, alpha: float, resamples: int, seed: int) -> dict | None:
     from debias_plugin.gate import stats
     from debias_plugin.gate.checks import statistic_for
+    from debias_plugin.scoring.gap import gap_interval, gap_source
 
+    if gap_source(metric):  # the samples are the percentage's: map its interval through |x - 50|
+        source = _interval(samples, gap_source(metric), alpha, resamples, seed)
+        if source is None:
+            return None
+        low, high = gap_interval(source["low"], source["high"])
+        return {"low": low, "high": high, "method": source["method"] + ", mapped through |x - 50|"}
     if samples.kind == "binary":
         interval = stats.clopper_pearson(int(round(samples.columns["outcome"].sum())), samples.units, alpha)
         return {"low": interval.low * samples.scale, "high": interval.high * samples.scale, "method": interval.method}
