@@ -439,7 +439,7 @@ def test_a_claim_half_written_is_not_taken_for_stale(tmp_path):
 
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'jobs.db'}"), study_name="s.jobs")
     rival, seen = JobBoard(study), []
-    rival.pid += 1  # another live process on this host ...
+    rival.pid += 1  # another process on this host ...
     elsewhere = JobBoard(study)
     elsewhere.host = "another-host"  # ... and one on another machine
 

@@ -24,8 +24,9 @@ def _interval(samples, metric: str, alpha: float, resamples: int, seed: int) -> 
     from debias_plugin.gate.checks import statistic_for
     from debias_plugin.scoring.gap import gap_interval, gap_source
 
-    if gap_source(metric):  # the samples are the percentage's: map its interval through |x - 50|
-        source = _interval(samples, gap_source(metric), alpha, resamples, seed)
+    percentage = gap_source(metric)
+    if percentage:  # the samples are the percentage's: map its interval through |x - 50|
+        source = _interval(samples, percentage, alpha, resamples, seed)
         if source is None:
             return None
         low, high = gap_interval(source["low"], source["high"])
