@@ -29,8 +29,6 @@ from debias_plugin.paths import data_folder
 logger = logging.getLogger(__name__)
 
 BBQ_RELATIVE_DIR = "bbq"
-BBQ_CATEGORIES = ("Age", "Disability_status", "Gender_identity", "Nationality", "Physical_appearance",
-                  "Race_ethnicity", "Race_x_SES", "Race_x_gender", "Religion", "SES", "Sexual_orientation")
 ANSWER_KEYS = ("ans0", "ans1", "ans2")
 POLARITIES = ("neg", "nonneg")
 CONTEXT_CONDITIONS = ("ambig", "disambig")
