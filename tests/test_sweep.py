@@ -341,21 +341,24 @@ def test_grid_sweep_end_to_end(grid_run, models):
 def test_a_gap_metric_gets_the_interval_of_its_distance_from_50(grid_run):
     """stereotype_gap / ss_gap = |x - 50|: their interval is every |x - 50| for x in x's interval, and holds the value."""
     content = json.loads((grid_run[1] / "sweep.json").read_text())
-    checked = 0
+    checked = [0, 0]
     for point in content["points"]:
         for key, entry in point["metrics"].items():
             task, name = key.split("/", 1)
             source = {"stereotype_gap": "pct_stereotype"}.get(name, "ss" + name[6:] if name.startswith("ss_gap") else None)
-            if source is None or entry.get("low") is None:
+            if source is None:
                 continue
             x = point["metrics"][f"{task}/{source}"]
+            if x.get("low") is None:
+                assert entry.get("low") is None, key
+                continue
             distances = sorted((abs(x["low"] - 50), abs(x["high"] - 50)))
             low = 0.0 if x["low"] <= 50 <= x["high"] else distances[0]
             assert (entry["low"], entry["high"]) == pytest.approx((low, distances[1])), key
             assert entry["low"] <= entry["value"] <= entry["high"], key
             assert entry["method"].endswith("mapped through |x - 50|")
-            checked += 1
-    assert checked >= 4  # CrowS gender on every point, StereoSet on the fully evaluated ones
+            checked[name.startswith("ss_gap")] += 1
+    assert checked[0] >= 3 and checked[1] >= 5  # CrowS gender on every point, StereoSet's five on the fully evaluated
 
 
 def test_report_re_renders_from_the_study_without_evaluating(grid_run):

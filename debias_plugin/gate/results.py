@@ -12,6 +12,7 @@ import numpy as np
 
 from debias_plugin.data import STEREOSET_DOMAINS
 from debias_plugin.errors import DataError, DebiasError
+from debias_plugin.scoring.gap import gap_source
 
 # lm-eval names a run's files results_<date>.json / samples_<task>_<date>.jsonl (or <stem>_<date>.json for an
 # --output_path ending in .json); our cache and `evaluate(output_dir=...)` write results.json / samples_<task>.jsonl.
@@ -176,8 +177,9 @@ def metric_samples(results: Results, task: str, metric: str) -> tuple[MetricSamp
     values = [value for _, _, value in records]
     first = values[0]
 
-    if isinstance(first, (list, tuple)) and len(first) == 5 and isinstance(first[0], str) and _STEREOSET.match(name):
-        keys, hashes, columns = _stereoset_columns(records, name)
+    stereoset_name = gap_source(name) or name  # ss_gap_race's rows are ss_race's: its interval maps theirs
+    if isinstance(first, (list, tuple)) and len(first) == 5 and isinstance(first[0], str) and _STEREOSET.match(stereoset_name):
+        keys, hashes, columns = _stereoset_columns(records, stereoset_name)
         if len(keys) == 0:
             return None, "no StereoSet examples for this domain"
         return MetricSamples("stereoset", keys, hashes, columns, 100.0, "target terms"), ""
