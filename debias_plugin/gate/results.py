@@ -178,7 +178,8 @@ def metric_samples(results: Results, task: str, metric: str) -> tuple[MetricSamp
     first = values[0]
 
     stereoset_name = gap_source(name) or name  # ss_gap_race's rows are ss_race's: its interval maps theirs
-    if isinstance(first, (list, tuple)) and len(first) == 5 and isinstance(first[0], str) and _STEREOSET.match(stereoset_name):
+    is_stereoset_row = isinstance(first, (list, tuple)) and len(first) == 5 and isinstance(first[0], str)
+    if is_stereoset_row and _STEREOSET.match(stereoset_name):
         keys, hashes, columns = _stereoset_columns(records, stereoset_name)
         if len(keys) == 0:
             return None, "no StereoSet examples for this domain"
