@@ -400,6 +400,20 @@ def test_stereoset_and_perplexity_intervals_equal_scipy_bootstrap(tmp_path, base
         tuple(expected.confidence_interval))
 
 
+def test_a_gap_metric_has_the_per_document_data_of_its_percentage():
+    """stereotype_gap's rows are 0/100 outcomes even when every pair went the same way: not read as 0/1."""
+    from debias_plugin.gate.results import Results, metric_samples
+
+    rows = [{"doc_id": i, "pct_stereotype": 0.0, "stereotype_gap": 0.0} for i in range(4)]
+    results = Results("fixture", {"results": {"crows_bias_gender": {"pct_stereotype,none": 0.0,
+                                                                    "stereotype_gap,none": 50.0}}},
+                      {"crows_bias_gender": rows})
+    gap, _ = metric_samples(results, "crows_bias_gender", "stereotype_gap")
+    percentage, _ = metric_samples(results, "crows_bias_gender", "pct_stereotype")
+    assert (gap.kind, gap.scale, gap.units) == ("binary", 100.0, 4)
+    assert (percentage.kind, percentage.scale, percentage.units) == ("binary", 100.0, 4)
+
+
 def test_stereoset_resample_statistic_is_the_task_aggregation_on_relabelled_targets():
     """Resampling targets with replacement = stereoset_scores on the drawn targets, each draw a distinct term."""
     from debias_plugin.gate import stats

@@ -163,6 +163,7 @@ def _stereoset_columns(records: list[tuple[tuple, str, list]], metric: str):
 def metric_samples(results: Results, task: str, metric: str) -> tuple[MetricSamples | None, str]:
     """The per-sample data behind results[task][metric] (pooled over a group's tasks), or None and the reason."""
     name, _, filter_name = metric.partition(",")
+    name = gap_source(name) or name  # |x - 50| has x's per-document data; callers map x's interval
     filter_name = filter_name or "none"
     records = []
     for leaf in leaf_tasks(results, task):
@@ -177,10 +178,9 @@ def metric_samples(results: Results, task: str, metric: str) -> tuple[MetricSamp
     values = [value for _, _, value in records]
     first = values[0]
 
-    stereoset_name = gap_source(name) or name  # ss_gap_race's rows are ss_race's: its interval maps theirs
     is_stereoset_row = isinstance(first, (list, tuple)) and len(first) == 5 and isinstance(first[0], str)
-    if is_stereoset_row and _STEREOSET.match(stereoset_name):
-        keys, hashes, columns = _stereoset_columns(records, stereoset_name)
+    if is_stereoset_row and _STEREOSET.match(name):
+        keys, hashes, columns = _stereoset_columns(records, name)
         if len(keys) == 0:
             return None, "no StereoSet examples for this domain"
         return MetricSamples("stereoset", keys, hashes, columns, 100.0, "target terms"), ""
