@@ -136,10 +136,10 @@ TASKS = {"crows_bias_overall": 12, "crows_bias": 12, "stereoset_bias": 12, "ster
 
 def _task_dicts(model_dir):
     """Each task built once (StereoSet counts tokens with the model's tokenizer), grouped by document limit."""
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(tasks_dir()), include_defaults=False, metadata={"pretrained": model_dir})
-    return {limit: get_task_dict([t for t, n in TASKS.items() if n == limit], manager)
+    return {limit: manager.load([t for t, n in TASKS.items() if n == limit])
             for limit in set(TASKS.values())}
 
 

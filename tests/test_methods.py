@@ -154,7 +154,7 @@ def test_npo_starts_as_gradient_ascent_and_matches_its_definition(tiny_model, fi
     examples = method.setup(run)
     batch = method.collate(examples[:3], [0, 1, 2])
     loss = method.forget_loss(model, batch)
-    assert float(loss) == pytest.approx(2 / 0.5 * torch.log(torch.tensor(2.0)).item(), rel=1e-6)
+    assert loss.item() == pytest.approx(2 / 0.5 * torch.log(torch.tensor(2.0)).item(), rel=1e-6)
     npo_grad = torch.autograd.grad(loss, model.transformer.wte.weight)[0]
     logprobs = torch.log_softmax(model(input_ids=batch["input_ids"]).logits[:, :-1], -1)
     picked = logprobs.gather(-1, batch["input_ids"][:, 1:, None])[..., 0] * batch["targets"][:, 1:]
@@ -178,7 +178,7 @@ def test_npo_under_lora_compares_against_the_adapter_free_model(tiny_model, file
     examples = method.setup(run)
     assert method.reference is None and run.model is method.peft_model
     loss = method.forget_loss(run.model, method.collate(examples[:3], [0, 1, 2]))
-    assert float(loss) == pytest.approx(2 / 0.5 * torch.log(torch.tensor(2.0)).item(), rel=1e-6)
+    assert loss.item() == pytest.approx(2 / 0.5 * torch.log(torch.tensor(2.0)).item(), rel=1e-6)
     loss.backward()
     trained = {name for name, p in run.model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     assert trained and all("lora_" in name for name in trained)
