@@ -106,6 +106,25 @@ def test_study_table_matches_the_sweeps_results(study_run):
     assert (out / "plots" / "tradeoff_gpt2.png").is_file() and (out / "plots" / "tradeoff_llama.svg").is_file()
 
 
+def test_every_bias_number_in_the_table_has_its_interval(study_run, tmp_path):
+    """StereoSet's SS, LMS and ICAT are printed with their 95 % intervals, like CrowS; perplexity without."""
+    path, out, _ = study_run
+    _copy_sweep_files(out, tmp_path, keep=lambda model, label: label == "negate")
+    saved = tmp_path / "gpt2" / "negate" / "sweep.json"
+    content = json.loads(saved.read_text())
+    best = next(point for point in content["points"] if point["name"] == content["best_name"])
+    for name, (value, low, high) in {"ss": (61.337, 59.067, 63.706), "lms": (89.8, 88.6, 91.0),
+                                     "icat": (69.47, 65.12, 73.76)}.items():
+        best["metrics"][f"stereoset_bias/{name}"] = {"value": value, "low": low, "high": high}
+    saved.write_text(json.dumps(content))
+    render_study(tmp_path, load_study(path))
+    header, *rows = [[cell.strip() for cell in line.split("|")[1:-1]]
+                     for line in (tmp_path / "study.md").read_text().splitlines() if line.startswith("| ")]
+    row = dict(zip(header, next(row for row in rows if row[:2] == ["gpt2", "negate"])))
+    assert (row["SS"], row["LMS"], row["ICAT"]) == ("61.34 [59.1, 63.7]", "89.80 [88.6, 91.0]", "69.47 [65.1, 73.8]")
+    assert "[" not in row["ppl"] and "[" in row["all"]
+
+
 def test_the_table_renders_from_the_saved_sweep_files_alone(study_run, tmp_path):
     """What docs/results keeps of a study (each sweep.json) renders the same table, stage times included."""
     path, out, _ = study_run

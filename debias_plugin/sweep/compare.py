@@ -365,8 +365,9 @@ def render_study(out: Path, study: Study | None = None) -> Path:
     header = ["model", "method", "setting", "all", *CROWS_TYPES, *COLUMNS, "ppl change %", "gap cut % (all)",
               "gap cut % (type mean)", "stage s", "sweep eval s (points)"]
     lines = [f"# Study {study.config.name or study.path.stem}", "",
-             "CrowS-Pairs pct_stereotype with exact 95 % intervals (ideal 50); gap cut = reduction of |x - 50| "
-             "against the base; every method at the setting its sweep chose within its budget.", "",
+             "CrowS-Pairs pct_stereotype with exact 95 % intervals (ideal 50); StereoSet SS, LMS and ICAT with "
+             "95 % bootstrap intervals over target terms; gap cut = reduction of |x - 50| against the base; every "
+             "method at the setting its sweep chose within its budget.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -376,7 +377,7 @@ def render_study(out: Path, study: Study | None = None) -> Path:
         cells = [row["model"], row["method"], row.get("setting", row.get("note", "-")),
                  _cell(metrics, f"{CROWS}/pct_stereotype"),
                  *(_cell(metrics, f"{CROWS}_{t}/pct_stereotype") for t in CROWS_TYPES),
-                 *(_cell(metrics, key, interval=False) for key in COLUMNS.values()),
+                 *(_cell(metrics, key, interval=name != "ppl") for name, key in COLUMNS.items()),
                  _number(row.get("ppl_change_percent"), 2), _number(row.get("gap_reduction_overall")),
                  _number(row.get("gap_reduction_type_mean")), _number(row.get("stage_seconds"), 0),
                  "-" if "evaluated" not in row else f"{_number(row.get('evaluation_seconds'), 0)} ({row['evaluated']})"]
