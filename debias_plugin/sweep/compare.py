@@ -31,6 +31,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from debias_plugin.errors import DebiasError
+from debias_plugin.outputs import MANIFEST_NAME, read_manifest, write_text_atomically
 from debias_plugin.sweep.config import BudgetRule
 from debias_plugin.yamlfile import (ConfigFileError, Label, TaskMetric, field_text, line_of, read_yaml,
                                     schema_keys, validation_problems)
@@ -202,7 +203,6 @@ def run_study(path: str | Path, out: str | Path, *, force: bool = False, only: l
     a later run with other selectors adds to the same table); returns DIR/study.md."""
     import shutil
 
-    from debias_plugin.outputs import MANIFEST_NAME, write_text_atomically
     from debias_plugin.sweep.runner import resolve_base, run_sweep
     from debias_plugin.training import train
 
@@ -233,8 +233,6 @@ def run_study(path: str | Path, out: str | Path, *, force: bool = False, only: l
 
 def _check_prepared(folder: Path, config, method) -> None:
     """A prepared stage made by an earlier run is reused only if it was made with the same options."""
-    from debias_plugin.outputs import read_manifest
-
     volatile = ("output", "force", "keep_checkpoints", "checkpoint_every")
     wanted = {**config.model_dump(mode="json"), "method": method.options()}
     recorded = read_manifest(folder).get("options", {})
@@ -251,8 +249,6 @@ def stage_seconds(out: Path, point: dict, recorded: float | None = None) -> floa
     """A sweep point's stage time: sweep.json's copy (`recorded`, so a table renders from saved sweep files alone),
     else the model's manifest (a checkpoint's: its run's); none for the base, where no stage ran (a built-in base's
     manifest holds default-model's time)."""
-    from debias_plugin.outputs import MANIFEST_NAME, read_manifest
-
     if point["role"] == "reference" or not point.get("model"):
         return None
     if recorded is not None:
@@ -325,9 +321,9 @@ def table_rows(out: Path, study: Study, results: dict[tuple[str, str], dict]) ->
         rows += chosen
     for row in rows:
         metrics = row.get("metrics")
-        base = next(r for r in rows if r["model"] == row["model"] and r["method"] == "base")["metrics"]
         if metrics is None:
             continue
+        base = next(r for r in rows if r["model"] == row["model"] and r["method"] == "base")["metrics"]
         types = [_gap(metrics, f"{CROWS}_{t}/pct_stereotype") for t in CROWS_TYPES]
         base_types = [_gap(base, f"{CROWS}_{t}/pct_stereotype") for t in CROWS_TYPES]
         row["gap_reduction_overall"] = _reduction(_gap(base, f"{CROWS}/pct_stereotype"),
@@ -357,8 +353,6 @@ def _number(value, digits=1) -> str:
 
 def render_study(out: Path, study: Study | None = None) -> Path:
     """study.json, study.csv, study.md and plots/ from the sweeps' folders alone (no evaluation)."""
-    from debias_plugin.outputs import write_text_atomically
-
     study = study or load_study(out / STUDY_FILE)
     results = sweep_results(out, study)
     rows = table_rows(out, study, results)
@@ -419,7 +413,7 @@ def plot_tradeoffs(out: Path, study: Study, results: dict[tuple[str, str], dict]
                 if p.get("best"):
                     axis.plot([x], [y], marker="*", markersize=14, color="black")
             rule = content["sweep"]["budget"][budget]
-            if "max_relative_increase" in rule and rule["max_relative_increase"] is not None:
+            if rule.get("max_relative_increase") is not None:
                 axis.axvline(100 * rule["max_relative_increase"], color="tab:red", linestyle="--")
             drawn = True
         if drawn:

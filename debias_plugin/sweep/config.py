@@ -160,7 +160,10 @@ class Sweep:
         return line_of(self.lines, loc)
 
     def error(self, loc: tuple, message: str) -> SweepFileError:
-        return SweepFileError(self.path, [(self.line(*loc), field_text(loc), message)])
+        return self.errors([(loc, message)])
+
+    def errors(self, problems: list[tuple[tuple, str]]) -> SweepFileError:
+        return SweepFileError(self.path, [(self.line(*loc), field_text(loc), message) for loc, message in problems])
 
     # -- what varies ----------------------------------------------------------------------------------------
     @property
@@ -195,10 +198,7 @@ class Sweep:
         if self.config.screen:
             return list(self.config.screen)
         needed = [self.config.objective.split("/")[0]] + [metric.split("/")[0] for metric in self.config.budget]
-        chosen = []
-        for task in self.config.evaluate:
-            if task in needed or _covers(task, needed):
-                chosen.append(task)
+        chosen = [task for task in self.config.evaluate if task in needed or _covers(task, needed)]
         for task in needed:  # a subtask of a listed group: evaluate the subtask itself
             if task not in chosen and not any(_covers(group, [task]) for group in chosen):
                 chosen.append(task)
@@ -221,13 +221,12 @@ class Sweep:
     def jobs(self) -> list[Job]:
         """The reference job, then one job per grid setting (a checkpoint run is one job with many points)."""
         jobs = [Job("reference", "base", {}, (self.reference_point(),))]
-        grid = self.config.grid or {}
         if self.config.search:
             return jobs
-        keys = list(grid)
-        combos = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))] if keys else [{}]
+        grid = self.config.grid or {}
         seen = set()
-        for settings in combos:
+        for values in itertools.product(*grid.values()):
+            settings = dict(zip(grid, values))
             if self.is_negate and float(settings[NEGATE_KNOB]) == self.reference_knob_value:
                 continue  # the base model itself: the reference point
             key = "model:" + canonical(settings)
@@ -276,6 +275,11 @@ def folder_name(params: dict) -> str:
     if len(name) > 80:
         name = name[:60] + "-" + hashlib.sha256(canonical(params).encode()).hexdigest()[:12]
     return name
+
+
+def _read_metrics(config: SweepConfig) -> list[tuple[tuple, str]]:
+    """(where in the file, task/metric) of the objective and each budget rule: the metrics every point needs."""
+    return [(("objective",), config.objective)] + [(("budget", metric), metric) for metric in config.budget]
 
 
 def _covers(group: str, tasks: list[str]) -> bool:
@@ -337,11 +341,9 @@ def load_sweep(path: str | Path, *, text: str | None = None) -> Sweep:
     except ValidationError as err:
         raise SweepFileError(path, validation_problems(err, lines, _keys_at)) from None
     sweep = Sweep(path, text, config, lines)
-    problems = [(sweep.line(*loc), field_text(loc), message) for loc, message in _plan_problems(sweep)]
-    if not problems:
-        problems = [(sweep.line(*loc), field_text(loc), message) for loc, message in _stage_problems(sweep)]
+    problems = _plan_problems(sweep) or _stage_problems(sweep)
     if problems:
-        raise SweepFileError(path, problems)
+        raise sweep.errors(problems)
     return sweep
 
 
@@ -381,14 +383,12 @@ def _plan_problems(sweep: Sweep) -> list[tuple[tuple, str]]:
         if isinstance(fixed_steps, int) and fixed_steps < steps[-1]:
             problems.append((("fixed", "steps"), f"the run must reach the last checkpoint {steps[-1]} "
                              f"(found steps {fixed_steps})"))
-    if config.screen:
-        for index, task in enumerate(config.screen):
-            if task not in config.evaluate:
-                problems.append((("screen", index), f"'{task}' is not in evaluate"))
-    needed = [("objective",)] + [("budget", metric) for metric in config.budget]
+    for index, task in enumerate(config.screen or []):
+        if task not in config.evaluate:
+            problems.append((("screen", index), f"'{task}' is not in evaluate"))
     screen = sweep.screen_tasks if not problems else []
-    for loc in needed:
-        task = (config.objective if loc == ("objective",) else loc[1]).split("/")[0]
+    for loc, metric in _read_metrics(config):
+        task = metric.split("/")[0]
         if config.screen and task not in screen and not any(_covers(group, [task]) for group in screen):
             problems.append((loc, f"the task '{task}' must be in screen: every point needs it"))
     if sweep.is_negate:
@@ -398,11 +398,10 @@ def _plan_problems(sweep: Sweep) -> list[tuple[tuple, str]]:
 
 def _negate_problems(sweep: Sweep) -> list[tuple[tuple, str]]:
     config, problems = sweep.config, []
-    knobs = list(config.grid or {}) + list(config.search or {})
-    for knob in knobs:
-        if knob != NEGATE_KNOB:
-            section = "grid" if knob in (config.grid or {}) else "search"
-            problems.append(((section, knob), f"negate varies only '{NEGATE_KNOB}'"))
+    for section in ("grid", "search"):
+        for knob in getattr(config, section) or {}:
+            if knob != NEGATE_KNOB:
+                problems.append(((section, knob), f"negate varies only '{NEGATE_KNOB}'"))
     if config.checkpoints:
         problems.append((("checkpoints",), "negate has no training steps: use grid or search over lambda"))
     for key in config.fixed:
@@ -440,8 +439,7 @@ def _stage_problems(sweep: Sweep) -> list[tuple[tuple, str]]:
         return [(("method",), str(err).rstrip("."))]
     problems = []
     shared, own = TrainConfig.model_fields, method.Options.model_fields
-    sections = [("fixed", config.fixed), ("grid", config.grid or {}), ("search", config.search or {})]
-    for section, values in sections:
+    for section, values in [("fixed", config.fixed), ("grid", config.grid or {}), ("search", config.search or {})]:
         for key in values:
             if key in RESERVED_TRAINING_FIELDS:
                 problems.append(((section, key), f"'{key}' is set by the sweep for every trial"))
@@ -456,8 +454,9 @@ def _stage_problems(sweep: Sweep) -> list[tuple[tuple, str]]:
             problems.append((("search", key), f"the budget search needs a numeric knob; '{key}' is {annotation}"))
     if problems:
         return problems
-    jobs = sweep.jobs() if not config.search else [sweep.search_job(bound) for bound in config.search[sweep.search_knob]]
-    for job in jobs[1:] if not config.search else jobs:
+    jobs = ([sweep.search_job(bound) for bound in config.search[sweep.search_knob]] if config.search
+            else sweep.jobs()[1:])
+    for job in jobs:
         try:
             training_settings(sweep, job.settings, Path("/nonexistent/output"), base="/nonexistent/base")
         except _OptionError as err:
@@ -478,9 +477,8 @@ def search_is_integer(sweep: Sweep) -> bool:
     from debias_plugin.methods import method_class
     from debias_plugin.training import TrainConfig
 
-    knob = sweep.search_knob
     fields = {**TrainConfig.model_fields, **method_class(sweep.config.method).Options.model_fields}
-    return fields[knob].annotation is int
+    return fields[sweep.search_knob].annotation is int
 
 
 def split_stage_options(method, values: dict) -> tuple[dict, dict]:
@@ -507,13 +505,14 @@ def training_settings(sweep: Sweep, settings: dict, output: Path, *, base: str) 
         shared.setdefault("steps", config.checkpoints[-1])
         shared["snapshot_steps"] = list(config.checkpoints)
     shared.update(model=str(base), output=str(output))
-
-    def located(err: ValidationError) -> _OptionError:
+    try:
+        return TrainConfig.model_validate(shared), method.Options.model_validate(own)
+    except ValidationError as err:
         error = err.errors()[0]
         name = str(error["loc"][0]) if error["loc"] else ""
         if name in settings and name in (config.grid or {}):
-            values_of = config.grid[name]
-            loc = ("grid", name, values_of.index(settings[name])) if settings[name] in values_of else ("grid", name)
+            values = config.grid[name]
+            loc = ("grid", name, values.index(settings[name])) if settings[name] in values else ("grid", name)
         elif name in settings and name in (config.search or {}):
             loc = ("search", name)
         elif name in config.fixed:
@@ -523,14 +522,7 @@ def training_settings(sweep: Sweep, settings: dict, output: Path, *, base: str) 
         else:
             loc = ("fixed",)
         message = error["msg"] if error["type"] == "extra_forbidden" else describe_error(error, loc, _keys_at)
-        return _OptionError(loc, message)
-
-    try:
-        train_config = TrainConfig.model_validate(shared)
-        options = method.Options.model_validate(own)
-    except ValidationError as err:
-        raise located(err) from None
-    return train_config, options
+        raise _OptionError(loc, message) from None
 
 
 def check_tasks(sweep: Sweep) -> None:
@@ -544,13 +536,11 @@ def check_tasks(sweep: Sweep) -> None:
         index = config.evaluate.index(err.task) if err.task in config.evaluate else None
         loc = ("evaluate", index) if index is not None else ("evaluate",)
         raise sweep.error(loc, str(err).rstrip(".")) from None
-    for loc, metric in [(("objective",), config.objective)] + [(("budget", m), m) for m in config.budget]:
+    for loc, metric in _read_metrics(config):
         task, name = metric.split("/", 1)
         if task not in described:
-            problems.append((sweep.line(*loc), field_text(loc), f"'{task}' is neither an evaluate task nor one of "
-                             "their subtasks"))
+            problems.append((loc, f"'{task}' is neither an evaluate task nor one of their subtasks"))
         elif described[task] is not None and name.split(",")[0] not in described[task]:
-            problems.append((sweep.line(*loc), field_text(loc), f"{task} reports {', '.join(sorted(described[task]))}, "
-                             f"not '{name}'"))
+            problems.append((loc, f"{task} reports {', '.join(sorted(described[task]))}, not '{name}'"))
     if problems:
-        raise SweepFileError(sweep.path, problems)
+        raise sweep.errors(problems)

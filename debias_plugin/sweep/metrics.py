@@ -46,12 +46,7 @@ def _interval(samples, metric: str, alpha: float, resamples: int, seed: int) -> 
 
 def summarize(results: dict, *, alpha: float, resamples: int, seed: int, source: str = "results") -> dict:
     """{"task/metric": {"value", "low", "high", "method", "units"}} for every numeric metric in lm-eval results."""
-    from debias_plugin.gate.results import (
-        metric_key,
-        metric_names,
-        metric_samples,
-        results_from_dict,
-    )
+    from debias_plugin.gate.results import metric_key, metric_names, metric_samples, results_from_dict
 
     loaded = results_from_dict(results, source)
     summary = {}
@@ -70,8 +65,7 @@ def summarize(results: dict, *, alpha: float, resamples: int, seed: int, source:
 
 
 def value_of(summary: dict, metric: str) -> float | None:
-    entry = summary.get(metric)
-    return None if entry is None else entry.get("value")
+    return (summary.get(metric) or {}).get("value")
 
 
 def point_values(summary: dict, sweep) -> list[float | None]:

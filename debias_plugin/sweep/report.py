@@ -15,16 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from debias_plugin.errors import DebiasError
+from debias_plugin.outputs import write_text_atomically
 from debias_plugin.sweep import metrics
 from debias_plugin.sweep.config import SCHEMA, Sweep, load_sweep
-from debias_plugin.sweep.search import next_step
-from debias_plugin.sweep.study import (
-    Studies,
-    open_storage,
-    pareto_keys,
-    recorded_points,
-    storage_url,
-)
+from debias_plugin.sweep.study import Studies, open_storage, pareto_keys, recorded_points, storage_url
 
 STATE_FILE = "sweep_state.json"
 PLOTS = "plots"
@@ -34,13 +28,11 @@ def write_state(out: Path, sweep: Sweep, url: str, *, external: bool) -> None:
     """Where the study lives, for `debias sweep report DIR` (a URL with a password is not written down)."""
     from sqlalchemy.engine import make_url
 
-    from debias_plugin.outputs import write_text_atomically
-
     try:
         secret = make_url(url).password is not None
     except Exception:
         secret = True
-    state = {"study": sweep.study_name, "storage": None if not external else (None if secret else url)}
+    state = {"study": sweep.study_name, "storage": url if external and not secret else None}
     write_text_atomically(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
@@ -88,23 +80,11 @@ def search_summary(sweep: Sweep, points: list[dict], reference_summary: dict) ->
     """The budget search replayed from the recorded points (the runner stopped at exactly this state)."""
     if not sweep.config.search:
         return None
-    from debias_plugin.sweep.config import search_is_integer
-    from debias_plugin.sweep.runner import observation
+    from debias_plugin.sweep.runner import search_step
 
-    knob = sweep.search_knob
-    low, high = sweep.config.search[knob]
-    observations = {}
-    for point in points:
-        if point["role"] == "search":
-            x = float(point["params"][knob])
-        elif point["role"] == "reference" and sweep.reference_knob_value is not None:
-            x = sweep.reference_knob_value
-        else:
-            continue
-        observations[x] = observation(point["metrics"], reference_summary, sweep)
-    result = next_step(low, high, observations, target=sweep.config.target, tolerance=sweep.config.tolerance,
-                       max_evaluations=sweep.config.max_evaluations, integer=search_is_integer(sweep))
-    return {"knob": knob, "range": [low, high], "max_evaluations": sweep.config.max_evaluations,
+    result = search_step(sweep, [(p["role"], p["params"], p["metrics"]) for p in points], reference_summary)
+    low, high = sweep.config.search[sweep.search_knob]
+    return {"knob": sweep.search_knob, "range": [low, high], "max_evaluations": sweep.config.max_evaluations,
             "tolerance": sweep.config.tolerance, "finished": result.proposal is None, "next": result.proposal,
             "evaluations": result.evaluations, "bracket": [result.low, result.high], "best_value": result.best,
             "reason": result.reason, "monotonicity_violations": result.violations,
@@ -174,7 +154,6 @@ def full_suite_keys(sweep: Sweep, studies: Studies) -> list[str]:
 
 def render(out: Path, sweep: Sweep, studies: Studies, *, base: Path | None = None) -> dict:
     """Write sweep.json, sweep.csv, report.md and the plots into DIR; returns the sweep.json content."""
-    from debias_plugin.outputs import write_text_atomically
     from debias_plugin.sweep.compare import stage_seconds
 
     content, run = collect(sweep, studies, base=base)
@@ -188,22 +167,16 @@ def render(out: Path, sweep: Sweep, studies: Studies, *, base: Path | None = Non
     return content
 
 
-def link_best(out: Path, sweep: Sweep, studies: Studies, content: dict, *, base: Path | None) -> Path | None:
+def link_best(out: Path, content: dict) -> Path | None:
     """DIR/best -> the chosen point's model folder (relative inside DIR), replaced atomically."""
     chosen = next((p for p in content["points"] if p["best"]), None)
-    if chosen is None:
-        return None
-    target = Path(chosen["model"]) if chosen["model"] else None
-    if target is None:
-        return None
-    absolute = target if target.is_absolute() else out / target
-    if not absolute.is_dir():
+    if chosen is None or not chosen["model"] or not (out / chosen["model"]).is_dir():
         return None
     link = out / "best"
     staging = out / f".best.tmp-{os.getpid()}"
     if staging.is_symlink() or staging.exists():
         staging.unlink()
-    staging.symlink_to(target if not target.is_absolute() else absolute, target_is_directory=True)
+    staging.symlink_to(chosen["model"], target_is_directory=True)
     if link.exists() and not link.is_symlink():
         raise DebiasError(f"{link} exists and is not a link the sweep wrote; move it away.")
     os.replace(staging, link)
@@ -218,15 +191,14 @@ def render_folder(out: str | Path, storage: str | None = None) -> Path:
     sweep = load_sweep(out / "sweep.yml")
     state = json.loads((out / STATE_FILE).read_text()) if (out / STATE_FILE).is_file() else {}
     url = storage or state.get("storage")
-    if url is None and state and state.get("storage") is None and not (out / "study.db").is_file():
+    if url is None and state and not (out / "study.db").is_file():
         raise DebiasError(f"{out}: the sweep's study is in an external storage; pass --storage URL.")
-    url = storage_url(url, out)
-    studies = Studies.open(open_storage(url), sweep.study_name, sweep.directions, create=False)
+    studies = Studies.open(open_storage(storage_url(url, out)), sweep.study_name, sweep.directions, create=False)
     from debias_plugin.default_model import is_builtin
 
     base = None if is_builtin(sweep.config.base) else Path(sweep.config.base).expanduser().resolve()
     content = render(out, sweep, studies, base=base)
-    link_best(out, sweep, studies, content, base=base)
+    link_best(out, content)
     return out
 
 
@@ -253,12 +225,7 @@ def _with_interval(entry: dict | None) -> str:
 
 
 def _param_columns(content: dict) -> list[str]:
-    keys = []
-    for point in content["points"]:
-        for key in point["params"]:
-            if key not in keys:
-                keys.append(key)
-    return keys
+    return list(dict.fromkeys(key for point in content["points"] for key in point["params"]))
 
 
 def table_csv(sweep: Sweep, content: dict) -> str:
@@ -281,8 +248,8 @@ def table_csv(sweep: Sweep, content: dict) -> str:
 def _task_tables(sweep: Sweep, content: dict) -> list[str]:
     """One table per evaluated task: a group's per-type values, else the task's own metrics."""
     lines = []
+    objective_task, objective_metric = sweep.config.objective.split("/", 1)
     for task in sweep.config.evaluate:
-        objective_task, objective_metric = sweep.config.objective.split("/", 1)
         rows = [p for p in content["points"] if any(k.startswith(task + "/") for k in p["metrics"])]
         if not rows:
             continue
@@ -456,11 +423,8 @@ def plot(folder: Path, sweep: Sweep, content: dict) -> list[str]:
         figure, axis = plt.subplots(figsize=(6.4, 4.4))
         xs = [p["budget"][metric]["value"] for p in points]
         ys = [p["objective"]["value"] for p in points]
-        xerr = [[_gap(p["metrics"].get(metric), "low"), _gap(p["metrics"].get(metric), "high")] for p in points]
-        yerr = [[_gap(p["metrics"].get(config.objective), "low"), _gap(p["metrics"].get(config.objective), "high")]
-                for p in points]
-        axis.errorbar(xs, ys, xerr=list(zip(*xerr)), yerr=list(zip(*yerr)), fmt="o", color="tab:gray", alpha=0.6,
-                      label="settings (with intervals)")
+        axis.errorbar(xs, ys, xerr=_error_bars(points, metric), yerr=_error_bars(points, config.objective), fmt="o",
+                      color="tab:gray", alpha=0.6, label="settings (with intervals)")
         for p, x, y in zip(points, xs, ys):
             if x is not None:
                 axis.annotate(p["name"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -524,7 +488,11 @@ def _series(sweep: Sweep, points: list[dict]) -> list[tuple[str, list[dict]]]:
     return [(label, sorted(members, key=lambda p: _knob_value(sweep, p))) for label, members in groups.items()]
 
 
-def _gap(entry: dict | None, side: str) -> float:
-    if not entry or entry.get(side) is None or entry.get("value") is None:
-        return 0.0
-    return abs(entry["value"] - entry[side])
+def _error_bars(points: list[dict], metric: str) -> list[list[float]]:
+    """Each point's distance from its value down and up to its interval's ends (0 where unknown), for errorbar."""
+    def gap(entry: dict | None, side: str) -> float:
+        if not entry or entry.get(side) is None or entry.get("value") is None:
+            return 0.0
+        return abs(entry["value"] - entry[side])
+
+    return [[gap(p["metrics"].get(metric), side) for p in points] for side in ("low", "high")]

@@ -26,34 +26,18 @@ from pathlib import Path
 
 from debias_plugin.default_model import is_builtin, resolve_model
 from debias_plugin.errors import DebiasError
+from debias_plugin.outputs import MANIFEST_NAME, overlaps, write_text_atomically
 from debias_plugin.sweep import metrics
-from debias_plugin.sweep.config import (
-    Job,
-    Point,
-    Sweep,
-    check_tasks,
-    load_sweep,
-    search_is_integer,
-    training_settings,
-)
+from debias_plugin.sweep.config import Job, Point, Sweep, check_tasks, load_sweep, search_is_integer, training_settings
 from debias_plugin.sweep.search import Observation, SearchResult, next_step
-from debias_plugin.sweep.study import (
-    Heartbeat,
-    JobBoard,
-    Studies,
-    add_point,
-    distributions,
-    open_storage,
-    recorded_points,
-    storage_url,
-)
+from debias_plugin.sweep.study import (Heartbeat, JobBoard, Studies, add_point, distributions, open_storage,
+                                       recorded_points, storage_url)
 
 logger = logging.getLogger(__name__)
 
 ABORT_ENV = "DEBIAS_SWEEP_ABORT_IN_JOB"  # test hook: SIGKILL inside the k-th job, after its model is written
 POLL_ENV = "DEBIAS_SWEEP_POLL_SECONDS"
 SWEEP_FILE = "sweep.yml"
-STATE_FILE = "sweep_state.json"
 
 
 @dataclass(frozen=True)
@@ -79,28 +63,25 @@ class Shard:
 
 def prepare_folder(sweep: Sweep, out: Path, *, force: bool, inputs: list[Path]) -> None:
     """DIR is new, or holds this same sweep (resume); another sweep's folder is replaced only with --force."""
-    from debias_plugin.outputs import overlaps, write_text_atomically
-
     for given in inputs:
         if overlaps(out, given.resolve()):
             raise DebiasError(f"--out {out} overlaps the input {given}: choose an output folder outside every input.")
     if out.is_file():
         raise DebiasError(f"--out {out} is a file; choose a folder.")
-    if out.is_dir() and any(out.iterdir()):
-        previous = out / SWEEP_FILE
-        same = previous.is_file() and _same_sweep(previous, sweep)
-        if not same and not force:
+    if out.is_dir() and any(out.iterdir()) and not _same_sweep(out / SWEEP_FILE, sweep):
+        if not force:
             raise DebiasError(f"--out {out} is not empty and does not hold this sweep (no {SWEEP_FILE}, or one with "
                               "other settings); pass --force to replace it, or choose another folder. A folder "
                               "holding the same sweep is resumed.")
-        if not same:
-            shutil.rmtree(out)
+        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if not (out / SWEEP_FILE).is_file():
         write_text_atomically(out / SWEEP_FILE, sweep.text)
 
 
 def _same_sweep(path: Path, sweep: Sweep) -> bool:
+    if not path.is_file():
+        return False
     try:
         return load_sweep(path).sha256 == sweep.sha256
     except DebiasError:
@@ -207,11 +188,9 @@ class SweepRun:
             self._work(sweep.jobs()[1:], "screen")
         self._full_suite()
         summary = report.render(self.out, sweep, self.studies, base=self.base)
-        best = summary.get("best")
-        if best is not None:
-            point = self._point(best)
-            self._models(self._job_of(point))  # the chosen model exists here (rebuilt if another host made it)
-            report.link_best(self.out, sweep, self.studies, summary, base=self.base)
+        if summary.get("best") is not None:  # the chosen model exists here (rebuilt if another host made it)
+            self._models(self._job_of(self._point(summary["best"])))
+            report.link_best(self.out, summary)
         failed = [p for p in summary["points"] if p.get("error") and p["role"] != "reference"]
         if failed and len(failed) == len(summary["points"]) - 1:
             raise DebiasError(f"Every setting failed; the first: {failed[0]['error']} (see {self.out / 'report.md'}).")
@@ -231,9 +210,7 @@ class SweepRun:
                 if state == "done" or (state == "failed" and (key in self.attempted or not mine)):
                     pending.remove((position, job))
                     continue
-                if not mine:
-                    continue
-                if state == "busy":
+                if not mine or state == "busy":
                     continue
                 self.attempted.add(key)
                 trial = self.board.claim(key)
@@ -288,13 +265,11 @@ class SweepRun:
         self._record(self.studies.full, point, models[point.key], self.sweep.full_tasks, "results_full", "full")
 
     def _record(self, study, point: Point, model: Path, tasks: list[str], folder: str, suite: str) -> None:
-        config = self.sweep.config
-        results, cost = evaluate_model(model, tasks, self.sweep, self.out / "trials" / point.name / folder)
+        config, results_dir = self.sweep.config, self.out / "trials" / point.name / folder
+        results, cost = evaluate_model(model, tasks, self.sweep, results_dir)
         summary = metrics.summarize(results, alpha=config.alpha, resamples=config.resamples, seed=config.seed,
-                                    source=str(self.out / "trials" / point.name / folder))
-        screened = summary
-        if suite == "full":
-            screened = recorded_points(self.studies.results)[point.key].user_attrs.get("summary", {})
+                                    source=str(results_dir))
+        screened = self._screened(point.key) if suite == "full" else summary
         reference = screened if point.role == "reference" else self._reference()
         attrs = {"summary": summary, "suite": suite, "tasks": tasks, "model": self._relative(model),
                  "model_sha256": weights_sha256(model), "cost": cost}
@@ -303,8 +278,12 @@ class SweepRun:
 
     def _reference(self) -> dict:
         if self._reference_summary is None:
-            self._reference_summary = recorded_points(self.studies.results)["base"].user_attrs.get("summary", {})
+            self._reference_summary = self._screened("base")
         return self._reference_summary
+
+    def _screened(self, key: str) -> dict:
+        """A point's recorded screening summary (metrics with intervals)."""
+        return recorded_points(self.studies.results)[key].user_attrs.get("summary", {})
 
     def _relative(self, path: Path) -> str:
         path = Path(path).resolve()
@@ -312,13 +291,11 @@ class SweepRun:
 
     # -- models -----------------------------------------------------------------------------------------
     def _point(self, key: str) -> Point:
-        recorded = recorded_points(self.studies.results)[key]
-        role = recorded.user_attrs["role"]
-        params = recorded.user_attrs["params"]
-        if role == "reference":
+        attrs = recorded_points(self.studies.results)[key].user_attrs
+        if attrs["role"] == "reference":
             return self.sweep.reference_point()
-        if role == "search":
-            return self.sweep.search_job(params[self.sweep.search_knob]).points[0]
+        if attrs["role"] == "search":
+            return self.sweep.search_job(attrs["params"][self.sweep.search_knob]).points[0]
         return next(point for job in self.sweep.jobs() for point in job.points if point.key == key)
 
     def _job_of(self, point: Point) -> Job:
@@ -337,8 +314,6 @@ class SweepRun:
         return self._trained(job)
 
     def _negated(self, job: Job) -> Path:
-        from debias_plugin.outputs import MANIFEST_NAME
-
         fixed = self.sweep.config.fixed
         out = self.out / "trials" / job.name / "model"
         if (out / MANIFEST_NAME).is_file():
@@ -357,12 +332,10 @@ class SweepRun:
         return out
 
     def _trained(self, job: Job) -> dict[str, Path]:
-        from debias_plugin.outputs import MANIFEST_NAME
-
         checkpoints = self.sweep.config.checkpoints
-        out = (self.out / "runs" / job.name / "model") if checkpoints else (self.out / "trials" / job.name / "model")
-        snapshots = out.parent / f"{out.name}.snapshots"
+        out = self.out / ("runs" if checkpoints else "trials") / job.name / "model"
         if checkpoints:
+            snapshots = out.parent / f"{out.name}.snapshots"
             models = {point.key: snapshots / f"step-{point.params['step']}" for point in job.points}
         else:
             models = {job.points[0].key: out}
@@ -372,37 +345,18 @@ class SweepRun:
         from debias_plugin.training import train
 
         config, options = training_settings(self.sweep, job.settings, out, base=str(self.base))
-        method = method_class(self.sweep.config.method)
         if out.exists() and not (out / MANIFEST_NAME).is_file():
             shutil.rmtree(out)  # never a published folder: the Trainer publishes atomically
-        train(config, method(options))
+        train(config, method_class(self.sweep.config.method)(options))
         return models
 
     # -- phases -----------------------------------------------------------------------------------------
-    def _observations(self) -> dict[float, Observation]:
-        sweep, knob = self.sweep, self.sweep.search_knob
-        recorded = recorded_points(self.studies.results)
-        reference = recorded["base"].user_attrs.get("summary", {})
-        found = {}
-        for trial in recorded.values():
-            role = trial.user_attrs.get("role")
-            if role == "search":
-                x = float(trial.user_attrs["params"][knob])
-            elif role == "reference" and sweep.reference_knob_value is not None:
-                x = sweep.reference_knob_value
-            else:
-                continue
-            found[x] = observation(trial.user_attrs.get("summary", {}), reference, sweep)
-        return found
-
     def _search(self) -> SearchResult:
         sweep = self.sweep
-        low, high = sweep.config.search[sweep.search_knob]
-        integer = search_is_integer(sweep)
         while True:
-            step = next_step(low, high, self._observations(), target=sweep.config.target,
-                             tolerance=sweep.config.tolerance, max_evaluations=sweep.config.max_evaluations,
-                             integer=integer)
+            recorded = [trial.user_attrs for trial in recorded_points(self.studies.results).values()]
+            step = search_step(sweep, [(a.get("role"), a.get("params"), a.get("summary", {})) for a in recorded],
+                               self._reference())
             if step.proposal is None:
                 return step
             logger.info("Budget search: %s = %g (%s).", sweep.search_knob, step.proposal, step.reason)
@@ -413,9 +367,8 @@ class SweepRun:
 
         if not self.sweep.full_tasks:
             return
-        keys = report.full_suite_keys(self.sweep, self.studies)
-        jobs = [Job(f"point:{key}", self._point(key).name, {}, (self._point(key),)) for key in keys]
-        self._work(jobs, "full")
+        points = {key: self._point(key) for key in report.full_suite_keys(self.sweep, self.studies)}
+        self._work([Job(f"point:{key}", point.name, {}, (point,)) for key, point in points.items()], "full")
 
 
 def weights_sha256(folder: Path) -> str:
@@ -431,13 +384,27 @@ def weights_sha256(folder: Path) -> str:
     return digest.hexdigest()
 
 
+def search_step(sweep: Sweep, points: list[tuple[str, dict, dict]], reference: dict) -> SearchResult:
+    """The budget search's next step from the recorded points' (role, params, summary): the run and the report
+    replay the same observations."""
+    knob, at_base = sweep.search_knob, sweep.reference_knob_value
+    observations = {}
+    for role, params, summary in points:
+        if role == "search":
+            observations[float(params[knob])] = observation(summary, reference, sweep)
+        elif role == "reference" and at_base is not None:
+            observations[at_base] = observation(summary, reference, sweep)
+    low, high = sweep.config.search[knob]
+    return next_step(low, high, observations, target=sweep.config.target, tolerance=sweep.config.tolerance,
+                     max_evaluations=sweep.config.max_evaluations, integer=search_is_integer(sweep))
+
+
 def observation(summary: dict, reference: dict, sweep: Sweep) -> Observation:
     """What the budget search sees of a point: the signed objective metric and whether every budget rule holds."""
     value = metrics.value_of(summary, sweep.config.objective)
-    checks = metrics.feasibility(summary, reference, sweep)
     if value is None:
         return Observation(float("nan"), False)
-    return Observation(value, all(check["holds"] for check in checks.values()))
+    return Observation(value, all(check["holds"] for check in metrics.feasibility(summary, reference, sweep).values()))
 
 
 def run_sweep(path: str | Path, out: str | Path, *, storage: str | None = None, shard: str | None = None,

@@ -109,10 +109,7 @@ def next_step(low: float, high: float, observations: Mapping[float, Observation]
 
 
 def _closest(used: list[float], seen: Mapping[float, Observation], target: float) -> float | None:
-    feasible = [x for x in used if seen[x].feasible]
-    if not feasible:
-        return None
-    return min(feasible, key=lambda x: (abs(seen[x].value - target), x))
+    return min((x for x in used if seen[x].feasible), key=lambda x: (abs(seen[x].value - target), x), default=None)
 
 
 def _violations(used: list[float], seen: Mapping[float, Observation], target: float, low: float) -> list[str]:

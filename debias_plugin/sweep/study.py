@@ -14,6 +14,7 @@ Two processes claiming one job at the same moment both see both claims; the lowe
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -80,8 +81,7 @@ class Studies:
 
 
 def _trials(study, state=None):
-    states = None if state is None else (state,)
-    return study.get_trials(deepcopy=False, states=states) if states else study.get_trials(deepcopy=False)
+    return study.get_trials(deepcopy=False, states=None if state is None else (state,))
 
 
 class JobBoard:
@@ -100,8 +100,7 @@ class JobBoard:
         if attrs.get("host") == self.host:
             pid = int(attrs.get("pid", -1))
             return pid == self.pid or not pid_alive(pid)
-        beat = attrs.get("heartbeat", 0.0)
-        return time.time() - float(beat) > STALE_AFTER_SECONDS
+        return time.time() - float(attrs.get("heartbeat", 0.0)) > STALE_AFTER_SECONDS
 
     def status(self, key: str) -> str:
         """done, failed (finished with an error), busy (a live claim elsewhere) or free; stale claims are failed."""
@@ -182,11 +181,7 @@ class Heartbeat:
 
 def distributions(sweep) -> dict:
     """One Optuna distribution per parameter, from the whole grid / range, so every trial declares the same."""
-    from optuna.distributions import (
-        CategoricalDistribution,
-        FloatDistribution,
-        IntDistribution,
-    )
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
     from debias_plugin.sweep.config import STEP
 
@@ -207,8 +202,6 @@ def distributions(sweep) -> dict:
 
 
 def _categorical(value):
-    import json
-
     return value if isinstance(value, (str, int, float, bool)) or value is None else json.dumps(value)
 
 
