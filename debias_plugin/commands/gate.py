@@ -23,10 +23,9 @@ def gate_command(gate_file, junit, json_path, markdown):
     from debias_plugin.gate.report import check_report_path
 
     inputs = gate_inputs(load_gate(gate_file))  # the gate file is validated before anything runs
-    reports = {option: check_report_path(path, option, inputs)
-               for option, path in (("--junit", junit), ("--json", json_path), ("--markdown", markdown)) if path}
+    junit, json_path, markdown = (check_report_path(path, option, inputs) if path else None for option, path in
+                                  (("--junit", junit), ("--json", json_path), ("--markdown", markdown)))
     report = run_gate(gate_file)
     click.echo(terminal_table(report))
-    write_reports(report, junit=reports.get("--junit"), json_path=reports.get("--json"),
-                  markdown=reports.get("--markdown"))
+    write_reports(report, junit=junit, json_path=json_path, markdown=markdown)
     return report.exit_code

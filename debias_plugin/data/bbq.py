@@ -73,45 +73,41 @@ def bbq_files(path: str | Path | None = None, categories: list[str] | None = Non
 
 def _check_row(path: Path, line: int, row: dict) -> dict:
     where = f"line {line}"
+
+    def problem(field: str, expected: str, found: str) -> DataError:
+        return DataError(path, f"{where}, field '{field}'", expected, found)
+
     if not isinstance(row.get("example_id"), int):
-        raise DataError(path, f"{where}, field 'example_id'", "an integer", repr(row.get("example_id")))
+        raise problem("example_id", "an integer", repr(row.get("example_id")))
     for field, allowed in (("question_polarity", POLARITIES), ("context_condition", CONTEXT_CONDITIONS)):
         if row.get(field) not in allowed:
-            raise DataError(path, f"{where}, field '{field}'", f"one of {', '.join(allowed)}", repr(row.get(field)))
+            raise problem(field, f"one of {', '.join(allowed)}", repr(row.get(field)))
     for field in ("category", "context", "question", *ANSWER_KEYS):
         if not isinstance(require_field(path, where, row, field), str):
-            raise DataError(path, f"{where}, field '{field}'", "a string", type(row[field]).__name__)
+            raise problem(field, "a string", type(row[field]).__name__)
     if row.get("label") not in (0, 1, 2):
-        raise DataError(path, f"{where}, field 'label'", "0, 1 or 2 (the index of the right answer)",
-                        repr(row.get("label")))
+        raise problem("label", "0, 1 or 2 (the index of the right answer)", repr(row.get("label")))
     info = row.get("answer_info")
     if not isinstance(info, dict):
-        raise DataError(path, f"{where}, field 'answer_info'", "an object mapping ans0..ans2 to [text, group]",
-                        repr(info))
+        raise problem("answer_info", "an object mapping ans0..ans2 to [text, group]", repr(info))
     for key in ANSWER_KEYS:
         value = info.get(key)
         if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
-            raise DataError(path, f"{where}, field 'answer_info.{key}'", "a [text, group] pair of strings",
-                            repr(value))
-    groups = (row.get("additional_metadata") or {}).get("stereotyped_groups") if isinstance(
-        row.get("additional_metadata"), dict) else None
+            raise problem(f"answer_info.{key}", "a [text, group] pair of strings", repr(value))
+    metadata = row.get("additional_metadata")
+    groups = metadata.get("stereotyped_groups") if isinstance(metadata, dict) else None
     if not (isinstance(groups, list) and groups and all(isinstance(g, str) for g in groups)):
-        raise DataError(path, f"{where}, field 'additional_metadata.stereotyped_groups'",
-                        "a non-empty list of group names", repr(groups))
+        raise problem("additional_metadata.stereotyped_groups", "a non-empty list of group names", repr(groups))
     unknown = [key for key in ANSWER_KEYS if info[key][1].strip().lower() == "unknown"]
     if len(unknown) != 1:
-        raise DataError(path, f"{where}, field 'answer_info'", "exactly one answer of group 'unknown'",
-                        f"{len(unknown)}")
+        raise problem("answer_info", "exactly one answer of group 'unknown'", f"{len(unknown)}")
     return row
 
 
 def load_bbq(path: str | Path | None = None, categories: list[str] | None = None) -> list[BBQRow]:
     """Every example of the BBQ files (see bbq_files), each checked field by field."""
-    rows = []
-    for file in bbq_files(path, categories):
-        for line, row in jsonl_rows(file):
-            rows.append(BBQRow(file, line, _check_row(file, line, row)))
-    return rows
+    return [BBQRow(file, line, _check_row(file, line, row))
+            for file in bbq_files(path, categories) for line, row in jsonl_rows(file)]
 
 
 def _answer_groups(info: list[str]) -> set[str]:

@@ -59,9 +59,7 @@ def seat_folder(explicit: str | Path | None = None) -> Path:
 
 def available_seat_tests(folder: str | Path | None = None) -> list[str]:
     """Stems of the SEAT files in the folder, sorted."""
-    folder = seat_folder(folder)
-    return sorted(path.name[: -len(SEAT_SUFFIX)] for path in folder.glob(f"*{SEAT_SUFFIX}")
-                  if not path.name.startswith("."))
+    return sorted(path.stem for path in seat_folder(folder).glob(f"*{SEAT_SUFFIX}") if not path.name.startswith("."))
 
 
 def resolve_seat_tests(tests: list[str] | None = None, folder: str | Path | None = None) -> list[Path]:
@@ -69,16 +67,14 @@ def resolve_seat_tests(tests: list[str] | None = None, folder: str | Path | None
     folder = seat_folder(folder)
     available = set(available_seat_tests(folder))
     if not tests:
-        chosen = [test for test in DEFAULT_SEAT_TESTS if test in available]
-        if not chosen:
+        tests = [test for test in DEFAULT_SEAT_TESTS if test in available]
+        if not tests:
             raise DebiasError(f"SEAT: {folder} holds none of the default tests ({', '.join(DEFAULT_SEAT_TESTS)}); "
                               "name the tests to run with --tests.")
-        return [folder / f"{test}{SEAT_SUFFIX}" for test in chosen]
-    unknown = [test for test in tests if test not in available]
-    if unknown:
+    elif unknown := [test for test in tests if test not in available]:
         raise DebiasError(f"SEAT: no test file {', '.join(f'{t}{SEAT_SUFFIX}' for t in unknown)} in {folder}; "
                           f"available tests: {', '.join(sorted(available)) or 'none'}.")
-    if len(set(tests)) != len(tests):
+    elif len(set(tests)) != len(tests):
         raise DebiasError(f"SEAT: a test is named twice in {', '.join(tests)}.")
     return [folder / f"{test}{SEAT_SUFFIX}" for test in tests]
 
@@ -95,14 +91,12 @@ def _seat_set(path: Path, document: dict, key: str) -> SeatSet:
     if not isinstance(examples, list) or not examples:
         raise DataError(path, f"field '{key}.examples'", "a non-empty list of sentences",
                         repr(examples) if not isinstance(examples, list) else "an empty list")
-    seen: dict[str, int] = {}
     for index, example in enumerate(examples):
         if not isinstance(example, str) or not example.strip():
             raise DataError(path, f"field '{key}.examples[{index}]'", "a non-empty string", repr(example))
-        if example in seen:
+        if (first := examples.index(example)) < index:
             raise DataError(path, f"field '{key}.examples[{index}]'", "each example once (the sets are sets)",
-                            f"a repeat of {key}.examples[{seen[example]}] {example!r}")
-        seen[example] = index
+                            f"a repeat of {key}.examples[{first}] {example!r}")
     return SeatSet(category.strip(), tuple(examples))
 
 

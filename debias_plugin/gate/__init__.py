@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from debias_plugin.default_model import is_builtin, resolve_model
@@ -21,28 +20,19 @@ __all__ = ["GateReport", "load_gate", "run_gate", "terminal_table", "markdown_su
            "gate_inputs"]
 
 
-@dataclass
-class _Source:
-    results: Results
-    description: str
-
-
 def gate_inputs(gate: Gate) -> list[Path]:
     """Files and folders the gate reads (report files must not overwrite them)."""
-    inputs = [gate.path]
-    for value in (gate.config.model, gate.config.results, gate.config.baseline):
-        if value and not is_builtin(value):
-            inputs.append(gate.resolve(value))
-    return inputs
+    config = gate.config
+    return [gate.path] + [gate.resolve(value) for value in (config.model, config.results, config.baseline)
+                          if value and not is_builtin(value)]
 
 
-def _results_file(gate: Gate, field: str, value: str) -> _Source:
+def _results_file(gate: Gate, field: str, value: str) -> tuple[Results, str]:
     path = gate.resolve(value)
     if not path.is_file():
         raise gate.error((field,), "an existing lm-eval results JSON file", f"{path}, which does not exist")
     results = read_results(path)
-    samples = "with per-sample data" if results.samples else "no per-sample data"
-    return _Source(results, f"{path} ({samples})")
+    return results, f"{path} ({'with' if results.samples else 'no'} per-sample data)"
 
 
 def _model_folder(gate: Gate, field: str, value: str) -> Path:
@@ -75,7 +65,7 @@ def _check_names_before_running(gate: Gate) -> None:
                              f"'{check.metric_name}'")
 
 
-def _evaluated(gate: Gate, field: str, value: str) -> _Source:
+def _evaluated(gate: Gate, field: str, value: str) -> tuple[Results, str]:
     from debias_plugin import evaluation
 
     config = gate.config
@@ -83,21 +73,21 @@ def _evaluated(gate: Gate, field: str, value: str) -> _Source:
     request = dict(model_class=config.model_class, model_args=config.model_args, limit=config.limit)
     try:
         cached = evaluation.cached_results(model_dir, config.tasks, **request)
+        origin = "cached results"
         if cached is None:
             _check_names_before_running(gate)
             cached = evaluation.evaluate(model_dir, config.tasks, batch_size=config.batch_size, device=config.device,
                                          **request)
             origin = "evaluated now, cached"
-        else:
-            origin = "cached results"
     except DebiasError as err:
         if str(err).startswith(str(gate.path)):
             raise
         raise DebiasError(f"{gate.path}, {gate.where(field)}: {err}") from None
-    return _Source(results_from_dict(cached, str(model_dir)), f"{model_dir} ({origin})")
+    return results_from_dict(cached, str(model_dir)), f"{model_dir} ({origin})"
 
 
-def _source(gate: Gate, field: str, value: str) -> _Source:
+def _source(gate: Gate, field: str, value: str) -> tuple[Results, str]:
+    """The results and a description of where they came from (for the report)."""
     if field == "results" or (field == "baseline" and is_results_file(value)):
         return _results_file(gate, field, value)
     return _evaluated(gate, field, value)
@@ -111,10 +101,9 @@ def run_gate(path: str | Path) -> GateReport:
     gate = load_gate(path)
     config = gate.config
     field = "model" if config.model is not None else "results"
-    candidate = _source(gate, field, config.model or config.results)
-    baseline = _source(gate, "baseline", config.baseline) if config.baseline else None
-    checks = [run_check(check, index, gate, candidate.results, baseline.results if baseline else None)
-              for index, check in enumerate(config.checks)]
+    candidate, candidate_source = _source(gate, field, config.model or config.results)
+    baseline, baseline_source = _source(gate, "baseline", config.baseline) if config.baseline else (None, None)
+    checks = [run_check(check, index, gate, candidate, baseline) for index, check in enumerate(config.checks)]
     return GateReport(gate=str(gate.path), name=config.name or gate.path.stem, alpha=config.alpha,
-                      candidate=candidate.description, baseline=baseline.description if baseline else None,
-                      checks=checks, seconds=time.perf_counter() - started)
+                      candidate=candidate_source, baseline=baseline_source, checks=checks,
+                      seconds=time.perf_counter() - started)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -15,7 +16,6 @@ from debias_plugin.gate.results import (
     MetricSamples, Results, higher_is_better, metric_key, metric_names, metric_samples, reported_value, same_point,
 )
 from debias_plugin.scoring.gap import gap_source
-
 
 
 @dataclass
@@ -67,11 +67,11 @@ class _Measured:
     """A metric of one model: reported value, and (when usable) its per-unit data and interval."""
 
     value: float
-    samples: MetricSamples | None
-    statistic: stats.Statistic | None
-    interval: stats.Interval | None
-    distribution: np.ndarray | None
-    note: str
+    samples: MetricSamples | None = None
+    statistic: stats.Statistic | None = None
+    interval: stats.Interval | None = None
+    distribution: np.ndarray | None = None
+    note: str = ""
 
 
 def _measure(results: Results, task: str, key: str, gate: Gate) -> _Measured:
@@ -79,36 +79,33 @@ def _measure(results: Results, task: str, key: str, gate: Gate) -> _Measured:
     value = reported_value(results, task, key)
     samples, note = metric_samples(results, task, key)
     if samples is None:
-        return _Measured(value, None, None, None, None, f"{note}: point estimate only")
+        return _Measured(value, note=f"{note}: point estimate only")
     statistic = statistic_for(samples, key)
     point = float(statistic(np.arange(samples.units)))
     if not same_point(point, value):
-        return _Measured(value, None, None, None, None,
-                         f"per-sample data give {point:.6g}, not the reported {value:.6g}: point estimate only")
+        return _Measured(value, note=f"per-sample data give {point:.6g}, not the reported {value:.6g}: "
+                                     "point estimate only")
     if samples.kind == "binary":
-        successes = int(round(samples.columns["outcome"].sum()))
-        ci = stats.clopper_pearson(successes, samples.units, config.alpha)
+        ci = stats.clopper_pearson(int(round(samples.columns["outcome"].sum())), samples.units, config.alpha)
         interval = stats.Interval(ci.low * samples.scale, ci.high * samples.scale, ci.confidence, ci.method)
-        return _Measured(value, samples, statistic, interval, None, "")
+        return _Measured(value, samples, statistic, interval)
     if samples.units < 2:
-        return _Measured(value, None, None, None, None, f"only {samples.units} {samples.unit_name}: point estimate only")
+        return _Measured(value, note=f"only {samples.units} {samples.unit_name}: point estimate only")
     result = stats.bootstrap(statistic, samples.units, config.alpha, resamples=config.resamples, seed=config.seed,
                              what=samples.unit_name)
-    return _Measured(value, samples, statistic, result.interval, result.distribution, "")
+    return _Measured(value, samples, statistic, result.interval, result.distribution)
 
 
 def _resolve_metric(results: Results, check, index: int, gate: Gate, role: str) -> str:
     task, metric = check.task, check.metric_name
+    where = ("checks", index, "metric") if role == "candidate" else ("baseline",)
     if task not in results.data["results"]:
         tasks = ", ".join(sorted(results.data["results"]))
-        where = ("checks", index, "metric") if role == "candidate" else ("baseline",)
         raise gate.error(where, f"a task in the {role} results ({tasks})", f"'{task}' in {results.source}")
     key = metric_key(results, task, metric)
     if key is None:
         available = ", ".join(metric_names(results, task))
-        where = ("checks", index, "metric") if role == "candidate" else ("baseline",)
-        raise gate.error(where, f"a metric that {task} reports in the {role} results ({available})",
-                         f"'{metric}'")
+        raise gate.error(where, f"a metric that {task} reports in the {role} results ({available})", f"'{metric}'")
     return key
 
 
@@ -126,20 +123,16 @@ def _single(check, index: int, gate: Gate, candidate: Results) -> CheckResult:
     measured = _measure(candidate, check.task, key, gate)
     result = CheckResult(check.title, check.metric, check.kind, check.requirement, gate.line("checks", index),
                          True, measured.value, measured.interval, note=measured.note)
-    value = measured.value
     if check.kind == "within":
-        low, high = check.within
-        bounds = [(low, "below"), (high, "above")]
-        point_passes = low <= value <= high
-    elif check.kind == "min":
-        bounds, point_passes = [(check.min, "below")], value >= check.min
+        bounds = [(check.within[0], "below"), (check.within[1], "above")]
     else:
-        bounds, point_passes = [(check.max, "above")], value <= check.max
-    if math.isnan(value):
+        bounds = [(check.min, "below")] if check.kind == "min" else [(check.max, "above")]
+    if math.isnan(measured.value):
         result.passed, result.note = False, "the metric is NaN"
         return result
     if measured.samples is None:
-        result.passed = point_passes
+        result.passed = all(measured.value >= bound if side == "below" else measured.value <= bound
+                            for bound, side in bounds)
         result.method = "point estimate"
         return result
     result.p_value = stats.two_sided(min(_bound_p(measured, bound, side) for bound, side in bounds))
@@ -186,10 +179,12 @@ def _compared(check, index: int, gate: Gate, candidate: Results, baseline: Resul
     if check.kind == "max_relative_increase":
         label, bound, worse_side = "relative change", check.max_relative_increase, "above"
         delta = c / b - 1 if b else math.inf
+        pairing = stats.relative_change
     elif is_centered(check.metric_name):
         center = 50.0 if max(abs(c), abs(b)) > 1 or (mine.samples and mine.samples.scale == 100) else 0.5
         label, bound, worse_side = f"Δ|x-{center:g}|", 0.0, "above"
         delta = abs(c - center) - abs(b - center)
+        pairing = functools.partial(stats.distance_change, center=center)
     else:
         higher = higher_is_better(candidate, check.task, key)
         higher = higher if higher is not None else higher_is_better(baseline, check.task, baseline_key)
@@ -198,6 +193,7 @@ def _compared(check, index: int, gate: Gate, candidate: Results, baseline: Resul
                              "(lm-eval's higher_is_better), to tell which direction is worse", check.metric)
         label, bound, worse_side = "Δ", 0.0, "below" if higher else "above"
         delta = c - b
+        pairing = stats.difference
     result.delta_label, result.delta = label, delta
     point_passes = not (delta > bound if worse_side == "above" else delta < bound)
     if math.isnan(c):
@@ -208,27 +204,19 @@ def _compared(check, index: int, gate: Gate, candidate: Results, baseline: Resul
         result.note = mine.note or f"baseline: {theirs.note}"
         return result
     order = _aligned(mine.samples, theirs.samples, check, gate)
-    baseline_statistic = statistic_for(_reordered(theirs.samples, order), baseline_key)
-    if check.kind == "max_relative_increase":
-        paired = stats.relative_change(mine.statistic, baseline_statistic)
-    elif center is not None:
-        paired = stats.distance_change(mine.statistic, baseline_statistic, center)
-    else:
-        paired = stats.difference(mine.statistic, baseline_statistic)
     what = mine.samples.unit_name
     if mine.samples.units < 2:
         result.passed, result.method = point_passes, "point estimate"
         result.note = f"only {mine.samples.units} {what}: point estimate only"
         return result
+    paired = pairing(mine.statistic, statistic_for(_reordered(theirs.samples, order), baseline_key))
     boot = stats.bootstrap(paired, mine.samples.units, gate.config.alpha, resamples=gate.config.resamples,
                            seed=gate.config.seed, what=f"paired {what}")
     result.delta_interval = boot.interval
     if mine.samples.kind == "binary" and check.kind == "not_worse_than_baseline":
         table = stats.pair_table(mine.samples.columns["outcome"], theirs.samples.columns["outcome"][order])
-        if center is not None:
-            test = stats.farther_from_half(table)
-        else:
-            test = stats.mcnemar_worse(table, "lower" if worse_side == "below" else "higher")
+        test = (stats.farther_from_half(table) if center is not None
+                else stats.mcnemar_worse(table, "lower" if worse_side == "below" else "higher"))
         result.p_value, result.method = test.p_value, test.method
     else:
         result.p_value = stats.two_sided(stats.bootstrap_bound_p(boot.distribution, bound, worse_side))

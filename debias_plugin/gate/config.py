@@ -35,8 +35,7 @@ class CheckConfig(BaseModel):
     def _one_requirement(self):
         given = [kind for kind in CHECK_KINDS if getattr(self, kind) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of {', '.join(CHECK_KINDS)} (found "
-                             f"{', '.join(given) if given else 'none'})")
+            raise ValueError(f"give exactly one of {', '.join(CHECK_KINDS)} (found {', '.join(given) or 'none'})")
         if self.within is not None and not self.within[0] < self.within[1]:
             raise ValueError(f"within needs [low, high] with low < high (found {self.within})")
         source = gap_source(self.metric_name)
@@ -137,8 +136,7 @@ def load_gate(path: str | Path) -> Gate:
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise DebiasError(f"{path}: the gate file does not exist.")
-    text = read_text(path)
-    data, lines = read_yaml(path, text, "gate", " (model, tasks, checks, ...)", GateFileError)
+    data, lines = read_yaml(path, read_text(path), "gate", " (model, tasks, checks, ...)", GateFileError)
     try:
         config = GateConfig.model_validate(data)
     except ValidationError as err:

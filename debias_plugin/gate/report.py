@@ -96,9 +96,8 @@ def _rows(report: GateReport) -> list[list[str]]:
     confidence = f"{100 * (1 - report.alpha):g}% CI"
     rows = [["result", "check", "estimate", confidence, "baseline", "compared", "p", "method"]]
     for check in report.checks:
-        baseline = "" if check.baseline_value is None else number(check.baseline_value)
         rows.append(["PASS" if check.passed else "FAIL", check.title, number(check.value), interval(check.interval),
-                     baseline, _compared(check), p_value(check.p_value), _notes(check)])
+                     number(check.baseline_value), _compared(check), p_value(check.p_value), _notes(check)])
     return rows
 
 
@@ -142,12 +141,10 @@ def junit_xml(report: GateReport) -> str:
     """JUnit XML (the Ant/Jenkins schema GitHub, GitLab and Jenkins read): one testcase per check."""
     import xml.etree.ElementTree as ET
 
-    failures = len(report.failures)
+    counts = {"tests": str(len(report.checks)), "failures": str(len(report.failures)), "errors": "0"}
     seconds = f"{report.seconds:.3f}"
-    suites = ET.Element("testsuites", name="debias gate", tests=str(len(report.checks)), failures=str(failures),
-                        errors="0", time=seconds)
-    suite = ET.SubElement(suites, "testsuite", name=report.name, tests=str(len(report.checks)),
-                          failures=str(failures), errors="0", skipped="0", time=seconds,
+    suites = ET.Element("testsuites", name="debias gate", **counts, time=seconds)
+    suite = ET.SubElement(suites, "testsuite", name=report.name, **counts, skipped="0", time=seconds,
                           timestamp=report.created_utc.replace("+00:00", ""), hostname=socket.gethostname())
     properties = ET.SubElement(suite, "properties")
     for name, value in (("gate", report.gate), ("candidate", report.candidate), ("baseline", report.baseline),
@@ -189,7 +186,7 @@ def check_report_path(path: str | Path, option: str, inputs: list[Path]) -> Path
     if path.is_dir():
         raise DebiasError(f"{option} {path} is a folder; give a file name.")
     for given in inputs:
-        if given is not None and (path == given or given in path.parents):
+        if path == given or given in path.parents:
             raise DebiasError(f"{option} {path} would overwrite the input {given}; choose another file.")
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
         raise DebiasError(f"{option} {path}: the folder {path.parent} does not exist or is not writable.")

@@ -98,7 +98,7 @@ def higher_is_better(results: Results, task: str, metric: str) -> bool | None:
 def leaf_tasks(results: Results, task: str) -> list[str]:
     """A group's leaf tasks (recursively, from group_subtasks); a task is its own leaf."""
     groups = results.data.get("group_subtasks", {})
-    if task not in groups or not groups[task]:
+    if not groups.get(task):
         return [task]
     return [leaf for sub in groups[task] for leaf in leaf_tasks(results, sub)]
 
@@ -123,10 +123,6 @@ class MetricSamples:
         return len(self.keys)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _binary_scale(values: list, metric: str) -> float | None:
     """100 or 1 when every value is an outcome (0/100, 0/1, booleans); None for other numbers."""
     if any(isinstance(v, bool) for v in values):
@@ -145,8 +141,7 @@ def _stereoset_columns(records: list[tuple[tuple, str, list]], metric: str):
     """Per-target SS and LMS from the task's own scorer (one target's macro average is that target's score)."""
     from debias_plugin.scoring.stereoset import ScoredExample, stereoset_scores
 
-    match = _STEREOSET.match(metric)
-    domain = match.group(2)
+    domain = _STEREOSET.match(metric).group(2)
     by_target: dict[str, list] = {}
     hashes: dict[str, list[str]] = {}
     for _, doc_hash, (target, bias_type, *scores) in records:
@@ -175,28 +170,25 @@ def metric_samples(results: Results, task: str, metric: str) -> tuple[MetricSamp
                 records.append(((leaf, row.get("doc_id")), str(row.get("doc_hash", "")), row[name]))
     if not records:
         return None, f"the samples have no per-document '{name}' values"
-    values = [value for _, _, value in records]
-    first = values[0]
-
-    is_stereoset_row = isinstance(first, (list, tuple)) and len(first) == 5 and isinstance(first[0], str)
-    if is_stereoset_row and _STEREOSET.match(name):
+    first = records[0][2]
+    is_sequence = isinstance(first, (list, tuple))
+    if is_sequence and len(first) == 5 and isinstance(first[0], str) and _STEREOSET.match(name):
         keys, hashes, columns = _stereoset_columns(records, name)
         if len(keys) == 0:
             return None, "no StereoSet examples for this domain"
         return MetricSamples("stereoset", keys, hashes, columns, 100.0, "target terms"), ""
-    if isinstance(first, (list, tuple)) and len(first) == 2 and isinstance(first[1], bool):
+    is_marked = is_sequence and len(first) == 2 and isinstance(first[1], bool)
+    if is_marked:
         records = [(key, doc_hash, value) for key, doc_hash, (value, marked) in records if marked]
         if not records:
             return None, "no marked documents"
-        values = [value for _, _, value in records]
-    elif isinstance(first, (list, tuple)) and len(first) == 2 and name in (*_WEIGHTED_PERPLEXITIES, "bits_per_byte"):
+    keys, hashes, values = (list(column) for column in zip(*records))
+    if is_sequence and not is_marked and len(first) == 2 and name in (*_WEIGHTED_PERPLEXITIES, "bits_per_byte"):
         pairs = np.array(values, float)
         kind = "bits_per_byte" if name == "bits_per_byte" else "weighted_perplexity"
-        return MetricSamples(kind, [k for k, _, _ in records], [h for _, h, _ in records],
-                             {"loglikelihood": pairs[:, 0], "weight": pairs[:, 1]}), ""
-    if not all(isinstance(v, bool) or _is_number(v) for v in values):
+        return MetricSamples(kind, keys, hashes, {"loglikelihood": pairs[:, 0], "weight": pairs[:, 1]}), ""
+    if not all(isinstance(v, (int, float)) for v in values):  # bool is an int: outcomes pass
         return None, f"no estimator for per-document values like {first!r}"
-    keys, hashes = [k for k, _, _ in records], [h for _, h, _ in records]
     if name == "perplexity":
         return MetricSamples("perplexity", keys, hashes, {"loglikelihood": np.array(values, float)}), ""
     scale = _binary_scale(values, name)

@@ -49,10 +49,6 @@ class PairTable:
     baseline_only: int  # baseline 1, candidate 0
     neither: int  # baseline 0, candidate 0
 
-    @property
-    def total(self) -> int:
-        return self.both + self.candidate_only + self.baseline_only + self.neither
-
 
 @dataclass(frozen=True)
 class TestResult:
@@ -112,10 +108,8 @@ def sign_test_p(wins: int, losses: int) -> float:
 
 def mcnemar_worse(table: PairTable, worse: Literal["higher", "lower"]) -> TestResult:
     """Exact one-sided McNemar test that the candidate's proportion is `worse` (higher or lower) than the baseline's."""
-    if worse == "higher":
-        p = sign_test_p(table.candidate_only, table.baseline_only)
-    else:
-        p = sign_test_p(table.baseline_only, table.candidate_only)
+    gained, lost = table.candidate_only, table.baseline_only
+    p = sign_test_p(gained, lost) if worse == "higher" else sign_test_p(lost, gained)
     return TestResult(two_sided(p), "exact McNemar (sign test on discordant pairs)")
 
 

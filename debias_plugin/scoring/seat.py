@@ -131,7 +131,6 @@ def pool_hidden_states(hidden, attention_mask, mode: str):
     import torch
 
     mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
-    lengths = attention_mask.sum(dim=1)
     if mode == "mean":
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
     if mode == "mean_sqrt_len":
@@ -139,7 +138,7 @@ def pool_hidden_states(hidden, attention_mask, mode: str):
     if mode == "cls":
         return hidden[:, 0]
     if mode == "last":
-        return hidden[torch.arange(hidden.shape[0]), (lengths - 1).clamp(min=0)]
+        return hidden[torch.arange(hidden.shape[0]), (attention_mask.sum(dim=1) - 1).clamp(min=0)]
     if mode == "max":
         return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(dim=1).values
     raise DebiasError(f"SEAT: unknown pooling '{mode}'; expected one of {', '.join(POOLINGS)}.")
@@ -252,12 +251,8 @@ def embed_sentences(encoder: Encoder, sentences: list[str], batch_size: int = 32
         for start in range(0, len(order), batch_size):
             rows = order[start:start + batch_size]
             width = max(len(ids[i]) for i in rows)
-            input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            attention = torch.zeros_like(input_ids)
-            for r, i in enumerate(rows):
-                input_ids[r, :len(ids[i])] = torch.tensor(ids[i])
-                attention[r, :len(ids[i])] = 1
-            input_ids, attention = input_ids.to(device), attention.to(device)
+            input_ids = torch.tensor([ids[i] + [pad] * (width - len(ids[i])) for i in rows], device=device)
+            attention = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in rows], device=device)
             hidden = encoder.model(input_ids=input_ids, attention_mask=attention).last_hidden_state.float()
             pooled = torch.cat([pool_hidden_states(hidden, attention, mode) for mode in encoder.pooling], dim=-1)
             if encoder.normalize:
@@ -277,10 +272,6 @@ class SeatReport:
     n_samples: int
     seed: int
     tests: dict[str, dict] = field(default_factory=dict)
-
-    def json_results(self) -> dict[str, dict[str, float]]:
-        """The --output document: file stem -> {effect_size, p_value}."""
-        return {name: {"effect_size": t["effect_size"], "p_value": t["p_value"]} for name, t in self.tests.items()}
 
     def average_abs_effect_size(self, bias_type: str | None = None) -> float | None:
         sizes = [abs(t["effect_size"]) for t in self.tests.values() if bias_type in (None, t["bias_type"])]
@@ -351,4 +342,6 @@ def format_report(report: SeatReport) -> str:
 
 
 def report_to_json(report: SeatReport) -> str:
-    return json.dumps(report.json_results(), indent=2) + "\n"
+    """The --output document: file stem -> {effect_size, p_value}."""
+    results = {name: {"effect_size": t["effect_size"], "p_value": t["p_value"]} for name, t in report.tests.items()}
+    return json.dumps(results, indent=2) + "\n"
