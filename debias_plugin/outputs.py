@@ -44,8 +44,8 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, but another user's
+        pass
     return True
 
 
@@ -56,10 +56,7 @@ class OutputFolder:
                  option: str = "--output"):
         self.path = Path(path).expanduser().resolve()
         self.force, self.option = force, option
-        for given in inputs:
-            if given is None:
-                continue
-            source = Path(given).expanduser().resolve()
+        for source in (Path(given).expanduser().resolve() for given in inputs if given is not None):
             if overlaps(self.path, source):
                 raise DebiasError(f"{option} {self.path} overlaps the input {source}: writing it would destroy "
                                   "that input. Choose an output folder outside every input (--force does not "
@@ -138,11 +135,8 @@ def write_json(path: Path, data) -> None:
 
 
 def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 # Descriptions, not content: mergekit's README names the (staging) folder it was written in.
@@ -165,22 +159,17 @@ def package_versions() -> dict[str, str]:
 
     versions = {}
     for name in _VERSIONED_PACKAGES:
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             versions[name] = version(name)
-        except PackageNotFoundError:
-            pass
     return versions
 
 
 def manifest(stage: str, *, options: dict, inputs: dict[str, str | Path | None], results: dict,
              timings: dict | None = None, hash_inputs: bool = True) -> dict:
     """The one manifest schema: stage, options, inputs with content hashes, versions, timings, results."""
-    described = {}
-    for role, given in inputs.items():
-        if given is None:
-            continue
-        source = Path(given).expanduser().resolve()
-        described[role] = {"path": str(source), "sha256": content_hash(source) if hash_inputs else None}
+    sources = {role: Path(given).expanduser().resolve() for role, given in inputs.items() if given is not None}
+    described = {role: {"path": str(source), "sha256": content_hash(source) if hash_inputs else None}
+                 for role, source in sources.items()}
     return {"schema": MANIFEST_SCHEMA, "stage": stage, "options": options, "inputs": described,
             "results": results, "timings": timings or {}, "packages": package_versions(),
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -358,11 +358,10 @@ class Trainer:
         if run.is_main:
             save_model(run.unwrapped, str(staging / "model.safetensors"))
             state = {"step": run.step, "fingerprint": self._fingerprint(), "history": self.history,
-                     "losses": self.losses}
+                     "losses": self.losses, "method": self.method.state_dict()}
             if run.optimizer is not None:
                 state["optimizer"] = run.optimizer.state_dict()
                 state["scheduler"] = run.scheduler.state_dict()
-            state["method"] = self.method.state_dict()
             torch.save(state, staging / "trainer.pt")
         accelerator.wait_for_everyone()
         if run.is_main:
@@ -501,10 +500,9 @@ class Trainer:
                    "device": str(run.device)}
         with gathered_weights(run):
             if run.is_main:
-                self._publish(run, self.folder, manifest(self.method.name, options={**config.model_dump(mode="json"),
-                                                                          "method": self.method.options()},
-                                               inputs={"model": config.model, **self.method.inputs()},
-                                               results=results, timings=timings))
+                self._publish(run, self.folder, manifest(self.method.name, options=self._options(),
+                                                         inputs={"model": config.model, **self.method.inputs()},
+                                                         results=results, timings=timings))
         if run.is_main and not config.keep_checkpoints:
             shutil.rmtree(self.checkpoints, ignore_errors=True)
         run.accelerator.wait_for_everyone()
@@ -515,15 +513,14 @@ class Trainer:
         check_finite(run.unwrapped, run.step, run.accelerator)
         with gathered_weights(run):
             if run.is_main:
-                self._write_snapshot(run)
+                record = manifest(self.method.name, options=self._options(), inputs={"model": self.config.model},
+                                  hash_inputs=False, results={"step": run.step, "losses": list(self.losses)})
+                self._publish(run, OutputFolder(self.snapshots / f"step-{run.step}", force=True), record)
         run.accelerator.wait_for_everyone()
 
-    def _write_snapshot(self, run: Run) -> None:
-        record = manifest(self.method.name, options={**self.config.model_dump(mode="json"),
-                                                     "method": self.method.options()},
-                          inputs={"model": self.config.model}, hash_inputs=False,
-                          results={"step": run.step, "losses": list(self.losses)})
-        self._publish(run, OutputFolder(self.snapshots / f"step-{run.step}", force=True), record)
+    def _options(self) -> dict:
+        """The manifest's options: the shared ones and, under "method", the stage's own."""
+        return {**self.config.model_dump(mode="json"), "method": self.method.options()}
 
     def _publish(self, run: Run, folder: OutputFolder, record: dict) -> None:
         """Model, tokenizer and manifest in a staging folder, then one rename: no half-written model folder."""
@@ -616,10 +613,7 @@ def train_mode(model, dropout: bool) -> None:
 @contextmanager
 def gathered_weights(run: Run):
     """Under FSDP every process joins in gathering the full state dict, which the main process then saves."""
-    if not run.sharded:
-        yield
-        return
-    run.full_state = run.accelerator.get_state_dict(run.model)
+    run.full_state = run.accelerator.get_state_dict(run.model) if run.sharded else None
     try:
         yield
     finally:

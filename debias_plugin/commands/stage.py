@@ -19,25 +19,26 @@ from debias_plugin.errors import DebiasError
 
 
 def flag_name(name: str, field) -> str:
-    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    _, _, extra = _field_shape(field)
     return extra.get("flag") or "--" + name.replace("_", "-")
 
 
-def _unwrap_optional(annotation):
+def _field_shape(field) -> tuple:
+    """The field's type without Optional, that type's typing origin, and its json_schema_extra (a dict)."""
+    annotation = field.annotation
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1:
-            return args[0]
-    return annotation
+            annotation = args[0]
+    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    return annotation, typing.get_origin(annotation), extra
 
 
 def field_option(name: str, field, default=None, help_text: str | None = None) -> click.Option:
     """One click option for one pydantic field."""
     from pydantic_core import PydanticUndefined
 
-    annotation = _unwrap_optional(field.annotation)
-    origin = typing.get_origin(annotation)
-    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    annotation, origin, extra = _field_shape(field)
     flag = flag_name(name, field)
     default = field.default if default is None else default
     required = default is PydanticUndefined
@@ -64,9 +65,7 @@ def field_option(name: str, field, default=None, help_text: str | None = None) -
 
 def field_value(value, field, flag: str):
     """A click value back into what the pydantic field expects."""
-    annotation = _unwrap_optional(field.annotation)
-    origin = typing.get_origin(annotation)
-    extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+    _, origin, extra = _field_shape(field)
     if origin is dict:
         pairs = {}
         for item in value:

@@ -94,6 +94,14 @@ def token_logprobs(model, kind: str, input_ids, attention_mask):
     return torch.log_softmax(logits, dim=-1)
 
 
+def label_logprobs(model, kind: str, batch: dict, prefix: str = ""):
+    """log p(label_t) per position: causal rows as token_logprobs, masked rows gathered at the original tokens."""
+    logprobs = token_logprobs(model, kind, batch[prefix + "input_ids"], batch[prefix + "attention_mask"])
+    if kind == "masked":
+        logprobs = logprobs.gather(-1, batch[prefix + "labels"][..., None])[..., 0]
+    return logprobs
+
+
 def mlm_mask(ids: list[int], specials: list[bool], tokenizer, generator, probability: float = 0.15):
     """BERT masking (80% mask / 10% random / 10% kept) of non-special tokens; at least one position."""
     import torch

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import Field, FiniteFloat
 
 from debias_plugin.errors import DebiasError
-from debias_plugin.methods import encode, lm_batch, per_example_mean, perplexity, special_positions, token_logprobs
+from debias_plugin.methods import encode, label_logprobs, lm_batch, per_example_mean, perplexity, special_positions
 from debias_plugin.methods.base import TrainingMethod
 from debias_plugin.methods.lora import SHARDING_REFUSAL, LoraOptions, output_format, save_lora_or_full, wrap_lora
 
@@ -59,27 +59,19 @@ class Finetune(TrainingMethod):
 
     def setup(self, run) -> list:
         self.run_kind, self.tokenizer, self.seed = run.kind, run.tokenizer, run.config.seed
-        self.max_length = run.config.max_length
         if run.kind == "masked" and run.tokenizer.mask_token_id is None:
             raise DebiasError(f"{run.config.model}: the tokenizer has no mask token, needed for MLM fine-tuning.")
         if self.opts.trains_lora:
             run.model = wrap_lora(run, self.opts)
-        examples = []
-        for text in self.texts:
-            ids, _ = encode(run.tokenizer, text, run.kind, run.config.max_length)
-            if sum(not s for s in special_positions(run.tokenizer, ids)) > 0:
-                examples.append(ids)
-        return examples
+        encoded = (encode(run.tokenizer, text, run.kind, run.config.max_length)[0] for text in self.texts)
+        return [ids for ids in encoded if not all(special_positions(run.tokenizer, ids))]  # an ordinary token to learn
 
     def collate(self, examples: list[list[int]], positions: list[int]) -> dict:
         return lm_batch(examples, positions, self.run_kind, self.tokenizer, self.seed, self.opts.mlm_probability)
 
     def loss(self, model, batch: dict):
         """Mean over examples of each example's mean token NLL (causal: all tokens; masked: the masked ones)."""
-        logprobs = token_logprobs(model, self.run_kind, batch["input_ids"], batch["attention_mask"])
-        if self.run_kind == "masked":
-            logprobs = logprobs.gather(-1, batch["labels"][..., None])[..., 0]
-        return -per_example_mean(logprobs, batch["targets"]).mean()
+        return -per_example_mean(label_logprobs(model, self.run_kind, batch), batch["targets"]).mean()
 
     def evaluate(self, run) -> dict:
         texts = self.texts[:EVAL_TEXTS]

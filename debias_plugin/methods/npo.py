@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pydantic import Field, FiniteFloat
 
+from debias_plugin.methods import label_logprobs
 from debias_plugin.methods.unlearn import Unlearn, UnlearnOptions
 
 
@@ -35,8 +36,8 @@ class NPO(Unlearn):
         import torch
 
         targets = batch["targets"].to(torch.float32)
-        current = (self._label_logprobs(model, batch) * targets).sum(-1)
+        current = (label_logprobs(model, self.kind, batch) * targets).sum(-1)
         with self.original_model() as reference:
-            original = (self._label_logprobs(reference, batch) * targets).sum(-1)
+            original = (label_logprobs(reference, self.kind, batch) * targets).sum(-1)
         beta = self.opts.beta
         return (2 / beta) * torch.nn.functional.softplus(beta * (current - original)).mean()

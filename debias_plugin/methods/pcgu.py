@@ -48,6 +48,7 @@ import torch
 from pydantic import Field, field_validator
 
 from debias_plugin.errors import DebiasError
+from debias_plugin.methods import pad
 from debias_plugin.methods.base import TrainingMethod
 from debias_plugin.models import causal_start_token, logits_at, pad_id
 from debias_plugin.options import Options
@@ -88,10 +89,8 @@ class TensorPartitions:
 
 def _transposed_weights(model) -> set[str]:
     """Names of weights stored as [in, out] (transformers' Conv1D), whose units are columns."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:  # pragma: no cover - transformers always has it today
-        return set()
+    from transformers.pytorch_utils import Conv1D
+
     return {f"{name}.weight" if name else "weight" for name, module in model.named_modules()
             if isinstance(module, Conv1D)}
 
@@ -132,8 +131,6 @@ def resolve_k(k: float, total: int | float) -> int:
 # -- similarity, selection, update ---------------------------------------------------------------------
 def update_direction(grad_adv, grad_dis, direction: str):
     """The gradient SGD descends along: lower advantaged, raise disadvantaged, or both."""
-    if grad_adv is None or grad_dis is None:
-        return None
     if direction == "advantaged":
         return grad_adv
     if direction == "disadvantaged":
@@ -154,8 +151,7 @@ def tensor_scores(part: TensorPartitions, grad_adv, grad_dis, rank_by: str = "si
     """Scores of one tensor's partitions (lower = more contrastive), float32; +inf when a side has no gradient."""
     if grad_adv is None or grad_dis is None:
         return torch.full((part.count,), _UNUSED_SCORE, device=part.param.device)
-    if grad_adv.dtype != torch.float32 or grad_dis.dtype != torch.float32:
-        grad_adv, grad_dis = grad_adv.float(), grad_dis.float()  # bf16 gradients are compared in float32
+    grad_adv, grad_dis = grad_adv.float(), grad_dis.float()  # bf16 gradients are compared in float32
     score = cosine_rows(part.view(grad_adv), part.view(grad_dis))
     if rank_by == "flexibility":
         step = torch.linalg.vector_norm(part.view(update_direction(grad_adv, grad_dis, direction)), dim=-1)
@@ -175,8 +171,7 @@ def select_partitions(scores: torch.Tensor, k: int) -> torch.Tensor:
 @torch.no_grad()
 def apply_masked_update(layout, updates, selected: torch.Tensor, lr: float) -> None:
     """theta -= lr * u on the selected partitions only, one masked multiply-add per tensor."""
-    total = sum(part.count for part in layout)
-    chosen = torch.zeros(total, dtype=torch.bool, device=selected.device)
+    chosen = torch.zeros(sum(part.count for part in layout), dtype=torch.bool, device=selected.device)
     chosen[selected] = True
     for part, update, mask in zip(layout, updates, chosen.split([p.count for p in layout])):
         if update is None:
@@ -348,18 +343,11 @@ def pair_statistics(model, layout, micro_batches, kind: str, objective: str, *, 
         scores, updates = stream.finish()
     finally:
         stream.close()
-    gap, sequences = _all_reduce_totals(gap, sequences)
-    return PairStatistics(scores, updates, gap, sequences)
-
-
-def _all_reduce_totals(gap: torch.Tensor, sequences: int) -> tuple[float, int]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return float(gap), sequences
-    totals = torch.stack([gap, torch.tensor(float(sequences), dtype=torch.float64, device=gap.device)])
-    dist.all_reduce(totals)
-    return float(totals[0]), int(totals[1])
+    if stream.world > 1:  # DDP: the gap and the sequence count over all processes
+        totals = torch.stack([gap, torch.tensor(float(sequences), dtype=torch.float64, device=gap.device)])
+        torch.distributed.all_reduce(totals)
+        gap, sequences = totals[0], int(totals[1])
+    return PairStatistics(scores, updates, float(gap), sequences)
 
 
 @dataclass
@@ -396,28 +384,23 @@ class EncodedPair:
 
 def target_spans(first: list[int], second: list[int]) -> tuple[range, range]:
     """Positions that differ: each sequence minus the pair's longest common prefix and suffix."""
-    prefix = 0
-    while prefix < min(len(first), len(second)) and first[prefix] == second[prefix]:
-        prefix += 1
-    suffix = 0
-    while (suffix < min(len(first), len(second)) - prefix
-           and first[len(first) - 1 - suffix] == second[len(second) - 1 - suffix]):
-        suffix += 1
+    shorter = min(len(first), len(second))
+    prefix = next((i for i in range(shorter) if first[i] != second[i]), shorter)
+    suffix = next((i for i in range(shorter - prefix) if first[-1 - i] != second[-1 - i]), shorter - prefix)
     return range(prefix, len(first) - suffix), range(prefix, len(second) - suffix)
 
 
 def encode_pair(pair, tokenizer, kind: str, max_length: int = 128) -> EncodedPair | None:
     """Token ids with the target span marked (masked in masked LMs); None if a side has no target."""
+    prefix = []  # causal LMs: BOS (EOS if none) instead of the tokenizer's special tokens
     if kind == "causal":
         start = causal_start_token(tokenizer)
         prefix = [] if start is None else [start]
-        encode = lambda text: prefix + tokenizer(text, add_special_tokens=False, truncation=True,  # noqa: E731
-                                                 max_length=max_length - len(prefix))["input_ids"]
-    else:
-        if tokenizer.mask_token_id is None:
-            raise DebiasError("This masked LM's tokenizer has no mask token; PCGU masks the target tokens.")
-        encode = lambda text: tokenizer(text, truncation=True, max_length=max_length)["input_ids"]  # noqa: E731
-    adv_ids, dis_ids = encode(pair.advantaged), encode(pair.disadvantaged)
+    elif tokenizer.mask_token_id is None:
+        raise DebiasError("This masked LM's tokenizer has no mask token; PCGU masks the target tokens.")
+    adv_ids, dis_ids = [prefix + tokenizer(text, add_special_tokens=kind == "masked", truncation=True,
+                                           max_length=max_length - len(prefix))["input_ids"]
+                        for text in (pair.advantaged, pair.disadvantaged)]
     adv_span, dis_span = target_spans(adv_ids, dis_ids)
     if not adv_span or not dis_span or (kind == "causal" and (adv_span.start == 0 or dis_span.start == 0)):
         return None
@@ -435,14 +418,11 @@ def collate_pairs(pairs: list[EncodedPair], pad_value: int) -> dict:
     batch = {}
     for side, name in (("advantaged", "adv"), ("disadvantaged", "dis")):
         encoded = [getattr(pair, side) for pair in pairs]
-        length = max(len(e.input_ids) for e in encoded)
-        ids = torch.full((len(encoded), length), pad_value, dtype=torch.long)
-        attention = torch.zeros_like(ids)
+        ids = pad([e.input_ids for e in encoded], pad_value)
+        attention = pad([[1] * len(e.input_ids) for e in encoded], 0)
         target = torch.zeros_like(ids, dtype=torch.bool)
         target_ids = torch.zeros_like(ids)
         for row, e in enumerate(encoded):
-            ids[row, :len(e.input_ids)] = torch.tensor(e.input_ids)
-            attention[row, :len(e.input_ids)] = 1
             target[row, e.target_positions] = True
             target_ids[row, e.target_positions] = torch.tensor(e.target_ids)
         batch.update({f"{name}_input_ids": ids, f"{name}_attention_mask": attention,
@@ -500,9 +480,8 @@ class PCGUMethod(TrainingMethod):
     training_help = {"batch_size": "Pairs per forward pass (processes share it); the paper's default is 16.",
                      "lr": "Plain SGD learning rate (the paper's 1e-5)."}
 
-    def __init__(self, options: PCGUOptions, pairs=None):
+    def __init__(self, options: PCGUOptions):
         super().__init__(options)
-        self.pairs = pairs
         self.encoded: list[EncodedPair] = []
         self.files: list[str] = []
         self.skipped = 0
@@ -514,8 +493,7 @@ class PCGUMethod(TrainingMethod):
     def read_inputs(self) -> None:
         from debias_plugin.data.pairs import load_pairs
 
-        if self.pairs is None:
-            self.pairs = load_pairs(self.opts.pairs, self.opts.groups or None)
+        self.pairs = load_pairs(self.opts.pairs, self.opts.groups or None)
         self.files = sorted({pair.origin.rsplit(", ", 1)[0] for pair in self.pairs})
         stats = [Path(f).with_name("occupations-stats.tsv") for f in self.files if f.endswith("all_sentences.tsv")]
         self.files += [str(f) for f in stats if f.is_file()]
@@ -531,9 +509,8 @@ class PCGUMethod(TrainingMethod):
     def setup(self, run) -> list:
         from debias_plugin.data.pairs import warn_on_evaluation_overlap
 
-        pairs = self.pairs
         if run.is_main:
-            self.overlap = warn_on_evaluation_overlap(pairs)
+            self.overlap = warn_on_evaluation_overlap(self.pairs)
         self.kind = run.kind
         self.objective = self.opts.objective
         if self.objective == "auto":
@@ -541,7 +518,7 @@ class PCGUMethod(TrainingMethod):
         if run.kind == "causal" and self.objective == "logit":
             raise DebiasError("objective 'logit' is for masked LMs; a causal LM's objective is the target "
                               "span's log-probability (objective 'logprob' or 'auto').")
-        encoded = [encode_pair(p, run.tokenizer, run.kind, run.config.max_length) for p in pairs]
+        encoded = [encode_pair(p, run.tokenizer, run.kind, run.config.max_length) for p in self.pairs]
         self.encoded = [e for e in encoded if e is not None]
         self.skipped = len(encoded) - len(self.encoded)
         self.pad_id = pad_id(run.tokenizer)
@@ -563,8 +540,7 @@ class PCGUMethod(TrainingMethod):
 
     def update(self, run, batch: dict) -> float:
         """Pair gradients over this process's share, all-reduced, then one selection and masked step."""
-        model = run.unwrapped
-        result = pcgu_step(model, self.layout, self._micro_batches(batch), kind=self.kind, k=self.k,
+        result = pcgu_step(run.unwrapped, self.layout, self._micro_batches(batch), kind=self.kind, k=self.k,
                            lr=run.config.lr, objective=self.objective, direction=self.opts.direction,
                            rank_by=self.opts.rank_by, held_dtype=self.held_dtype, autocast=run.accelerator.autocast)
         if self.counts is None:

@@ -32,7 +32,7 @@ from pydantic import Field, FiniteFloat, model_validator
 
 from debias_plugin.errors import DataError, DebiasError
 from debias_plugin.methods import (
-    encode, lm_batch, pad, pad_id, per_example_mean, perplexity, special_positions, token_logprobs,
+    encode, label_logprobs, lm_batch, pad, pad_id, per_example_mean, perplexity, special_positions,
 )
 from debias_plugin.methods.base import TrainingMethod
 from debias_plugin.methods.lora import (
@@ -103,19 +103,13 @@ def word_spans(text: str, pattern: re.Pattern) -> list[tuple[int, int]]:
 
 def markup_spans(text: str) -> tuple[str, list[tuple[int, int]]]:
     """Strip [[...]] markup; return the plain text and the character spans that were marked."""
-    plain, spans, last = [], [], 0
-    length = 0
+    plain, spans, last = "", [], 0
     for match in MARKUP.finditer(text):
-        before = text[last:match.start()]
-        plain.append(before)
-        length += len(before)
-        inner = match.group(1)
-        spans.append((length, length + len(inner)))
-        plain.append(inner)
-        length += len(inner)
+        plain += text[last:match.start()]
+        spans.append((len(plain), len(plain) + len(match.group(1))))
+        plain += match.group(1)
         last = match.end()
-    plain.append(text[last:])
-    return "".join(plain), spans
+    return plain + text[last:], spans
 
 
 def target_mask(offsets: list[tuple[int, int]], specials: list[bool], spans: list[tuple[int, int]]) -> list[bool]:
@@ -166,8 +160,7 @@ class Unlearn(TrainingMethod):
 
     # -- data -------------------------------------------------------------------------------------------
     def _forget_examples(self, run) -> list[tuple[list[int], list[bool]]]:
-        texts = self.texts
-        pattern = None
+        texts, pattern = self.texts, None
         if self.opts.targets == "words":
             alternatives = "|".join(re.escape(w) for w in sorted(self.words, key=len, reverse=True))
             pattern = re.compile(rf"(?<!\w)(?:{alternatives})(?!\w)", re.IGNORECASE)
@@ -189,12 +182,11 @@ class Unlearn(TrainingMethod):
                        "target_tokens": sum(sum(t) for _, t in examples),
                        "skipped_text_indices": skipped[:50], "most_matched": dict(matched.most_common(15))}
         if pattern is None:
-            what = "[[...]] markup"
+            what, found = "[[...]] markup", "no [[...]] markup in any text"
         else:
             domains = "" if self.word_source.endswith(".txt") else f" ({', '.join(self.opts.domains)})"
-            what = f"the words of {self.word_source}{domains}"
+            what, found = f"the words of {self.word_source}{domains}", "no match in any text"
         if not examples:
-            found = "no match in any text" if pattern is not None else "no [[...]] markup in any text"
             raise DataError(self.opts.corpus, f"column '{self.opts.column or 'text'}'",
                             f"texts containing target tokens ({what})", f"{found} of {len(texts)}")
         if skipped and run.is_main:
@@ -207,20 +199,16 @@ class Unlearn(TrainingMethod):
         self.max_length = run.config.max_length
         if run.kind == "masked" and run.tokenizer.mask_token_id is None:
             raise DebiasError(f"{run.config.model}: the tokenizer has no mask token, needed to unlearn masked tokens.")
-        examples = self._forget_examples(run)
-        self.eval_examples = examples
-        self.retain_examples = []
-        if self.opts.retain:
-            self.retain_examples = [encode(run.tokenizer, t, run.kind, run.config.max_length)[0]
-                                    for t in self.retain_texts]
-            self.retain_order = StreamOrder(len(self.retain_examples), run.config.seed + 1)
+        self.eval_examples = self._forget_examples(run)
+        self.retain_examples = [encode(run.tokenizer, t, run.kind, run.config.max_length)[0] for t in self.retain_texts]
+        self.retain_order = StreamOrder(len(self.retain_examples), run.config.seed + 1)
         self.autocast = run.accelerator.autocast
         if self.opts.trains_lora:
             run.model = wrap_lora(run, self.opts)
             self.peft_model = run.model  # the reference: this model with its adapter disabled
         elif self.needs_reference():
             self.reference = frozen_copy(run.model, compute_dtype(run.config)).to(run.device)
-        return examples
+        return self.eval_examples
 
     def needs_reference(self) -> bool:
         """The original model's predictions (for KL; NPO's forget loss always needs them)."""
@@ -251,32 +239,23 @@ class Unlearn(TrainingMethod):
         """Token ids (masked models: targets replaced by the mask token), labels and the target mask."""
         import torch
 
-        ids = [e[0] for e in examples]
-        batch = {"attention_mask": pad([[1] * len(i) for i in ids], 0), "labels": pad(ids, 0),
-                 "targets": pad([e[1] for e in examples], 0).to(torch.bool)}
+        ids = inputs = [e[0] for e in examples]
         if self.kind == "masked":
-            masked = [[self.tokenizer.mask_token_id if t else token for token, t in zip(i, tg)] for i, tg in examples]
-            batch["input_ids"] = pad(masked, pad_id(self.tokenizer))
-        else:
-            batch["input_ids"] = pad(ids, pad_id(self.tokenizer))
-        return batch
+            inputs = [[self.tokenizer.mask_token_id if t else token for token, t in zip(i, tg)] for i, tg in examples]
+        return {"attention_mask": pad([[1] * len(i) for i in ids], 0), "labels": pad(ids, 0),
+                "targets": pad([e[1] for e in examples], 0).to(torch.bool),
+                "input_ids": pad(inputs, pad_id(self.tokenizer))}
 
     # -- objective --------------------------------------------------------------------------------------
-    def _label_logprobs(self, model, batch: dict, prefix: str = ""):
-        logprobs = token_logprobs(model, self.kind, batch[prefix + "input_ids"], batch[prefix + "attention_mask"])
-        if self.kind == "masked":
-            logprobs = logprobs.gather(-1, batch[prefix + "labels"][..., None])[..., 0]
-        return logprobs
-
     def forget_loss(self, model, batch: dict):
         """Mean over examples of the mean target log-probability: minimised = gradient ascent on its NLL."""
-        return per_example_mean(self._label_logprobs(model, batch), batch["targets"]).mean()
+        return per_example_mean(label_logprobs(model, self.kind, batch), batch["targets"]).mean()
 
     def loss(self, model, batch: dict):
         """The forget loss + optional retain term."""
         forget = self.forget_loss(model, batch)
         if self.opts.regulariser == "gd":
-            retain_nll = -per_example_mean(self._label_logprobs(model, batch, "retain_"), batch["retain_targets"])
+            retain_nll = -per_example_mean(label_logprobs(model, self.kind, batch, "retain_"), batch["retain_targets"])
             return forget + self.opts.retain_weight * retain_nll.mean()
         if self.opts.regulariser == "kl":
             return forget + self.opts.retain_weight * self._kl(model, batch).mean()
@@ -311,7 +290,7 @@ class Unlearn(TrainingMethod):
         for start in range(0, len(examples), 16):
             chunk = examples[start:start + 16]
             batch = {k: v.to(device) for k, v in self._forget_batch(chunk).items()}
-            logprobs = self._label_logprobs(model, batch)
+            logprobs = label_logprobs(model, self.kind, batch)
             targets = batch["targets"]
             target_sum += float(logprobs[targets].sum())
             target_count += int(targets.sum())
