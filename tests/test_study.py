@@ -354,3 +354,6 @@ def test_a_sweep_can_take_other_settings_for_one_model(tmp_path):
     assert derived["gpt2", "negate"]["fixed"]["biased"] == str(tmp_path / "out" / "gpt2" / "prepared" / "biased")
     assert derived["llama", "negate"]["fixed"]["biased"] == str(tmp_path / "out" / "llama" / "prepared" / "capable")
     assert derived["llama", "finetune"]["base"] == "/models/llama"
+    prepared = {model: set(study.plan(tmp_path / "out", only=[f"{model}/negate"])[model]["prepare"])
+                for model in ("gpt2", "llama")}
+    assert prepared == {"gpt2": {"biased"}, "llama": {"capable"}}  # what each model's own negation reads

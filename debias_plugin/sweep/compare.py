@@ -108,6 +108,11 @@ class Study:
     def sweep_file(self, label: str) -> Path:
         return (self.path.parent / self.config.sweeps[label].file).resolve()
 
+    def fixed(self, model: str, label: str) -> dict:
+        """One sweep's fixed options for one model: the study's, with the model's own over them."""
+        entry = self.config.sweeps[label]
+        return {**entry.fixed, **(entry.models.get(model, {}).get("fixed") or {})}
+
     def derived_sweep(self, model: str, label: str, out: Path) -> str:
         """The sweep file's text for one model: base replaced, fixed options merged, "@NAME" resolved."""
         import yaml
@@ -117,9 +122,9 @@ class Study:
         path = self.sweep_file(label)
         data, _ = read_yaml(path, read_text(path), "sweep")  # a broken file: its own line-numbered error
         entry = self.config.sweeps[label]
-        override = dict(entry.models.get(model, {}))
+        override = {key: value for key, value in entry.models.get(model, {}).items() if key != "fixed"}
         fixed = {key: str(out / model / PREPARED / value[1:]) if isinstance(value, str) and value.startswith("@")
-                 else value for key, value in {**entry.fixed, **(override.pop("fixed", None) or {})}.items()}
+                 else value for key, value in self.fixed(model, label).items()}
         data.update(override)
         data.update(base=self.config.models[model], fixed={**(data.get("fixed") or {}), **fixed},
                     method=entry.method or data.get("method"))  # the Optuna study's name hashes all of it
@@ -162,7 +167,7 @@ class Study:
                     raise DebiasError(f"{self.path}: sweeps.{label} (from {self.sweep_file(label)}) for model "
                                       f"'{model}': {err}") from None
             prepare = {}
-            needed = {value[1:] for label in labels for value in self.config.sweeps[label].fixed.values()
+            needed = {value[1:] for label in labels for value in self.fixed(model, label).values()
                       if isinstance(value, str) and value.startswith("@")}
             for name, entry in self.config.prepare.items():
                 if name not in needed:
