@@ -63,10 +63,6 @@ BUILTIN_MODELS = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
-def builtin_model_dir(name: str = DEFAULT_MODEL) -> Path:
-    return cache_root() / _builtin(name).folder
-
-
 def _builtin(name: str) -> BuiltinModel:
     if name not in BUILTIN_MODELS:
         raise DebiasError(f"Unknown built-in model '{name}'; expected one of {', '.join(BUILTIN_MODELS)}.")
@@ -100,7 +96,7 @@ def _convert_gguf(gguf: Path, folder: Path) -> int:
 
 def materialize_builtin(name: str = DEFAULT_MODEL, out_dir: str | Path | None = None) -> Path:
     """Dequantize a built-in model's GGUF to float32 and save a plain transformers folder (once; then reused)."""
-    out_dir = Path(out_dir) if out_dir else builtin_model_dir(name)
+    out_dir = Path(out_dir) if out_dir else cache_root() / _builtin(name).folder
     if _finished(out_dir):
         return out_dir
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):

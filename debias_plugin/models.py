@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Literal
 
@@ -9,24 +10,22 @@ from debias_plugin.errors import DebiasError, one_line
 
 ModelKind = Literal["causal", "masked"]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HEAD_SUFFIXES = {"masked": ("ForMaskedLM", "ForPreTraining"), "causal": ("ForCausalLM", "LMHeadModel")}
 
 
 def model_kind(config) -> ModelKind:
     """'causal' or 'masked', from the config's architectures, else from its model_type."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
+    from transformers.models.auto import modeling_auto
 
     for architecture in getattr(config, "architectures", None) or []:
         if architecture.endswith("ForMaskedLM"):
             return "masked"
-        if architecture.endswith(("ForCausalLM", "LMHeadModel")):
+        if architecture.endswith(_HEAD_SUFFIXES["causal"]):
             return "causal"
     model_type = getattr(config, "model_type", None)
-    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+    if model_type in modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
         return "masked"
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if model_type in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         return "causal"
     raise DebiasError(
         f"Model type '{model_type}' (architectures {getattr(config, 'architectures', None)}) is neither a causal "
@@ -53,17 +52,14 @@ def check_weights(model_dir: str | Path, allow_pickle: bool = False) -> None:
         )
 
 
-_HEAD_SUFFIXES = {"masked": ("ForMaskedLM", "ForPreTraining"), "causal": ("ForCausalLM", "LMHeadModel")}
-
-
-def load_model(model_dir: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False,
-               dtype=None):
+def load_model(model_dir: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False, dtype=None):
     """(model, tokenizer, kind) with the right Auto class for the config; safetensors unless opted out.
 
     A checkpoint without its language-model head, or without a usable tokenizer, is refused: from_pretrained
     would give it a random head, and an empty vocabulary scores everything as [UNK].
     """
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
     check_weights(model_dir, allow_pickle)
@@ -90,9 +86,7 @@ def load_model(model_dir: str | Path, *, allow_pickle: bool = False, trust_remot
     except (OSError, RuntimeError) as err:  # truncated or corrupt safetensors, shape mismatches
         raise DebiasError(f"{model_dir}: the weights cannot be read ({one_line(err)}); expected complete "
                           "safetensors files matching config.json.") from None
-    except Exception as err:
-        if type(err).__name__ != "SafetensorError":
-            raise
+    except SafetensorError as err:
         raise DebiasError(f"{model_dir}: a .safetensors file is truncated or corrupt ({one_line(err)}).") from None
     head = model.get_output_embeddings()
     head_names = {name for name, module in model.named_modules() if module is head and head is not None}
@@ -141,10 +135,8 @@ def causal_start_token(tokenizer) -> int | None:
 
 def pad_id(tokenizer) -> int:
     """The one padding rule: the tokenizer's pad token, else EOS, else 0 (padded positions are masked anyway)."""
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return token_id
-    return 0
+    candidates = (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    return next((token_id for token_id in candidates if token_id is not None), 0)
 
 
 def logits_at(model, input_ids, attention_mask, flat_positions):
@@ -161,10 +153,6 @@ def logits_at(model, input_ids, attention_mask, flat_positions):
             return (hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_positions), *args[1:])
         return None
 
-    handle = head.register_forward_pre_hook(keep_queried_rows) if head is not None else None
-    try:
+    with head.register_forward_pre_hook(keep_queried_rows) if head is not None else contextlib.nullcontext():
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    finally:
-        if handle is not None:
-            handle.remove()
     return logits.reshape(-1, logits.shape[-1]).index_select(0, flat_positions) if logits.dim() == 3 else logits

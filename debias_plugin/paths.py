@@ -15,7 +15,7 @@ CHECKOUT_DATA_DIR = _PACKAGE_DIR.parent.parent / "shared" / "data"
 
 
 def cache_root() -> Path:
-    """Where converted built-in models and cached evaluation results live: $DEBIAS_CACHE_DIR or ~/.cache/debias_plugin."""
+    """Home of converted built-in models and cached evaluation results: $DEBIAS_CACHE_DIR or ~/.cache/debias_plugin."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "debias_plugin").expanduser()
 
 
@@ -47,9 +47,7 @@ def merge_configs_dir() -> Path:
     return bundled_path("merge_configs")
 
 
-def data_file(
-    explicit: str | Path | None, relative: str, what: str, hub: tuple[str, str] | None = None
-) -> Path:
+def data_file(explicit: str | Path | None, relative: str, what: str, hub: tuple[str, str] | None = None) -> Path:
     """Resolve a data file: explicit path > `$DEBIAS_DATA_DIR/relative` > a file of a hub dataset repo."""
     if explicit:
         path = Path(explicit).expanduser()
@@ -77,7 +75,6 @@ def data_file(
             f"dataset {repo_id} failed ({type(err).__name__}). Pass the file's path or set {DATA_DIR_ENV} "
             f"to a folder holding {relative}."
         ) from None
-
 
 
 def data_folder(relative: str, what: str) -> Path:

@@ -147,8 +147,7 @@ def check_adapter(base_dir: Path, base_tensors: dict[str, TensorInfo], adapter_d
     dims: dict[str, dict[str, int]] = {}
     for name, info in file_tensors(weights).items():
         stem = name.removeprefix("base_model.model.")
-        match = re.match(r"(.+)\.lora_(embedding_)?([AB])(\.[^.]+)?\.weight$", stem) or \
-            re.match(r"(.+)\.lora_(embedding_)?([AB])$", stem)
+        match = re.match(r"(.+)\.lora_(?:embedding_)?([AB])(?:(?:\.[^.]+)?\.weight)?$", stem)
         if match is None:  # modules_to_save and other full tensors replace base tensors one for one
             if stem not in base_tensors or base_tensors[stem].shape != info.shape:
                 raise DebiasError(
@@ -156,7 +155,7 @@ def check_adapter(base_dir: Path, base_tensors: dict[str, TensorInfo], adapter_d
                     f"{base_dir}; the adapter was trained on another model."
                 )
             continue
-        module, _, side, _ = match.groups()
+        module, side = match.groups()
         if module + ".weight" not in base_tensors:
             raise DebiasError(
                 f"Mismatched architectures: the adapter {adapter_dir} targets {module}, which the base {base_dir} "

@@ -51,6 +51,7 @@ def negate(base: str | Path, *, lambdas: Iterable, out: str | Path, biased: str 
     if not lams or len({lambda_folder(lam) for lam in lams}) != len(lams):
         raise DebiasError(f"Pass one --lambda or more, each value once (got {list(lambdas)}): each gets its folder.")
     lora = adapter is not None
+    role = "adapter" if lora else "biased"
     base, source = (Path(path).expanduser().resolve() for path in (base, adapter if lora else biased))
     capable = None if capability is None else Path(capability).expanduser().resolve()
     for path in (base, source, capable):
@@ -59,8 +60,8 @@ def negate(base: str | Path, *, lambdas: Iterable, out: str | Path, biased: str 
                               "rename or symlink the folder to a path without them.")
     bundled = ("negate_and_retain" if capability else "negate") + ("_lora.yml" if lora else ".yml")
     template_path = Path(template or merge_configs_dir() / bundled).expanduser().resolve()
-    folder = OutputFolder(out, inputs=[base, source, template_path, *([capable] if capable else [])], force=force,
-                          option="--out")
+    inputs = {"base": base, role: source, "template": template_path, "capability": capable}  # None: left out
+    folder = OutputFolder(out, inputs=inputs.values(), force=force, option="--out")
     parse_size(shard_size)  # fail early on a malformed size
     template_config = load_template(template_path)
     base_tensors = model_tensors(base)
@@ -74,7 +75,7 @@ def negate(base: str | Path, *, lambdas: Iterable, out: str | Path, biased: str 
     for lam in lams:
         config, bias_key = render_negation(template_config, base=str(base), lam=lam, source=str(template_path),
                                            capability=None if capable is None else str(capable), mu=mu,
-                                           **{"adapter" if lora else "biased": str(source)})
+                                           **{role: str(source)})
         validate_negation_config(config, [bias_key], source=str(template_path), exact_lambda=lam,
                                  exact_mu=None if capable is None else (str(capable), mu))
         plans.append((lam, config, bias_key))
@@ -86,8 +87,6 @@ def negate(base: str | Path, *, lambdas: Iterable, out: str | Path, biased: str 
     shard_bytes = parse_size(shard_size, engine.model_bytes(base_tensors))
     options = {"lambdas": lams, "template": str(template_path), "max_shard_size": shard_size,
                "shard_size_bytes": shard_bytes, "force": force, **({"mu": mu} if capable else {})}
-    inputs = {"base": base, "adapter" if lora else "biased": source, "template": template_path,
-              **({"capability": capable} if capable else {})}
     with folder.staging() as staging:
         clock = time.monotonic()
         bias_path = str(engine.merge_adapter(base, source, staging / LORA_CACHE)) if lora else str(source)
@@ -147,7 +146,7 @@ def _rendered(config: dict, bias_key: str, lam: float, *, bias_path: str, base: 
                       "merge_and_unload, float32), because mergekit 0.1.5 cannot infer an architecture for a "
                       "BASE+ADAPTER reference (OPT, ALBERT, ...).")
     body = yaml.safe_dump(shown, sort_keys=False, default_flow_style=False)
-    return runnable, "".join(f"# {line}\n" if line else "#\n" for line in header) + body
+    return runnable, "".join(f"# {line}\n" for line in header) + body
 
 
 def _verify_output(out_dir: Path, base_tensors: dict[str, TensorInfo], out_dtype: str) -> int:
