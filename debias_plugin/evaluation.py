@@ -36,12 +36,6 @@ class UnknownTaskError(DebiasError):
         super().__init__(f"lm-eval task '{task}' is neither one of ours nor one of lm-eval's{hint}.")
 
 
-def results_cache_dir() -> Path:
-    from debias_plugin.paths import cache_root
-
-    return cache_root() / "results"
-
-
 def _version(package: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -98,10 +92,8 @@ def read_results_folder(folder: str | Path) -> dict:
 
     folder = Path(folder)
     results = json_document(folder / RESULTS_NAME)
-    results["samples"] = {}
-    for task in results.pop("samples_tasks", []):
-        file = folder / _SAMPLES_NAME.format(task=task)
-        results["samples"][task] = [row for _, row in jsonl_rows(file)]
+    results["samples"] = {task: [row for _, row in jsonl_rows(folder / _SAMPLES_NAME.format(task=task))]
+                          for task in results.pop("samples_tasks", [])}
     return results
 
 
@@ -135,8 +127,11 @@ def save_results(results: dict, folder: str | Path, *, manifest: dict | None = N
 
 
 def _cache_entry(model_dir, tasks, *, model_class, model_args, limit) -> Path:
-    return results_cache_dir() / cache_key(model_dir, tasks, model_class=model_class, model_args=model_args,
-                                           limit=limit)
+    """The request's folder under $DEBIAS_CACHE_DIR/results/."""
+    from debias_plugin.paths import cache_root
+
+    return cache_root() / "results" / cache_key(model_dir, tasks, model_class=model_class, model_args=model_args,
+                                                limit=limit)
 
 
 def _read_entry(entry: Path) -> dict | None:
@@ -174,22 +169,11 @@ def _task_manager(metadata: dict | None = None, tasks: list[str] | None = None):
     return TaskManager(include_path=str(tasks_dir()), metadata=metadata)
 
 
-def _declared_metrics(manager, name: str) -> set[str] | None:
-    entry = manager.task_index.get(name)
-    if entry is None:
-        return None
-    config = entry.cfg or {}
-    listed = config.get("metric_list") or config.get("aggregate_metric_list")
-    return {item["metric"] for item in listed if isinstance(item, dict) and "metric" in item} if listed else None
-
-
-def _subtasks(manager, name: str) -> list[str]:
-    entry = manager.task_index.get(name)
-    members = (entry.cfg or {}).get("task") if entry is not None and entry.cfg else None
-    if not isinstance(members, list):
-        return []
-    names = [m if isinstance(m, str) else m.get("task") for m in members]
-    return [n for n in names if isinstance(n, str)]
+def _check_known(manager, tasks: list[str]) -> None:
+    known = set(manager.all_tasks)
+    for task in tasks:
+        if task not in known:
+            raise UnknownTaskError(task, sorted(known))
 
 
 @functools.lru_cache(maxsize=8)
@@ -207,17 +191,21 @@ def describe_tasks(tasks: list[str]) -> dict[str, set[str] | None]:
     described: dict[str, set[str] | None] = {SEAT_TASK: None} if SEAT_TASK in tasks else {}
     tasks = [task for task in tasks if task != SEAT_TASK]
     manager = _task_catalog(tuple(sorted(tasks)))
-    known = set(manager.all_tasks)
+    _check_known(manager, tasks)
     pending = list(tasks)
-    for task in tasks:
-        if task not in known:
-            raise UnknownTaskError(task, sorted(known))
     while pending:
         name = pending.pop()
         if name in described:
             continue
-        described[name] = _declared_metrics(manager, name)
-        pending.extend(_subtasks(manager, name))
+        entry = manager.task_index.get(name)
+        config = (entry.cfg or {}) if entry is not None else {}
+        listed = config.get("metric_list") or config.get("aggregate_metric_list")
+        described[name] = ({item["metric"] for item in listed if isinstance(item, dict) and "metric" in item}
+                           if listed else None)
+        members = config.get("task")  # a group's members: names or inline task configs
+        if isinstance(members, list):
+            names = [m if isinstance(m, str) else m.get("task") for m in members]
+            pending.extend(n for n in names if isinstance(n, str))
     return described
 
 
@@ -231,13 +219,11 @@ def evaluate(model_dir: str | Path, tasks: list[str], *, model_class: str | None
     also receives results.json + samples_<task>.jsonl (a folder `debias gate` reads with `results:`).
     """
     from debias_plugin.models import check_weights
-    from debias_plugin.outputs import manifest
+    from debias_plugin.outputs import OutputFolder, manifest
 
     model_dir = Path(model_dir).expanduser().resolve()
     check_weights(model_dir)
     if output_dir is not None:
-        from debias_plugin.outputs import OutputFolder
-
         OutputFolder(output_dir, inputs=[model_dir], force=force)  # all checks before the model loads
     request = dict(model_class=model_class, model_args=model_args, limit=limit)
     entry = _cache_entry(model_dir, tasks, **request)
@@ -277,10 +263,7 @@ def _run_lm_eval(model_dir: Path, tasks: list[str], *, model_class, model_args, 
     from debias_plugin.lm_eval import register_models
 
     manager = _task_manager({"pretrained": str(model_dir), **model_args}, tasks)
-    known = set(manager.all_tasks)
-    for task in tasks:
-        if task not in known:
-            raise UnknownTaskError(task, sorted(known))
+    _check_known(manager, tasks)
     if model_class is None:
         model_class = resolve_model_class(model_dir)
     if device is None:

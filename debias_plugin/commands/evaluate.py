@@ -143,12 +143,11 @@ def run_lm_eval(args: list[str]) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     from debias_plugin.lm_eval import register_models
+    from debias_plugin.lm_eval.suite import expand_task_presets
 
     register_models()  # before the checks import hf-mlm: lm-eval's own registry must be filled first
     allow_pickle, args = ALLOW_PICKLE in args, [arg for arg in args if arg != ALLOW_PICKLE]
     args = resolve_builtin_models(args)
-    from debias_plugin.lm_eval.suite import expand_task_presets
-
     args = expand_task_presets(args)  # bias_suite -> the members whose data is here (a notice for the rest)
     flags = read_flags(args)
     args = lm_eval_arguments(check_arguments(args, flags, allow_pickle), flags)

@@ -47,14 +47,10 @@ def suite_tasks() -> list[str]:
     root = data_root()
     local = []
     for task, files in LOCAL_MEMBERS.items():
-        if not root:  # online, the loaders may fetch from the hub; offline there is nothing to read
-            if _offline():
-                logger.warning("bias_suite: skipping %s: $%s is not set and the hub is offline.", task, DATA_DIR_ENV)
-            else:
-                local.append(task)
-            continue
-        missing = [f for f in files if not (root / f).exists()]
-        if missing:
+        missing = [f for f in files if not (root / f).exists()] if root else []
+        if not root and _offline():  # online, the loaders may fetch from the hub; offline there is nothing to read
+            logger.warning("bias_suite: skipping %s: $%s is not set and the hub is offline.", task, DATA_DIR_ENV)
+        elif missing:
             logger.warning("bias_suite: skipping %s: $%s=%s has no %s.", task, DATA_DIR_ENV, root, ", ".join(missing))
         else:
             local.append(task)

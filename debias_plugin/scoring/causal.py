@@ -17,6 +17,7 @@ No lm-eval imports here; torch is imported where it is used.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -46,36 +47,29 @@ class PackedRow:
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    return next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def pack_rows(inputs: Sequence[Sequence[int]], *, max_row_tokens: int, share: bool = True,
-              shared_token_pairs: int = SHARED_TOKEN_PAIRS, min_shared: int = MIN_SHARED) -> list[PackedRow]:
+              min_shared: int = MIN_SHARED) -> list[PackedRow]:
     """Rows covering every input: identical inputs always share a path; with `share`, common prefixes too.
 
     Inputs are visited in lexicographic order, so each one's longest common prefix with any earlier input of its
     row is the one with the input just before it.
     """
     rows: list[PackedRow] = []
-    row, previous, previous_path = None, (), []
+    previous, previous_path = (), []
     for index in sorted(range(len(inputs)), key=lambda i: tuple(inputs[i])):
         sequence = tuple(inputs[index])
-        shared = common_prefix_length(sequence, previous) if row is not None else 0
-        if row is not None:
-            added, size = len(sequence) - shared, len(row.tokens)
-            extra_pairs = 2 * size * added + added * added - len(sequence) ** 2  # vs. a row of its own
-            joins = added == 0 or (share and shared >= min_shared and size + added <= max_row_tokens
-                                   and shared * shared_token_pairs >= extra_pairs)
-            if not joins:
-                row = None
-        if row is None:
-            row, shared = PackedRow(), 0
-            rows.append(row)
+        shared = common_prefix_length(sequence, previous)
+        added, size = len(sequence) - shared, (len(rows[-1].tokens) if rows else 0)
+        extra_pairs = 2 * size * added + added * added - len(sequence) ** 2  # vs. a row of its own
+        joins = added == 0 or (share and shared >= min_shared and size + added <= max_row_tokens
+                               and shared * SHARED_TOKEN_PAIRS >= extra_pairs)
+        if not rows or not joins:
+            rows.append(PackedRow())
+            shared = 0
+        row = rows[-1]
         path = previous_path[:shared]
         for depth in range(shared, len(sequence)):
             row.parents.append(path[-1] if path else -1)
@@ -89,9 +83,8 @@ def pack_rows(inputs: Sequence[Sequence[int]], *, max_row_tokens: int, share: bo
 
 def batches(rows: Sequence[PackedRow], token_budget: int) -> list[list[PackedRow]]:
     """Rows longest first, as many to a batch as fit `token_budget` padded tokens (at least one)."""
-    ordered = sorted(rows, key=lambda row: -len(row.tokens))
     out: list[list[PackedRow]] = []
-    for row in ordered:
+    for row in sorted(rows, key=lambda row: -len(row.tokens)):
         if out and (len(out[-1]) + 1) * len(out[-1][0].tokens) <= token_budget:
             out[-1].append(row)
         else:
@@ -149,52 +142,40 @@ class CausalScorer:
     def _autocast(self):
         import torch
 
-        device = self._device()
-        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype,
+        return torch.autocast(device_type=self._device().type, dtype=self.autocast_dtype,
                               enabled=self.autocast_dtype is not None)
 
     def _features(self, rows: Sequence[PackedRow], flat_nodes):
         """(kind, tensor [len(flat_nodes), H or V]): hidden states ("hidden") or logits ("logits") of those nodes."""
         import torch
+        from torch.nn.utils.rnn import pad_sequence
 
         device = self._device()
-        width = max(len(row.tokens) for row in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        for b, row in enumerate(rows):
-            ids[b, :len(row.tokens)] = torch.tensor(row.tokens, dtype=torch.long)
+        ids = pad_sequence([torch.tensor(row.tokens, dtype=torch.long) for row in rows], batch_first=True)
         kwargs = {}
         if not all(row.is_chain for row in rows):
             dtype = next(self.model.parameters()).dtype
             dtype = dtype if dtype.is_floating_point else torch.float32
-            allowed = ancestor_mask(rows, width)
+            allowed = ancestor_mask(rows, ids.shape[1])
             mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-            positions = torch.zeros(len(rows), width, dtype=torch.long)
-            for b, row in enumerate(rows):
-                positions[b, :len(row.positions)] = torch.tensor(row.positions, dtype=torch.long)
+            positions = pad_sequence([torch.tensor(row.positions, dtype=torch.long) for row in rows], batch_first=True)
             kwargs = {"attention_mask": mask[:, None].to(device), "position_ids": positions.to(device)}
         self.tokens_forwarded += ids.numel()
-        flat_nodes = flat_nodes.to(device)
         captured = {}
-        handle = None
-        if self.split_head:
-            def keep_hidden(_module, args):
-                hidden = args[0] if args else None
-                if hidden is not None and hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(ids.shape):
-                    captured["hidden"] = hidden
-                    return (hidden[:, :0], *args[1:])  # the model's own projection then has nothing to do
-                return None
 
-            handle = self.model.get_output_embeddings().register_forward_pre_hook(keep_hidden)
-        try:
-            with torch.no_grad(), self._autocast():
-                logits = self.model(input_ids=ids.to(device), **kwargs).logits
-        finally:
-            if handle is not None:
-                handle.remove()
-        if "hidden" in captured:
-            hidden = captured["hidden"]
-            return "hidden", hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_nodes)
-        return "logits", logits.reshape(-1, logits.shape[-1]).index_select(0, flat_nodes)
+        def keep_hidden(_module, args):
+            hidden = args[0] if args else None
+            if hidden is not None and hidden.dim() == 3 and tuple(hidden.shape[:2]) == tuple(ids.shape):
+                captured["hidden"] = hidden
+                return (hidden[:, :0], *args[1:])  # the model's own projection then has nothing to do
+            return None
+
+        hook = (self.model.get_output_embeddings().register_forward_pre_hook(keep_hidden) if self.split_head
+                else contextlib.nullcontext())
+        with hook, torch.no_grad(), self._autocast():
+            logits = self.model(input_ids=ids.to(device), **kwargs).logits
+        kind, features = ("hidden", captured["hidden"]) if "hidden" in captured else ("logits", logits)
+        return kind, features.reshape(-1, features.shape[-1]).index_select(0, flat_nodes.to(device))
 
     # ---- scoring -------------------------------------------------------------------------------------
 
@@ -248,8 +229,8 @@ class CausalScorer:
             values[order[lo:hi]] = log_probs[nodes, targets]
             greedy[order[lo:hi]] = log_probs.max(dim=-1).indices[nodes] == targets
         # each request's sum in its own dtype and position order, as HFLM's `.sum()` rounds it
-        for (request, count), part, hits in zip(owners, values.split([n for _, n in owners]),
-                                                greedy.split([n for _, n in owners])):
+        counts = [count for _, count in owners]
+        for (request, _), part, hits in zip(owners, values.split(counts), greedy.split(counts)):
             answers[request] = (float(part.sum()), bool(hits.all()))
 
 

@@ -22,6 +22,5 @@ def gap_source(metric: str) -> str | None:
 
 def gap_interval(low: float, high: float) -> tuple[float, float]:
     """The gaps of every percentage in [low, high]: a percentage's interval maps to this interval for its gap."""
-    if low <= NO_PREFERENCE <= high:
-        return 0.0, max(gap(low), gap(high))
-    return min(gap(low), gap(high)), max(gap(low), gap(high))
+    lowest = 0.0 if low <= NO_PREFERENCE <= high else min(gap(low), gap(high))
+    return lowest, max(gap(low), gap(high))

@@ -50,10 +50,8 @@ def is_uncased(tokenizer) -> bool:
 
 def model_max_length(model, tokenizer) -> int:
     """Longest input the model's position embeddings and tokenizer allow (RoBERTa reserves padding_idx + 1)."""
-    limits = []
     tokenizer_limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000:
-        limits.append(tokenizer_limit)
+    limits = [tokenizer_limit] if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 1_000_000 else []
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions:
         embeddings = getattr(getattr(model, "base_model", model), "embeddings", None)
@@ -169,7 +167,7 @@ class MaskedScorer:
             content = [i for i, s in zip(ids, special) if not s]
             lead = next((p for p, s in enumerate(special) if not s), len(ids))
             leading = tuple(ids[:lead])
-            trailing = tuple(ids[lead + len(content):]) if content else tuple(ids[lead:])
+            trailing = tuple(ids[lead + len(content):])
             room = self.max_length - len(leading) - len(trailing)
             if room < 1:
                 raise DebiasError(f"Model max length {self.max_length} leaves no room for text between special tokens.")

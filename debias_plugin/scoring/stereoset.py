@@ -65,7 +65,8 @@ def attribute_word(context: str, sentence: str) -> str:
                           f"the {BLANK} position.")
     word = sentence_words[blank_indices[-1]].translate(_PUNCTUATION)
     if not word:
-        raise DebiasError(f"StereoSet sentence {sentence!r}: the word at the {BLANK} of {context!r} is only punctuation.")
+        raise DebiasError(f"StereoSet sentence {sentence!r}: the word at the {BLANK} of {context!r} is only "
+                          "punctuation.")
     return word
 
 
