@@ -8,6 +8,8 @@ import sys
 
 import click
 
+from debias_plugin.errors import DebiasError, describe_library_error
+
 # name -> ("module:attribute", one-line help). Modules are imported only when their command runs.
 _COMMANDS = {
     "eval": ("debias_plugin.commands.evaluate:eval_command", "Run lm-eval with our tasks and the hf-mlm model."),
@@ -52,9 +54,8 @@ class LazyGroup(click.Group):
 
     def format_commands(self, ctx, formatter):
         """List commands from the registry's one-line help, so `debias --help` imports nothing heavy."""
-        commands = _commands()
         with formatter.section("Commands"):
-            formatter.write_dl([(name, commands[name][1]) for name in self.list_commands(ctx)])
+            formatter.write_dl([(name, summary) for name, (_, summary) in sorted(_commands().items())])
 
 
 @click.group(cls=LazyGroup)
@@ -77,8 +78,6 @@ def _show_messages() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: user-facing errors become one paragraph on stderr and exit code 2, never a traceback."""
-    from debias_plugin.errors import DebiasError
-
     _show_messages()
     try:
         exit_code = cli.main(args=argv, standalone_mode=False)
@@ -92,8 +91,6 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(f"Error: {err}", err=True)
         sys.exit(2)
     except Exception as err:  # a library we call failed: still one paragraph, exit 2 (DEBIAS_DEBUG=1 re-raises)
-        from debias_plugin.errors import describe_library_error
-
         if os.environ.get("DEBIAS_DEBUG") == "1":
             raise
         click.echo(f"Error: {describe_library_error(err)}", err=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import re
+import traceback
 from pathlib import Path
 
 
@@ -18,10 +20,8 @@ class DataError(DebiasError, ValueError):
         self.where = where
         self.expected = expected
         self.found = found
-        message = f"{self.path}, {where}: expected {expected}"
-        if found is not None:
-            message += f", found {found}"
-        super().__init__(message + ".")
+        found_text = "" if found is None else f", found {found}"
+        super().__init__(f"{self.path}, {where}: expected {expected}{found_text}.")
 
 
 def one_line(err: BaseException, limit: int = 500) -> str:
@@ -32,12 +32,8 @@ def one_line(err: BaseException, limit: int = 500) -> str:
 
 def describe_library_error(err: BaseException) -> str:
     """One paragraph for an exception raised inside a library we call: what, where it came from, the file."""
-    import errno
-    import traceback
-    from pathlib import PurePath
-
     frames = traceback.extract_tb(err.__traceback__)
-    origin = next((part for frame in reversed(frames) for part in PurePath(frame.filename).parts[-4:]
+    origin = next((part for frame in reversed(frames) for part in Path(frame.filename).parts[-4:]
                    if part in _LIBRARIES), None)
     message = one_line(err, 800) or type(err).__name__
     hints = {errno.ENOSPC: " The disk is full: free space or write elsewhere; nothing was published.",

@@ -95,10 +95,8 @@ def build_tiny_model(kind: str, out_dir: str | Path, texts: list[str] | None = N
         tokenizer = bpe_tokenizer(texts, masked=kind == "roberta")
     config = _config(kind, len(tokenizer), tokenizer, layers, hidden, heads, intermediate)
     torch.manual_seed(seed)
-    auto = AutoModelForCausalLM if kind in CAUSAL_KINDS else AutoModelForMaskedLM
-    model = auto.from_config(config)
-    model.eval()
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model_class = AutoModelForCausalLM if kind in CAUSAL_KINDS else AutoModelForMaskedLM
+    model_class.from_config(config).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
 

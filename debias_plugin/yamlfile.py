@@ -105,12 +105,12 @@ def _node_lines(node, path: tuple, lines: dict[tuple, int], duplicates: list) ->
     if isinstance(node, yaml.MappingNode):
         seen = set()
         for key_node, value_node in node.value:
-            key = key_node.value
-            if key in seen:
-                duplicates.append((path + (key,), key_node.start_mark.line + 1))
-            seen.add(key)
-            lines[path + (key,)] = key_node.start_mark.line + 1
-            _node_lines(value_node, path + (key,), lines, duplicates)
+            here = path + (key_node.value,)
+            if here in seen:
+                duplicates.append((here, key_node.start_mark.line + 1))
+            seen.add(here)
+            lines[here] = key_node.start_mark.line + 1
+            _node_lines(value_node, here, lines, duplicates)
     elif isinstance(node, yaml.SequenceNode):
         for index, item in enumerate(node.value):
             lines[path + (index,)] = item.start_mark.line + 1

@@ -41,19 +41,18 @@ def seat_command(model, tests, pooling, output, force, seat_dir, n_samples, seed
     if n_samples < 1 or batch_size < 1:
         raise DebiasError("--n-samples and --batch-size must be at least 1.")
     resolve_seat_tests(tests, seat_dir)  # unknown test names fail before the model loads
-    out = None
+    target = None
     if output:
         from debias_plugin.outputs import OutputFolder, write_text_atomically
 
         target = OutputFolder(output, inputs=[model, seat_dir], force=force)  # checks only; we write one file
-        out = target.path
-        if out.is_dir():
-            raise DebiasError(f"--output {out} is a folder; expected a .json file path.")
+        if target.path.is_dir():
+            raise DebiasError(f"--output {target.path} is a folder; expected a .json file path.")
     report = run_seat(model, tests, pooling, seat_dir=seat_dir, n_samples=n_samples, seed=seed,
                       batch_size=batch_size)
     click.echo(format_report(report))
-    if out is not None:
+    if target is not None:
         target.check_replaceable()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomically(out, report_to_json(report))
-        click.echo(f"Wrote {out}")
+        target.path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(target.path, report_to_json(report))
+        click.echo(f"Wrote {target.path}")

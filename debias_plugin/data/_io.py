@@ -22,8 +22,7 @@ def read_text(path: Path) -> str:
 
 def csv_rows(path: Path, required: list[str], delimiter: str = ",") -> Iterator[tuple[int, dict]]:
     """Yield (line number, row) for a CSV with a header, after checking the required columns."""
-    text = read_text(path)
-    reader = csv.DictReader(text.splitlines(keepends=True), delimiter=delimiter)
+    reader = csv.DictReader(read_text(path).splitlines(keepends=True), delimiter=delimiter)
     header = reader.fieldnames or []
     missing = [name for name in required if name not in header]
     if missing:
@@ -31,18 +30,16 @@ def csv_rows(path: Path, required: list[str], delimiter: str = ",") -> Iterator[
             path, "line 1 (header)", f"column(s) {', '.join(map(repr, required))}",
             f"columns {header} without {', '.join(map(repr, missing))}",
         )
-    rows = 0
+    row = None
     for row in reader:
-        rows += 1
         # reader.line_num is the last physical line of the record; fine for messages.
         yield reader.line_num, row
-    if rows == 0:
+    if row is None:
         raise DataError(path, "line 2", "at least one data row after the header", "no rows")
 
 
 def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
-    text = read_text(path)
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -55,9 +52,8 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def json_document(path: Path):
-    text = read_text(path)
     try:
-        return json.loads(text)
+        return json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise DataError(path, f"line {err.lineno}", "valid JSON", f"bad JSON ({err.msg})") from None
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from debias_plugin.data._io import csv_rows, require_field
-from debias_plugin.data.crows import checked_bias_type
+from debias_plugin.data.crows import CROWS_RELATIVE_PATH, checked_bias_type, load_crows_pairs
+from debias_plugin.data.stereoset import STEREOSET_RELATIVE_PATH, load_stereoset
 from debias_plugin.errors import DataError, DebiasError
 from debias_plugin.paths import DATA_DIR_ENV, data_file
 
@@ -44,11 +47,6 @@ def _winogender_stats(path: Path) -> dict[str, float]:
     return stats
 
 
-def disadvantaged_gender(pct_female: float) -> str:
-    """The gender under-represented in an occupation (BLS share of women < 50% -> 'female', else 'male')."""
-    return "female" if pct_female < 50 else "male"
-
-
 def load_winogender_pairs(sentences_path: str | Path | None = None,
                           stats_path: str | Path | None = None) -> list[BiasPair]:
     """One pair per WinoGender (occupation, participant, answer) triple: the male and female sentence.
@@ -59,8 +57,8 @@ def load_winogender_pairs(sentences_path: str | Path | None = None,
     sentence is not used.
     """
     sentences_path = data_file(sentences_path, WINOGENDER_SENTENCES, "WinoGender sentences")
-    if stats_path is None and Path(sentences_path).with_name("occupations-stats.tsv").is_file():
-        stats_path = Path(sentences_path).with_name("occupations-stats.tsv")
+    if stats_path is None and sentences_path.with_name("occupations-stats.tsv").is_file():
+        stats_path = sentences_path.with_name("occupations-stats.tsv")
     stats_path = data_file(stats_path, WINOGENDER_STATS, "WinoGender occupation statistics")
     stats = _winogender_stats(stats_path)
 
@@ -87,11 +85,10 @@ def load_winogender_pairs(sentences_path: str | Path | None = None,
             raise DataError(sentences_path, f"line {line}",
                             f"a male and a female sentence for {occupation}.{participant}.{answer}",
                             f"no {' or '.join(missing)} sentence")
-        disadvantaged = disadvantaged_gender(stats[occupation])
-        advantaged = "male" if disadvantaged == "female" else "female"
+        # the gender under-represented in the occupation (BLS share of women < 50% -> female) is disadvantaged
+        advantaged, disadvantaged = ("male", "female") if stats[occupation] < 50 else ("female", "male")
         line, advantaged_sentence = sentences[advantaged]
-        pairs.append(_checked_pair(sentences_path, line, advantaged_sentence, sentences[disadvantaged][1],
-                                   occupation))
+        pairs.append(_checked_pair(sentences_path, line, advantaged_sentence, sentences[disadvantaged][1], occupation))
     return pairs
 
 
@@ -136,23 +133,18 @@ def load_pair_csv(path: str | Path, bias_types: list[str] | None = None) -> list
 def load_stereoset_pairs(path: str | Path | None = None, domains: list[str] | None = None,
                          kind: str = "intrasentence") -> list[BiasPair]:
     """(stereotype, anti-stereotype) pairs from StereoSet; intersentence candidates follow their context."""
-    from debias_plugin.data.stereoset import load_stereoset
-
     examples = load_stereoset(path, kind=kind)
-    source = data_file(path, "stereoset/stereoset_dev.jsonl", "StereoSet")
+    source = data_file(path, STEREOSET_RELATIVE_PATH, "StereoSet")
     pairs = []
     for example in examples:
         if domains and example.bias_type not in domains:
             continue
-        if example.kind == "intersentence":
-            advantaged = f"{example.context} {example.stereotype}"
-            disadvantaged = f"{example.context} {example.anti_stereotype}"
-        else:
-            advantaged, disadvantaged = example.stereotype, example.anti_stereotype
-        if advantaged.strip() == disadvantaged.strip():
+        prefix = f"{example.context} " if example.kind == "intersentence" else ""
+        advantaged = f"{prefix}{example.stereotype}".strip()
+        disadvantaged = f"{prefix}{example.anti_stereotype}".strip()
+        if advantaged == disadvantaged:
             continue  # the dataset has a few identical candidates: nothing to contrast
-        pairs.append(BiasPair(advantaged.strip(), disadvantaged.strip(), example.bias_type,
-                              f"{source}, example {example.id}"))
+        pairs.append(BiasPair(advantaged, disadvantaged, example.bias_type, f"{source}, example {example.id}"))
     if not pairs:
         raise DataError(source, "field 'bias_type'", f"at least one {kind} example of domain(s) {domains}", "none")
     return pairs
@@ -161,11 +153,10 @@ def load_stereoset_pairs(path: str | Path | None = None, domains: list[str] | No
 def load_pairs(source: str | Path, groups: list[str] | None = None) -> list[BiasPair]:
     """Resolve --pairs: 'winogender', 'crows', 'stereoset', 'bbq' (from $DEBIAS_DATA_DIR) or a file/folder."""
     name = str(source)
+    path = Path(name).expanduser()
     if name == "winogender":
         pairs = load_winogender_pairs()
     elif name == "crows":
-        from debias_plugin.data.crows import CROWS_RELATIVE_PATH
-
         return load_pair_csv(data_file(None, CROWS_RELATIVE_PATH, "CrowS-Pairs"), groups)
     elif name == "stereoset":
         return load_stereoset_pairs(domains=groups)
@@ -173,20 +164,18 @@ def load_pairs(source: str | Path, groups: list[str] | None = None) -> list[Bias
         from debias_plugin.data.bbq import load_bbq_pairs
 
         return load_bbq_pairs(categories=groups)
+    elif path.is_dir() and (path / "all_sentences.tsv").is_file():
+        pairs = load_winogender_pairs(path / "all_sentences.tsv", path / "occupations-stats.tsv")
+    elif path.suffix.lower() in (".csv", ".tsv"):
+        return load_pair_csv(path, groups)
+    elif path.suffix.lower() in (".jsonl", ".json"):
+        return load_stereoset_pairs(path, domains=groups)
     else:
-        path = Path(name).expanduser()
-        if path.is_dir() and (path / "all_sentences.tsv").is_file():
-            pairs = load_winogender_pairs(path / "all_sentences.tsv", path / "occupations-stats.tsv")
-        elif path.suffix.lower() in (".csv", ".tsv"):
-            return load_pair_csv(path, groups)
-        elif path.suffix.lower() in (".jsonl", ".json"):
-            return load_stereoset_pairs(path, domains=groups)
-        else:
-            raise DebiasError(
-                f"--pairs {name}: expected 'winogender', 'crows', 'stereoset', 'bbq', a WinoGender folder (with "
-                "all_sentences.tsv), a pair CSV/TSV (advantaged,disadvantaged or sent_more,sent_less) or a "
-                "StereoSet .json/.jsonl file."
-            )
+        raise DebiasError(
+            f"--pairs {name}: expected 'winogender', 'crows', 'stereoset', 'bbq', a WinoGender folder (with "
+            "all_sentences.tsv), a pair CSV/TSV (advantaged,disadvantaged or sent_more,sent_less) or a "
+            "StereoSet .json/.jsonl file."
+        )
     if groups:
         pairs = [pair for pair in pairs if pair.group in groups]
         if not pairs:
@@ -200,25 +189,16 @@ def _normalized(sentence: str) -> str:
 
 def evaluation_sentences() -> dict[str, set[str]]:
     """Normalised sentences of the bias benchmarks we evaluate on (those found under $DEBIAS_DATA_DIR)."""
-    import os
-
-    from debias_plugin.data.crows import load_crows_pairs
-    from debias_plugin.data.stereoset import load_stereoset
-
     found: dict[str, set[str]] = {}
     if not os.environ.get(DATA_DIR_ENV):
         return found
-    try:
+    with contextlib.suppress(DebiasError):
         found["CrowS-Pairs"] = {_normalized(s) for p in load_crows_pairs() for s in (p.sent_more, p.sent_less)}
-    except DebiasError:
-        pass
-    try:
+    with contextlib.suppress(DebiasError):
         found["StereoSet"] = {
             _normalized(text) for e in load_stereoset() for s in (e.stereotype, e.anti_stereotype, e.unrelated)
             for text in (s, f"{e.context} {s}")
         }
-    except DebiasError:
-        pass
     return found
 
 

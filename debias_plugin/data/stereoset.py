@@ -67,7 +67,10 @@ def _from_jsonl(path: Path) -> list[StereoSetExample]:
     return examples
 
 
-def _from_dev_json(path: Path, document: dict) -> list[StereoSetExample]:
+def _from_dev_json(path: Path) -> list[StereoSetExample]:
+    document = json_document(path)
+    if not isinstance(document, dict):
+        raise DataError(path, "top level", "a JSON object with a 'data' field", type(document).__name__)
     data = document.get("data")
     if not isinstance(data, dict):
         raise DataError(path, "field 'data'", "an object with 'intrasentence' and/or 'intersentence' lists")
@@ -100,13 +103,7 @@ def _from_dev_json(path: Path, document: dict) -> list[StereoSetExample]:
 def load_stereoset(path: str | Path | None = None, kind: str | None = None) -> list[StereoSetExample]:
     """Read StereoSet from dev.json or the flattened JSONL; `kind` keeps only intra- or intersentence."""
     path = data_file(path, STEREOSET_RELATIVE_PATH, "StereoSet", hub=STEREOSET_HUB_FILE)
-    if path.suffix == ".json":
-        document = json_document(path)
-        if not isinstance(document, dict):
-            raise DataError(path, "top level", "a JSON object with a 'data' field", type(document).__name__)
-        examples = _from_dev_json(path, document)
-    else:
-        examples = _from_jsonl(path)
+    examples = _from_dev_json(path) if path.suffix == ".json" else _from_jsonl(path)
     if kind is not None:
         if kind not in KINDS:
             raise DataError(path, "requested kind", "'intrasentence' or 'intersentence'", repr(kind))

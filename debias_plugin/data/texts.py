@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from debias_plugin.data._io import csv_rows, jsonl_rows, read_text
-from debias_plugin.errors import DataError
-from debias_plugin.errors import DebiasError
+from debias_plugin.errors import DataError, DebiasError
 from debias_plugin.paths import DATA_DIR_ENV, data_file, data_root
 
 WIKITEXT_RELATIVE_PATH = "wikitext2/wiki.test.raw"
@@ -40,7 +39,7 @@ def load_texts(path: str | Path, column: str | None = None, where: dict[str, str
                 raise DataError(path, f"line {line}", f"a field '{name}'", f"fields {sorted(row)}")
         if any(str(row[name]) != value for name, value in where.items()):
             continue
-        text = row[column] if row[column] is not None else ""
+        text = "" if row[column] is None else row[column]
         if not isinstance(text, str):
             raise DataError(path, f"line {line}, field '{column}'", "a string", type(text).__name__)
         if text.strip():
