@@ -120,6 +120,15 @@ class OutputFolder:
         return out
 
 
+def claim_run_folder(out: Path, *, resumes: bool, force: bool, refusal: str) -> None:
+    """A sweep's or study's folder: new, empty or the same run's (resumed); another's is replaced only with --force."""
+    if out.is_dir() and any(out.iterdir()) and not resumes:
+        if not force:
+            raise DebiasError(refusal)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """Write beside the target, then rename over it: a reader never sees half a file, a failure leaves none."""
     staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")

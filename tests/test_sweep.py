@@ -165,6 +165,23 @@ def test_valid_file_plans_reference_then_one_job_per_lambda(tmp_path):
     assert _load(tmp_path, reformatted).sha256 == sweep.sha256  # one study per content, not per layout
 
 
+def test_a_folder_holding_something_else_is_replaced_only_with_force(tmp_path):
+    from debias_plugin.errors import DebiasError
+    from debias_plugin.sweep.runner import prepare_folder
+
+    sweep, out = _load(tmp_path, VALID), tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DebiasError, match="does not hold this sweep"):
+        prepare_folder(sweep, out, force=False, inputs=[])
+    assert (out / "notes.txt").read_text() == "mine"
+    prepare_folder(sweep, out, force=True, inputs=[])
+    assert sorted(path.name for path in out.iterdir()) == ["sweep.yml"]
+    (out / "trials").mkdir()
+    prepare_folder(sweep, out, force=False, inputs=[])  # the same sweep: resumed, nothing removed
+    assert (out / "trials").is_dir()
+
+
 def test_negate_and_retain_evaluates_its_own_lambda_zero(tmp_path):
     """Its lambda 0 is base + mu * capability, not the base: neither a grid nor a search may stand the base in."""
     retain = VALID.replace("fixed: {biased: /b}", "fixed: {biased: /b, capability: /c, mu: 0.5}")

@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from debias_plugin.errors import DebiasError
-from debias_plugin.outputs import MANIFEST_NAME, read_manifest, write_text_atomically
+from debias_plugin.outputs import MANIFEST_NAME, claim_run_folder, read_manifest, write_text_atomically
 from debias_plugin.sweep.config import BudgetRule
 from debias_plugin.yamlfile import (ConfigFileError, Label, TaskMetric, field_text, line_of, read_yaml,
                                     schema_keys, validation_problems)
@@ -206,20 +206,15 @@ def load_study(path: str | Path) -> Study:
 def run_study(path: str | Path, out: str | Path, *, force: bool = False, only: list[str] | None = None) -> Path:
     """Prepare, sweep and tabulate the study (or the `only` selectors' part of it) into DIR (a rerun resumes, and
     a later run with other selectors adds to the same table); returns DIR/study.md."""
-    import shutil
-
     from debias_plugin.sweep.runner import resolve_base, run_sweep
     from debias_plugin.training import train
 
     study, out = load_study(path), Path(out).expanduser().resolve()
     plan = study.plan(out, only)  # every sweep and stage option validated before any model loads
-    if out.is_dir() and any(out.iterdir()) and not (out / STUDY_FILE).is_file():
-        if not force:
-            raise DebiasError(f"--out {out} is not empty and does not hold a study (no {STUDY_FILE}); pass --force "
-                              "to replace it, or choose another folder. A study folder is resumed (and extended by "
-                              "an edited study file: each sweep and prepared stage checks its own settings).")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_run_folder(out, resumes=(out / STUDY_FILE).is_file(), force=force,
+                     refusal=f"--out {out} is not empty and does not hold a study (no {STUDY_FILE}); pass --force to "
+                     "replace it, or choose another folder. A study folder is resumed (and extended by an edited "
+                     "study file: each sweep and prepared stage checks its own settings).")
     write_text_atomically(out / STUDY_FILE, study.text)
     for model, parts in plan.items():
         base = resolve_base(next(iter(parts["sweeps"].values()))) if parts["prepare"] else None

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from debias_plugin.default_model import is_builtin, resolve_model
 from debias_plugin.errors import DebiasError
-from debias_plugin.outputs import MANIFEST_NAME, overlaps, write_text_atomically
+from debias_plugin.outputs import MANIFEST_NAME, claim_run_folder, overlaps, write_text_atomically
 from debias_plugin.sweep import metrics
 from debias_plugin.sweep.config import Job, Point, Sweep, check_tasks, load_sweep, search_is_integer, training_settings
 from debias_plugin.sweep.search import Observation, SearchResult, next_step
@@ -68,13 +68,10 @@ def prepare_folder(sweep: Sweep, out: Path, *, force: bool, inputs: list[Path]) 
             raise DebiasError(f"--out {out} overlaps the input {given}: choose an output folder outside every input.")
     if out.is_file():
         raise DebiasError(f"--out {out} is a file; choose a folder.")
-    if out.is_dir() and any(out.iterdir()) and not _same_sweep(out / SWEEP_FILE, sweep):
-        if not force:
-            raise DebiasError(f"--out {out} is not empty and does not hold this sweep (no {SWEEP_FILE}, or one with "
-                              "other settings); pass --force to replace it, or choose another folder. A folder "
-                              "holding the same sweep is resumed.")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    claim_run_folder(out, resumes=_same_sweep(out / SWEEP_FILE, sweep), force=force,
+                     refusal=f"--out {out} is not empty and does not hold this sweep (no {SWEEP_FILE}, or one with "
+                     "other settings); pass --force to replace it, or choose another folder. A folder holding the "
+                     "same sweep is resumed.")
     if not (out / SWEEP_FILE).is_file():
         write_text_atomically(out / SWEEP_FILE, sweep.text)
 
