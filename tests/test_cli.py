@@ -39,15 +39,17 @@ def test_user_error_is_one_paragraph_without_traceback(tmp_path):
     assert (occupied / "notes.txt").read_text() == "keep me"
 
 
-def test_eval_picks_hf_bias_saves_results_and_prints_a_summary(tiny_model, tmp_path):
+@pytest.mark.parametrize("output_path", [None, "."])  # None: our default folder; ".": the working directory
+def test_eval_picks_hf_bias_saves_results_and_prints_a_summary(tiny_model, tmp_path, output_path):
     import json
 
+    where = [] if output_path is None else ["--output_path", output_path]
     result = _debias("eval", "--model_args", f"pretrained={tiny_model('gpt2')}", "--tasks", "crows_bias_gender",
-                     "--limit", "4", cwd=tmp_path)
+                     "--limit", "4", *where, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("hf-bias (")  # lm-eval's header: a causal model's default class
     assert "crows_bias_gender" in result.stdout and "stereotype_gap" in result.stdout
-    saved = list((tmp_path / "runs" / "eval").rglob("results_*.json"))
+    saved = list((tmp_path / "runs" / "eval" if output_path is None else tmp_path).rglob("results_*.json"))
     assert len(saved) == 1 and f"Results saved to {saved[0].relative_to(tmp_path)}" in result.stdout
     pct = json.loads(saved[0].read_text())["results"]["crows_bias_gender"]["pct_stereotype,none"]
     summary = result.stdout.split("Summary.")[1]

@@ -151,15 +151,15 @@ def run_lm_eval(args: list[str]) -> None:
     args = expand_task_presets(args)  # bias_suite -> the members whose data is here (a notice for the rest)
     flags = read_flags(args)
     args = lm_eval_arguments(check_arguments(args, flags, allow_pickle), flags)
-    output = Path(read_flags(args).output_path or "")
+    output = read_flags(args).output_path  # "." is a folder too: Path(".") would equal Path("")
     started = time.time()
     saved_argv, sys.argv = sys.argv, ["lm-eval", "run", *args]
     try:
         cli_evaluate()
     finally:
         sys.argv = saved_argv
-    if output != Path("") and int(os.environ.get("RANK", "0")) == 0:
-        show_summary(output, started)
+    if output and int(os.environ.get("RANK", "0")) == 0:
+        show_summary(Path(output), started)
 
 
 def show_summary(output: Path, since: float) -> None:
