@@ -160,6 +160,14 @@ def test_cli_writes_and_refuses_to_overwrite_without_force(tiny_model, work):
 
 # ------------------------------------------------------------------------------------------- bad input
 
+def test_a_repeated_lambda_is_quoted_as_given_even_from_a_generator(work):
+    from debias_plugin.errors import DebiasError
+    from debias_plugin.merge import negate
+
+    with pytest.raises(DebiasError, match=re.escape("(got ['0.5', '0.5'])")):
+        negate(work / "base", lambdas=(value for value in ("0.5", "0.5")), out=work / "out", biased=work / "b")
+
+
 @pytest.mark.parametrize("value, message", [("-0.5", "positive"), ("0", "positive"), ("abc", "number"),
                                             ("nan", "positive")])
 def test_bad_lambda_exits_before_writing(value, message, tiny_model, work, capsys):

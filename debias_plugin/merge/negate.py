@@ -47,9 +47,10 @@ def negate(base: str | Path, *, lambdas: Iterable, out: str | Path, biased: str 
     if (capability is None) != (mu is None):
         raise DebiasError("Pass --capability (a model fine-tuned on neutral text) and --mu together.")
     mu = None if mu is None else parse_lambda(mu, "mu")
+    lambdas = list(lambdas)  # read twice: parsed, then quoted in the error
     lams = [parse_lambda(value) for value in lambdas]
     if not lams or len({lambda_folder(lam) for lam in lams}) != len(lams):
-        raise DebiasError(f"Pass one --lambda or more, each value once (got {list(lambdas)}): each gets its folder.")
+        raise DebiasError(f"Pass one --lambda or more, each value once (got {lambdas}): each gets its folder.")
     lora = adapter is not None
     role = "adapter" if lora else "biased"
     base, source = (Path(path).expanduser().resolve() for path in (base, adapter if lora else biased))
