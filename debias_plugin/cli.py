@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 
@@ -64,13 +65,23 @@ def cli():
     """Measure and remove social bias in language models (lm-eval, mergekit, peft, transformers)."""
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each message (a test's capture, a notebook's redirect), not at set-up."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _ignored):
+        pass
+
+
 def _show_messages() -> None:
     """Our library logs (resume notices, skipped rows) go to stderr as plain lines when run from the CLI."""
-    import logging
-
     logger = logging.getLogger("debias_plugin")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
