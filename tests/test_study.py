@@ -131,6 +131,8 @@ def test_the_table_renders_from_the_saved_sweep_files_alone(study_run, tmp_path)
     _copy_sweep_files(out, tmp_path)
     render_study(tmp_path, load_study(path))  # as `debias study FILE --out DIR --report-only` does
     assert (tmp_path / "study.csv").read_text() == (out / "study.csv").read_text()
+    for plot in (out / "plots").iterdir():  # byte for byte, SVGs too: a committed plot changes only with its data
+        assert (tmp_path / "plots" / plot.name).read_bytes() == plot.read_bytes(), plot.name
     stage_column = [row[-2] for row in list(csv.reader((out / "study.csv").open()))[1:]]
     assert sum(cell not in ("", "-") for cell in stage_column) >= 4, stage_column  # trained and merged points
 

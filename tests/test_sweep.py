@@ -386,10 +386,12 @@ def test_report_re_renders_from_the_study_without_evaluating(grid_run):
     _, out = grid_run
     before = _deterministic(out / "sweep.json")
     trials = len(optuna.load_study(study_name=before["study"], storage=f"sqlite:///{out / 'study.db'}").trials)
+    plots = {path.name: path.read_bytes() for path in (out / "plots").iterdir()}
     for name in ("sweep.json", "report.md", "sweep.csv"):
         (out / name).unlink()
     main(["sweep", "report", str(out)])  # returns normally on success (errors exit 2)
     assert _deterministic(out / "sweep.json") == before and (out / "report.md").is_file()
+    assert {path.name: path.read_bytes() for path in (out / "plots").iterdir()} == plots  # SVGs: no date, fixed ids
     assert len(optuna.load_study(study_name=before["study"], storage=f"sqlite:///{out / 'study.db'}").trials) == trials
 
 

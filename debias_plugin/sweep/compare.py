@@ -393,6 +393,8 @@ def plot_tradeoffs(out: Path, study: Study, results: dict[tuple[str, str], dict]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from debias_plugin.sweep.report import save_plot
+
     made = []
     (out / "plots").mkdir(exist_ok=True)
     for model in study.config.models:
@@ -426,8 +428,7 @@ def plot_tradeoffs(out: Path, study: Study, results: dict[tuple[str, str], dict]
             axis.set_ylabel(f"|{objective} - 50|")
             axis.set_title(f"{model}: bias against perplexity (star: chosen, dashed: budget)")
             axis.legend(fontsize=8)
-            for suffix in ("png", "svg"):
-                figure.savefig(out / "plots" / f"tradeoff_{model}.{suffix}", dpi=120, bbox_inches="tight")
+            save_plot(figure, out / "plots", f"tradeoff_{model}", bbox_inches="tight")
             made.append(f"tradeoff_{model}")
         plt.close(figure)
     return made

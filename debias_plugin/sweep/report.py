@@ -394,10 +394,13 @@ def markdown(sweep: Sweep, content: dict, run: dict, plots: list[str]) -> str:
 
 # ------------------------------------------------------------------------------------------------ plots
 
-def _save(figure, folder: Path, name: str) -> None:
-    figure.tight_layout()
-    figure.savefig(folder / f"{name}.png", dpi=120)
-    figure.savefig(folder / f"{name}.svg", metadata={"Date": None})
+def save_plot(figure, folder: Path, name: str, **options) -> None:
+    """PNG and SVG, byte-reproducible (no date, fixed SVG ids), so a committed plot changes only with its data."""
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.hashsalt": name}):
+        figure.savefig(folder / f"{name}.png", dpi=120, **options)
+        figure.savefig(folder / f"{name}.svg", metadata={"Date": None}, **options)
 
 
 def _knob_value(sweep: Sweep, point: dict):
@@ -446,7 +449,8 @@ def plot(folder: Path, sweep: Sweep, content: dict) -> list[str]:
         axis.set_xlabel(metric + (" (log scale)" if logarithmic else ""))
         axis.set_ylabel(config.objective)
         axis.legend(fontsize=7)
-        _save(figure, folder, "bias_vs_budget")
+        figure.tight_layout()
+        save_plot(figure, folder, "bias_vs_budget")
         plt.close(figure)
         made.append("bias_vs_budget")
     series = [p for p in points if _knob_value(sweep, p) is not None]
@@ -469,7 +473,8 @@ def plot(folder: Path, sweep: Sweep, content: dict) -> list[str]:
         axis.set_xlabel(sweep.knob)
         axis.set_ylabel(config.objective)
         axis.legend(fontsize=7, ncol=2)
-        _save(figure, folder, "bias_by_type")
+        figure.tight_layout()
+        save_plot(figure, folder, "bias_by_type")
         plt.close(figure)
         made.append("bias_by_type")
     return made
