@@ -197,7 +197,7 @@ class Sweep:
         """Tasks run at every point: the screen list, or just the tasks the objective and budget read."""
         if self.config.screen:
             return list(self.config.screen)
-        needed = [self.config.objective.split("/")[0]] + [metric.split("/")[0] for metric in self.config.budget]
+        needed = [metric.split("/")[0] for _, metric in _read_metrics(self.config)]
         chosen = [task for task in self.config.evaluate if task in needed or _covers(task, needed)]
         for task in needed:  # a subtask of a listed group: evaluate the subtask itself
             if task not in chosen and not any(_covers(group, [task]) for group in chosen):
