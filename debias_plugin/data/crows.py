@@ -15,6 +15,15 @@ CROWS_BIAS_TYPES = (
     "sexual-orientation", "physical-appearance", "religion", "age",
 )
 CROWS_HUB_FILE = ("nyu-mll/crows_pairs", "crows_pairs_anonymized.csv")
+CROWS_TASK = "crows_bias"  # the lm-eval group; one task per bias type below it
+
+
+def crows_type_task(bias_type: str) -> str:
+    """The lm-eval task of one CrowS bias type: race-color -> crows_bias_race_color."""
+    return f"{CROWS_TASK}_{bias_type.replace('-', '_')}"
+
+
+CROWS_TYPE_TASKS = tuple(crows_type_task(bias_type) for bias_type in CROWS_BIAS_TYPES)
 DIRECTIONS = ("stereo", "antistereo")
 
 

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 NO_PREFERENCE = 50.0  # CrowS pct_stereotype and StereoSet SS: neither the stereotype nor its counterpart preferred
 
 
 def gap(percentage: float) -> float:
     """|percentage - 50|: 0 is no preference, 50 always the same side (either side); NaN stays NaN."""
     return abs(percentage - NO_PREFERENCE)
+
+
+def type_mean_gap(percentages: Iterable[float]) -> float:
+    """The mean gap over per-type percentages: one type's 50 cannot hide another's lean as a mean percentage can."""
+    gaps = [gap(percentage) for percentage in percentages]
+    if not gaps:
+        raise ValueError("type_mean_gap needs at least one percentage")
+    return sum(gaps) / len(gaps)
 
 
 def gap_source(metric: str) -> str | None:
