@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from debias_plugin.data._io import jsonl_rows, require_field
+from debias_plugin.data.bias_pair import BiasPair
 from debias_plugin.errors import DataError, DebiasError
 from debias_plugin.paths import data_folder
 
@@ -128,10 +129,9 @@ def biased_answer(fields: dict) -> tuple[str, str] | None:
     return (target, other) if polarity == "neg" else (other, target)
 
 
-def load_bbq_pairs(path: str | Path | None = None, categories: list[str] | None = None, seed: int = 0):
+def load_bbq_pairs(path: str | Path | None = None, categories: list[str] | None = None,
+                   seed: int = 0) -> list[BiasPair]:
     """PCGU pairs from BBQ's ambiguous examples (Dige et al. 2024; the construction is in the module docstring)."""
-    from debias_plugin.data.pairs import BiasPair
-
     pairs, skipped = [], 0
     for row in load_bbq(path, categories):
         fields = row.fields

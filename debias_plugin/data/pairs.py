@@ -7,10 +7,11 @@ import csv
 import os
 import re
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 from debias_plugin.data._io import csv_rows, require_field
+from debias_plugin.data.bbq import load_bbq_pairs
+from debias_plugin.data.bias_pair import BiasPair
 from debias_plugin.data.crows import CROWS_RELATIVE_PATH, checked_bias_type, load_crows_pairs
 from debias_plugin.data.stereoset import STEREOSET_RELATIVE_PATH, load_stereoset
 from debias_plugin.errors import DataError, DebiasError
@@ -19,16 +20,6 @@ from debias_plugin.paths import DATA_DIR_ENV, data_file
 WINOGENDER_SENTENCES = "winogender/all_sentences.tsv"
 WINOGENDER_STATS = "winogender/occupations-stats.tsv"
 WINOGENDER_GENDERS = ("male", "female", "neutral")
-
-
-@dataclass(frozen=True)
-class BiasPair:
-    """Two sentences that differ only at target tokens; the model should stop preferring `advantaged`."""
-
-    advantaged: str
-    disadvantaged: str
-    group: str  # occupation, bias type or StereoSet domain: for filtering and reports
-    origin: str  # "file, line N": where the pair came from, for error messages and overlap warnings
 
 
 def _winogender_stats(path: Path) -> dict[str, float]:
@@ -161,8 +152,6 @@ def load_pairs(source: str | Path, groups: list[str] | None = None) -> list[Bias
     elif name == "stereoset":
         return load_stereoset_pairs(domains=groups)
     elif name == "bbq":  # groups are BBQ categories (file stems, e.g. Religion)
-        from debias_plugin.data.bbq import load_bbq_pairs
-
         return load_bbq_pairs(categories=groups)
     elif path.is_dir() and (path / "all_sentences.tsv").is_file():
         pairs = load_winogender_pairs(path / "all_sentences.tsv", path / "occupations-stats.tsv")
