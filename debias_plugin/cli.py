@@ -16,6 +16,8 @@ _COMMANDS = {
     "eval": ("debias_plugin.commands.evaluate:eval_command", "Run lm-eval with our tasks and the hf-mlm model."),
     "default-model": ("debias_plugin.commands.evaluate:default_model_command",
                       "Write a built-in model (SmolLM2-135M, Gemma 3 270M) as a safetensors folder."),
+    "data": ("debias_plugin.commands.data:data_command",
+             "The benchmark files: where each is found (`data list`), fetching them checked by hash (`data fetch`)."),
     "seat": ("debias_plugin.commands.seat:seat_command", "SEAT effect sizes and p-values (May et al. 2019)."),
     "gate": ("debias_plugin.commands.gate:gate_command", "Pass/fail bias and perplexity checks for CI (exit 0/1/2)."),
     "sweep": ("debias_plugin.commands.sweep:sweep_command",

@@ -47,42 +47,35 @@ def merge_configs_dir() -> Path:
     return bundled_path("merge_configs")
 
 
-def data_file(explicit: str | Path | None, relative: str, what: str, hub: tuple[str, str] | None = None) -> Path:
-    """Resolve a data file: explicit path > `$DEBIAS_DATA_DIR/relative` > a file of a hub dataset repo."""
+def data_file(explicit: str | Path | None, relative: str, what: str) -> Path:
+    """Resolve a data file: explicit path > `$DEBIAS_DATA_DIR/relative` > ../shared/data beside a checkout > the
+    download cache, fetched on first use and checked by hash (debias_plugin.datafiles)."""
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
             raise DebiasError(f"{what}: the file {path} does not exist.")
         return path
-    root = data_root()
-    if root:
+    if os.environ.get(DATA_DIR_ENV):
+        root = Path(os.environ[DATA_DIR_ENV]).expanduser()
         path = root / relative
         if not path.is_file():
-            raise DebiasError(f"{what}: the data folder {root} (${DATA_DIR_ENV}, or ../shared/data beside a "
-                              f"checkout) has no file {relative} (looked for {path}).")
+            raise DebiasError(f"{what}: the data folder {root} (${DATA_DIR_ENV}) has no file {relative} (looked for "
+                              f"{path}); `debias data fetch --to {root}` writes every file we read there.")
         return path
-    if hub is None:
-        raise DebiasError(f"{what}: no path given and ${DATA_DIR_ENV} is not set; pass the file's path or set "
-                          f"{DATA_DIR_ENV} to the folder holding {relative}.")
-    repo_id, filename = hub
-    try:
-        from huggingface_hub import hf_hub_download
+    if (CHECKOUT_DATA_DIR / relative).is_file():
+        return CHECKOUT_DATA_DIR / relative
+    from debias_plugin.datafiles import cached
 
-        return Path(hf_hub_download(repo_id, filename, repo_type="dataset"))
-    except Exception as err:  # offline, gated, renamed: all mean "give us a local file"
-        raise DebiasError(
-            f"{what}: no path given, ${DATA_DIR_ENV} is not set, and downloading {filename} from the hub "
-            f"dataset {repo_id} failed ({type(err).__name__}). Pass the file's path or set {DATA_DIR_ENV} "
-            f"to a folder holding {relative}."
-        ) from None
+    return cached(relative, what)
 
 
 def data_folder(relative: str, what: str) -> Path:
-    """A folder of benchmark files under the data folder (data_root()), with the one error wording."""
+    """A folder of benchmark files (seat/, bbq/): under the data folder (data_root()), else fetched into the cache."""
     root = data_root()
     if root is None:
-        raise DebiasError(f"{what}: no path given and ${DATA_DIR_ENV} is not set; pass the path or set "
-                          f"{DATA_DIR_ENV} to a folder holding {relative}/.")
+        from debias_plugin.datafiles import cached_folder
+
+        return cached_folder(relative, what)
     folder = root / relative
     if not folder.is_dir():
         raise DebiasError(f"{what}: the data folder {root} has no folder {relative}/ (looked for {folder}).")

@@ -145,8 +145,9 @@ def test_resolution_order(tmp_path, monkeypatch, data_dir):
     if paths.CHECKOUT_DATA_DIR.is_dir():  # a checkout finds ../shared/data by itself (the one documented default)
         assert len(load_crows_pairs()) == 1508
     monkeypatch.setattr(paths, "CHECKOUT_DATA_DIR", tmp_path / "no_checkout_data")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(DebiasError, match="downloading crows_pairs_anonymized.csv from the hub dataset"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # then the download cache, fetched on first use unless offline
+    monkeypatch.setenv("DEBIAS_CACHE_DIR", str(tmp_path / "empty_cache"))
+    with pytest.raises(DebiasError, match="downloads are off .*run `debias data fetch crows_pairs`"):
         load_crows_pairs()
 
 

@@ -14,7 +14,6 @@ CROWS_BIAS_TYPES = (
     "race-color", "socioeconomic", "gender", "disability", "nationality",
     "sexual-orientation", "physical-appearance", "religion", "age",
 )
-CROWS_HUB_FILE = ("nyu-mll/crows_pairs", "crows_pairs_anonymized.csv")
 CROWS_TASK = "crows_bias"  # the lm-eval group; one task per bias type below it
 
 
@@ -46,7 +45,7 @@ def checked_bias_type(path: Path, where: str, value: str) -> str:
 
 def load_crows_pairs(path: str | Path | None = None) -> list[CrowsPair]:
     """Read the CrowS-Pairs CSV (explicit path, else $DEBIAS_DATA_DIR)."""
-    path = data_file(path, CROWS_RELATIVE_PATH, "CrowS-Pairs", hub=CROWS_HUB_FILE)
+    path = data_file(path, CROWS_RELATIVE_PATH, "CrowS-Pairs")
     pairs = []
     for line, row in csv_rows(path, ["sent_more", "sent_less", "stereo_antistereo", "bias_type"]):
         where = f"line {line}"

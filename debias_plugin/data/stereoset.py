@@ -11,7 +11,6 @@ from debias_plugin.errors import DataError
 from debias_plugin.paths import data_file
 
 STEREOSET_RELATIVE_PATH = "stereoset/stereoset_dev.jsonl"
-STEREOSET_HUB_FILE = ("McGill-NLP/stereoset", "dev.json")
 STEREOSET_DOMAINS = ("gender", "profession", "race", "religion")
 KINDS = ("intrasentence", "intersentence")
 LABELS = ("stereotype", "anti-stereotype", "unrelated")
@@ -102,7 +101,7 @@ def _from_dev_json(path: Path) -> list[StereoSetExample]:
 
 def load_stereoset(path: str | Path | None = None, kind: str | None = None) -> list[StereoSetExample]:
     """Read StereoSet from dev.json or the flattened JSONL; `kind` keeps only intra- or intersentence."""
-    path = data_file(path, STEREOSET_RELATIVE_PATH, "StereoSet", hub=STEREOSET_HUB_FILE)
+    path = data_file(path, STEREOSET_RELATIVE_PATH, "StereoSet")
     examples = _from_dev_json(path) if path.suffix == ".json" else _from_jsonl(path)
     if kind is not None:
         if kind not in KINDS:
