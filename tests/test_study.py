@@ -18,7 +18,8 @@ import pytest
 import yaml
 
 from debias_plugin.errors import DebiasError
-from debias_plugin.sweep.compare import CROWS_TYPES, load_study, render_study, run_study
+from debias_plugin.study import load_study, render_study, run_study
+from debias_plugin.study.table import CROWS_TYPES
 
 EVALUATION = """\
 evaluate: [crows_bias, wikitext2_ppl]
@@ -179,8 +180,8 @@ def test_a_sweep_that_chose_its_base_has_no_stage_time(study_run, tmp_path):
 
 def test_a_base_chosen_because_every_setting_broke_the_budget_says_so(study_run, tmp_path):
     """Gemma's PCGU and unlearning: the range starts past the budget, which is not "the method cannot help"."""
-    from debias_plugin.sweep.config import load_sweep
-    from debias_plugin.sweep.report import markdown
+    from debias_plugin.sweep.plan import load_sweep
+    from debias_plugin.sweep.render import markdown
 
     path, out, _ = study_run
     _copy_sweep_files(out, tmp_path)
@@ -205,7 +206,7 @@ def test_a_base_chosen_because_every_setting_broke_the_budget_says_so(study_run,
 
 
 def test_no_closest_miss_is_claimed_while_a_setting_could_not_be_judged():
-    from debias_plugin.sweep.report import closest_miss
+    from debias_plugin.sweep.results import closest_miss
 
     unjudged = {"holds": False, "value": None, "limit": 46.8, "relative_change": None}
     points = [{"role": "reference", "best": True, "error": None,
@@ -220,7 +221,7 @@ def test_no_closest_miss_is_claimed_while_a_setting_could_not_be_judged():
                                                 ({"wall_seconds": 12.5, "train_s": 11.0}, 12.5), ({}, None)])
 def test_stage_time_of_a_fast_merge_is_zero_not_unknown(tmp_path, timings, expected):
     from debias_plugin.outputs import MANIFEST_NAME
-    from debias_plugin.sweep.compare import stage_seconds
+    from debias_plugin.sweep.results import stage_seconds
 
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / MANIFEST_NAME).write_text(json.dumps({"timings": timings}))
@@ -325,7 +326,7 @@ def test_one_objective_and_budget_for_every_sweep(study_run, tmp_path):
 
 def test_the_shipped_sweep_and_study_files_are_valid(tmp_path):
     """sweeps/*.yml and studies/*.yml validate as shipped (they are only run on real models, outside CI)."""
-    from debias_plugin.sweep.config import load_sweep
+    from debias_plugin.sweep.plan import load_sweep
 
     repo = Path(__file__).resolve().parents[1]
     for path in sorted((repo / "sweeps").glob("*.yml")):

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from debias_plugin.sweep.config import SweepFileError, load_sweep
+from debias_plugin.sweep.plan import load_sweep
+from debias_plugin.sweep.schema import SweepFileError
 from debias_plugin.sweep.search import Observation, run_search
 
 BUDGET = 0.05
@@ -167,7 +168,7 @@ def test_valid_file_plans_reference_then_one_job_per_lambda(tmp_path):
 
 def test_a_folder_holding_something_else_is_replaced_only_with_force(tmp_path):
     from debias_plugin.errors import DebiasError
-    from debias_plugin.sweep.runner import prepare_folder
+    from debias_plugin.sweep.run import prepare_folder
 
     sweep, out = _load(tmp_path, VALID), tmp_path / "out"
     out.mkdir()
@@ -215,7 +216,7 @@ objective: crows_bias/pct_stereotype
     assert "fixed.steps" in str(caught.value) and "last checkpoint 20" in str(caught.value)
     sweep = _load(tmp_path, text.replace("[8, 0]", "[8, 16]"))
     assert [len(job.points) for job in sweep.jobs()] == [1, 2, 2]  # one run per batch size, two checkpoints each
-    from debias_plugin.sweep.config import training_settings
+    from debias_plugin.sweep.stage import training_settings
 
     config, options = training_settings(sweep, sweep.jobs()[2].settings, tmp_path / "o", base="/m")
     assert (config.batch_size, config.steps, config.snapshot_steps, config.lr) == (16, 20, [10, 20], 1e-5)
@@ -414,8 +415,8 @@ def test_budget_search_end_to_end(env, models, tmp_path):
     assert replay.proposal is None and replay.best == search["best_value"]
     chosen = next(p for p in points if p["best"])
     assert float(chosen["params"].get("lambda", 0.0)) == search["best_value"]
-    from debias_plugin.sweep.config import load_sweep
-    from debias_plugin.sweep.report import markdown
+    from debias_plugin.sweep.plan import load_sweep
+    from debias_plugin.sweep.render import markdown
 
     saved, sweep = json.loads((out / "sweep.json").read_text()), load_sweep(out / "sweep.yml")
     stopped = {**saved, "search": {**search, "finished": False, "next": 0.375}}  # as if killed before its last step
@@ -457,7 +458,7 @@ def test_a_claim_half_written_is_not_taken_for_stale(tmp_path):
     """A rival looking between the claim's attribute writes must see it busy, not fail it (CI flake, session 17)."""
     import optuna
 
-    from debias_plugin.sweep.study import JobBoard, open_storage
+    from debias_plugin.sweep.storage import JobBoard, open_storage
 
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'jobs.db'}"), study_name="s.jobs")
     rival, seen = JobBoard(study), []
@@ -539,7 +540,7 @@ def test_checkpoint_sweep_evaluates_the_steps_of_one_run(env, models, data_dir, 
 
     from debias_plugin.methods import method_class
     from debias_plugin.sweep import run_sweep
-    from debias_plugin.sweep.config import training_settings
+    from debias_plugin.sweep.stage import training_settings
 
     base, _ = models
     path = tmp_path / "sweep.yml"

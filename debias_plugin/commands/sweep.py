@@ -62,7 +62,7 @@ def study_command(study_file, out, force, only, report_only):
     """Run the same sweeps on several models and tabulate each method at its chosen setting (DIR/study.md)."""
     from pathlib import Path
 
-    from debias_plugin.sweep.compare import load_study, render_study, run_study
+    from debias_plugin.study import load_study, render_study, run_study
 
     if report_only:
         click.echo(render_study(Path(out).resolve(), load_study(study_file)))

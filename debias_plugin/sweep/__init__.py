@@ -1,15 +1,20 @@
 """`debias sweep`: every setting of a debiasing knob through the stage, lm-eval, an Optuna study and one report.
 
-config  the sweep file (pydantic, YAML line errors) and its plan: points and the jobs that make their models
-search  the budget search (bisection), pure
-study   Optuna storage: results studies (Pareto front), the job board (claims, stale claims, heartbeats)
-metrics per-point metrics with intervals (the gate's statistics), feasibility and the choice
-runner  make models (negate, train), evaluate (debias_plugin.evaluation), record; resume and share
-report  sweep.json / sweep.csv / report.md / plots / best from the study alone
+Modules, each importing only those above it:
+schema   the sweep file's pydantic schema (YAML line errors, ${VAR})
+stage    a stage's options from fixed + varied values, validated before any model loads
+plan     a validated sweep: its points and the jobs that make their models
+search   the budget search (bisection), pure
+metrics  per-point metrics with intervals (the gate's statistics), feasibility and the choice
+storage  the Optuna storage: results studies (Pareto front) and the jobs study
+results  sweep.json's content from the study: points, feasibility, the choice, pending work (no rendering)
+render   sweep.json / sweep.csv / report.md / plots / best from the study alone
+run      make models (the stage), evaluate (debias_plugin.evaluation), record; resume and share
 """
 
-from debias_plugin.sweep.config import Sweep, SweepConfig, load_sweep
-from debias_plugin.sweep.report import render_folder
-from debias_plugin.sweep.runner import run_sweep
+from debias_plugin.sweep.plan import Sweep, load_sweep
+from debias_plugin.sweep.render import render_folder
+from debias_plugin.sweep.run import run_sweep
+from debias_plugin.sweep.schema import SweepConfig
 
 __all__ = ["Sweep", "SweepConfig", "load_sweep", "render_folder", "run_sweep"]

@@ -1,4 +1,4 @@
-"""The sweep file: YAML (safe_load only) validated by pydantic, every error naming the file, its line and field.
+"""A sweep file read into a validated plan: its points, and the jobs that make their models.
 
 A sweep varies one debiasing stage's knob(s) and evaluates every setting with lm-eval:
 
@@ -22,96 +22,23 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
 from debias_plugin.errors import DebiasError
-from debias_plugin.yamlfile import (ConfigFileError, Label, TaskMetric, describe_error, field_text, line_of, read_yaml,
-                                    schema_keys, validation_problems)
+from debias_plugin.sweep.schema import SweepConfig, SweepFileError, KEYS_AT, expand_variables
+from debias_plugin.sweep.stage import stage_problems
+from debias_plugin.yamlfile import field_text, line_of, read_yaml, validation_problems
 
 NEGATE = "negate"
 NEGATE_KNOB = "lambda"
 NEGATE_FIXED = ("biased", "adapter", "template", "shard_size", "capability", "mu")
-# TrainConfig fields the sweep sets itself for every trial
-RESERVED_TRAINING_FIELDS = ("model", "output", "force", "snapshot_steps")
 STEP = "step"
 SCHEMA = "debias_plugin.sweep/1"
-_VARIABLE = re.compile(r"\$\{(\w+)\}")
-
-
-class BudgetRule(BaseModel):
-    """One quality constraint on a metric, judged against the base model's value where relative."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    max_relative_increase: float | None = Field(None, ge=0)
-    max: float | None = None
-    min: float | None = None
-
-    @model_validator(mode="after")
-    def _exactly_one(self):
-        given = [name for name in ("max_relative_increase", "max", "min") if getattr(self, name) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of max_relative_increase, max, min (found {', '.join(given) or 'none'})")
-        return self
-
-    @property
-    def kind(self) -> str:
-        return next(name for name in ("max_relative_increase", "max", "min") if getattr(self, name) is not None)
-
-    @property
-    def direction(self) -> Literal["minimize", "maximize"]:
-        return "maximize" if self.kind == "min" else "minimize"
-
-    def limit(self, reference: float | None) -> float | None:
-        """The value the metric may reach; None when the reference it is relative to is unknown."""
-        if self.kind == "max_relative_increase":
-            return None if reference is None or not math.isfinite(reference) else reference * (1 + self.max_relative_increase)
-        return self.max if self.kind == "max" else self.min
-
-    def holds(self, value: float | None, reference: float | None) -> bool:
-        limit = self.limit(reference)
-        if value is None or limit is None or not math.isfinite(value):
-            return False
-        return value >= limit if self.kind == "min" else value <= limit
-
-    def describe(self) -> str:
-        if self.kind == "max_relative_increase":
-            return f"at most {100 * self.max_relative_increase:g}% above the base model"
-        return f"<= {self.max:g}" if self.kind == "max" else f">= {self.min:g}"
-
-
-class SweepConfig(BaseModel):
-    """Everything a sweep needs; see the module docstring for an example."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    name: Label | None = None
-    base: str
-    method: str
-    fixed: dict[str, Any] = Field(default_factory=dict)
-    grid: dict[str, list[Any]] | None = None
-    search: dict[str, list[float]] | None = None
-    tolerance: float | None = Field(None, gt=0)
-    max_evaluations: int = Field(8, ge=2, le=64)
-    checkpoints: list[int] | None = Field(None, min_length=1)
-    evaluate: list[str] = Field(min_length=1)
-    screen: list[str] | None = Field(None, min_length=1)
-    objective: TaskMetric
-    target: float = 50.0
-    budget: dict[TaskMetric, BudgetRule] = Field(default_factory=dict)
-    limit: int | None = Field(None, ge=1)
-    batch_size: int | Literal["auto"] = 16
-    device: str | None = None
-    model_args: dict[str, str | int | float | bool] = Field(default_factory=dict)
-    alpha: float = Field(0.05, gt=0, le=0.5)
-    resamples: int = Field(1000, ge=100)
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -287,39 +214,6 @@ def _covers(group: str, tasks: list[str]) -> bool:
     return any(task.startswith(group + "_") for task in tasks)
 
 
-# ----------------------------------------------------------------------------------------------- YAML + errors
-
-class SweepFileError(ConfigFileError):
-    def __init__(self, path: Path, problems: list[tuple[int, str, str]]):
-        super().__init__(path, problems, "sweep")
-
-
-_keys_at = schema_keys(SweepConfig, {"budget": BudgetRule})
-
-
-def expand_variables(value, loc: tuple, problems: list, lines):
-    """${VAR} in strings (recursively); ${DEBIAS_DATA_DIR} falls back to the loaders' data folder."""
-    if isinstance(value, str):
-        def substitute(match):
-            name = match.group(1)
-            found = os.environ.get(name)
-            if found is None and name == "DEBIAS_DATA_DIR":
-                from debias_plugin.paths import data_root
-
-                root = data_root()
-                found = str(root) if root else None
-            if found is None:
-                problems.append((line_of(lines, loc), field_text(loc), f"the environment variable {name} is not set"))
-                return match.group(0)
-            return found
-
-        return _VARIABLE.sub(substitute, value)
-    if isinstance(value, list):
-        return [expand_variables(item, loc + (i,), problems, lines) for i, item in enumerate(value)]
-    if isinstance(value, dict):
-        return {key: expand_variables(item, loc + (key,), problems, lines) for key, item in value.items()}
-    return value
-
 
 def load_sweep(path: str | Path, *, text: str | None = None) -> Sweep:
     """Read and validate a sweep file (structure, the stage's own options); raises SweepFileError / DataError."""
@@ -339,9 +233,9 @@ def load_sweep(path: str | Path, *, text: str | None = None) -> Sweep:
     try:
         config = SweepConfig.model_validate(data)
     except ValidationError as err:
-        raise SweepFileError(path, validation_problems(err, lines, _keys_at)) from None
+        raise SweepFileError(path, validation_problems(err, lines, KEYS_AT)) from None
     sweep = Sweep(path, text, config, lines)
-    problems = _plan_problems(sweep) or _stage_problems(sweep)
+    problems = _plan_problems(sweep) or stage_problems(sweep)
     if problems:
         raise sweep.errors(problems)
     return sweep
@@ -422,107 +316,6 @@ def _negate_problems(sweep: Sweep) -> list[tuple[tuple, str]]:
         if value < 0:
             problems.append((("search", NEGATE_KNOB), f"lambda must be >= 0 (found {value:g})"))
     return problems
-
-
-def _stage_problems(sweep: Sweep) -> list[tuple[tuple, str]]:
-    """A training stage's options: every fixed/grid/search key is a TrainConfig or Options field, and each
-    trial's values pass pydantic, before any model loads."""
-    if sweep.is_negate:
-        return []
-    from debias_plugin.methods import method_class
-    from debias_plugin.training import TrainConfig
-
-    config = sweep.config
-    try:
-        method = method_class(config.method)
-    except DebiasError as err:
-        return [(("method",), str(err).rstrip("."))]
-    problems = []
-    shared, own = TrainConfig.model_fields, method.Options.model_fields
-    for section, values in [("fixed", config.fixed), ("grid", config.grid or {}), ("search", config.search or {})]:
-        for key in values:
-            if key in RESERVED_TRAINING_FIELDS:
-                problems.append(((section, key), f"'{key}' is set by the sweep for every trial"))
-            elif key in method.unused_training_options:
-                problems.append(((section, key), f"{config.method} does not use '{key}'"))
-            elif key not in shared and key not in own:
-                known = sorted(set(shared) - set(RESERVED_TRAINING_FIELDS) | set(own))
-                problems.append(((section, key), f"unknown option '{key}' of {config.method}; known: {', '.join(known)}"))
-    for key in config.search or {}:
-        annotation = (shared.get(key) or own.get(key)).annotation if (key in shared or key in own) else None
-        if annotation is not None and annotation not in (int, float) and "float" not in str(annotation):
-            problems.append((("search", key), f"the budget search needs a numeric knob; '{key}' is {annotation}"))
-    if problems:
-        return problems
-    jobs = ([sweep.search_job(bound) for bound in config.search[sweep.search_knob]] if config.search
-            else sweep.jobs()[1:])
-    for job in jobs:
-        try:
-            training_settings(sweep, job.settings, Path("/nonexistent/output"), base="/nonexistent/base")
-        except _OptionError as err:
-            problems.append((err.loc, err.message))
-            break
-    return problems
-
-
-class _OptionError(Exception):
-    def __init__(self, loc: tuple, message: str):
-        super().__init__(message)
-        self.loc, self.message = loc, message
-
-
-def search_is_integer(sweep: Sweep) -> bool:
-    if sweep.is_negate or not sweep.config.search:
-        return False
-    from debias_plugin.methods import method_class
-    from debias_plugin.training import TrainConfig
-
-    fields = {**TrainConfig.model_fields, **method_class(sweep.config.method).Options.model_fields}
-    return fields[sweep.search_knob].annotation is int
-
-
-def split_stage_options(method, values: dict) -> tuple[dict, dict]:
-    """(TrainConfig values with the stage's training defaults, the rest for the stage's Options)."""
-    from debias_plugin.training import TrainConfig
-
-    shared = {key: value for key, value in values.items() if key in TrainConfig.model_fields}
-    for key, value in method.training_defaults.items():
-        shared.setdefault(key, value)
-    return shared, {key: value for key, value in values.items() if key not in TrainConfig.model_fields}
-
-
-def training_settings(sweep: Sweep, settings: dict, output: Path, *, base: str) -> tuple[Any, Any]:
-    """(TrainConfig, the stage's Options) of one job: fixed + varied values split between them by field name."""
-    from debias_plugin.methods import method_class
-    from debias_plugin.training import TrainConfig
-
-    config = sweep.config
-    method = method_class(config.method)
-    shared, own = split_stage_options(method, {**config.fixed, **settings})
-    if sweep.search_knob in shared and TrainConfig.model_fields[sweep.search_knob].annotation is int:
-        shared[sweep.search_knob] = int(round(shared[sweep.search_knob]))
-    if config.checkpoints:
-        shared.setdefault("steps", config.checkpoints[-1])
-        shared["snapshot_steps"] = list(config.checkpoints)
-    shared.update(model=str(base), output=str(output))
-    try:
-        return TrainConfig.model_validate(shared), method.Options.model_validate(own)
-    except ValidationError as err:
-        error = err.errors()[0]
-        name = str(error["loc"][0]) if error["loc"] else ""
-        if name in settings and name in (config.grid or {}):
-            values = config.grid[name]
-            loc = ("grid", name, values.index(settings[name])) if settings[name] in values else ("grid", name)
-        elif name in settings and name in (config.search or {}):
-            loc = ("search", name)
-        elif name in config.fixed:
-            loc = ("fixed", name)
-        elif name == "snapshot_steps":
-            loc = ("checkpoints",)
-        else:
-            loc = ("fixed",)
-        message = error["msg"] if error["type"] == "extra_forbidden" else describe_error(error, loc, _keys_at)
-        raise _OptionError(loc, message) from None
 
 
 def check_tasks(sweep: Sweep) -> None:

@@ -25,12 +25,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from debias_plugin.errors import DebiasError, one_line
-from debias_plugin.outputs import pid_alive
+from debias_plugin.outputs import pid_alive, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 30.0
 STALE_AFTER_SECONDS = 600.0  # a claim from another host with no heartbeat for this long is taken over
+STATE_FILE = "sweep_state.json"
+
+
+def write_state(out: Path, sweep, url: str, *, external: bool) -> None:
+    """Where the study lives, for `debias sweep report DIR` (a URL with a password is not written down)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        secret = make_url(url).password is not None
+    except Exception:
+        secret = True
+    state = {"study": sweep.study_name, "storage": url if external and not secret else None}
+    write_text_atomically(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 def storage_url(url: str | None, out: Path) -> str:
@@ -183,7 +196,7 @@ def distributions(sweep) -> dict:
     """One Optuna distribution per parameter, from the whole grid / range, so every trial declares the same."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-    from debias_plugin.sweep.config import STEP
+    from debias_plugin.sweep.plan import STEP
 
     config, found = sweep.config, {}
     for key, values in (config.grid or {}).items():

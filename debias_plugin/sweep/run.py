@@ -28,10 +28,13 @@ from debias_plugin.default_model import is_builtin, resolve_model
 from debias_plugin.errors import DebiasError
 from debias_plugin.outputs import MANIFEST_NAME, claim_run_folder, overlaps, write_text_atomically
 from debias_plugin.sweep import metrics
-from debias_plugin.sweep.config import Job, Point, Sweep, check_tasks, load_sweep, search_is_integer, training_settings
-from debias_plugin.sweep.search import Observation, SearchResult, next_step
-from debias_plugin.sweep.study import (Heartbeat, JobBoard, Studies, add_point, distributions, open_storage,
-                                       recorded_points, storage_url)
+from debias_plugin.sweep.plan import Job, Point, Sweep, check_tasks, load_sweep
+from debias_plugin.sweep.render import link_best, render
+from debias_plugin.sweep.results import full_suite_keys, search_step
+from debias_plugin.sweep.search import SearchResult
+from debias_plugin.sweep.stage import training_settings
+from debias_plugin.sweep.storage import (Heartbeat, JobBoard, Studies, add_point, distributions, open_storage,
+                                         recorded_points, storage_url, write_state)
 
 logger = logging.getLogger(__name__)
 
@@ -162,15 +165,13 @@ class SweepRun:
 
     # -- entry ------------------------------------------------------------------------------------------
     def run(self) -> Path:
-        from debias_plugin.sweep import report
-
         sweep = self.sweep
         check_tasks(sweep)  # lm-eval knows every task and metric: before any model loads
         prepare_folder(sweep, self.out, force=self.force, inputs=_inputs(sweep))
         self.base = resolve_base(sweep)
         url = storage_url(self.storage, self.out)
         self.studies = Studies.open(open_storage(url), sweep.study_name, sweep.directions)
-        report.write_state(self.out, sweep, url, external=self.storage is not None)
+        write_state(self.out, sweep, url, external=self.storage is not None)
         self.board = JobBoard(self.studies.jobs)
         self.known = distributions(sweep)
 
@@ -184,10 +185,10 @@ class SweepRun:
         else:
             self._work(sweep.jobs()[1:], "screen")
         self._full_suite()
-        summary = report.render(self.out, sweep, self.studies, base=self.base)
+        summary = render(self.out, sweep, self.studies, base=self.base)
         if summary.get("best") is not None:  # the chosen model exists here (rebuilt if another host made it)
             self._models(self._job_of(self._point(summary["best"])))
-            report.link_best(self.out, summary)
+            link_best(self.out, summary)
         failed = [p for p in summary["points"] if p.get("error") and p["role"] != "reference"]
         if failed and len(failed) == len(summary["points"]) - 1:
             raise DebiasError(f"Every setting failed; the first: {failed[0]['error']} (see {self.out / 'report.md'}).")
@@ -360,11 +361,9 @@ class SweepRun:
             self._work([sweep.search_job(step.proposal)], "screen", sharded=False)
 
     def _full_suite(self) -> None:
-        from debias_plugin.sweep import report
-
         if not self.sweep.full_tasks:
             return
-        points = {key: self._point(key) for key in report.full_suite_keys(self.sweep, self.studies)}
+        points = {key: self._point(key) for key in full_suite_keys(self.sweep, self.studies)}
         self._work([Job(f"point:{key}", point.name, {}, (point,)) for key, point in points.items()], "full")
 
 
@@ -379,29 +378,6 @@ def weights_sha256(folder: Path) -> str:
         if file.is_file() and (file.suffix == ".safetensors" or file.name in ("config.json", "adapter_config.json")):
             digest.update(f"{file.name}\0{sha256_file(file)}\0".encode())
     return digest.hexdigest()
-
-
-def search_step(sweep: Sweep, points: list[tuple[str, dict, dict]], reference: dict) -> SearchResult:
-    """The budget search's next step from the recorded points' (role, params, summary): the run and the report
-    replay the same observations."""
-    knob, at_base = sweep.search_knob, sweep.reference_knob_value
-    observations = {}
-    for role, params, summary in points:
-        if role == "search":
-            observations[float(params[knob])] = observation(summary, reference, sweep)
-        elif role == "reference" and at_base is not None:
-            observations[at_base] = observation(summary, reference, sweep)
-    low, high = sweep.config.search[knob]
-    return next_step(low, high, observations, target=sweep.config.target, tolerance=sweep.config.tolerance,
-                     max_evaluations=sweep.config.max_evaluations, integer=search_is_integer(sweep))
-
-
-def observation(summary: dict, reference: dict, sweep: Sweep) -> Observation:
-    """What the budget search sees of a point: the signed objective metric and whether every budget rule holds."""
-    value = metrics.value_of(summary, sweep.config.objective)
-    if value is None:
-        return Observation(float("nan"), False)
-    return Observation(value, all(check["holds"] for check in metrics.feasibility(summary, reference, sweep).values()))
 
 
 def run_sweep(path: str | Path, out: str | Path, *, storage: str | None = None, shard: str | None = None,

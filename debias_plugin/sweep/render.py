@@ -1,8 +1,4 @@
-"""sweep.json, sweep.csv, report.md, plots and best/ from the Optuna study alone (so `sweep report` re-renders).
-
-sweep.json is deterministic apart from its "run" section (timings, requests scored, hosts, when): the same sweep
-gives the same file whether it ran in one go, was killed and resumed, or was shared by several processes.
-"""
+"""sweep.json, sweep.csv, report.md, plots and best/ in DIR from the study alone (so `sweep report` re-renders)."""
 
 from __future__ import annotations
 
@@ -11,151 +7,20 @@ import io
 import json
 import math
 import os
-from datetime import UTC, datetime
 from pathlib import Path
 
 from debias_plugin.errors import DebiasError
 from debias_plugin.outputs import write_text_atomically
 from debias_plugin.sweep import metrics
-from debias_plugin.sweep.config import SCHEMA, Sweep, load_sweep
-from debias_plugin.sweep.study import Studies, open_storage, pareto_keys, recorded_points, storage_url
+from debias_plugin.sweep.plan import Sweep, load_sweep
+from debias_plugin.sweep.results import closest_miss, collect, stage_seconds, unfinished_work
+from debias_plugin.sweep.storage import STATE_FILE, Studies, open_storage, storage_url
 
-STATE_FILE = "sweep_state.json"
 PLOTS = "plots"
 
 
-def write_state(out: Path, sweep: Sweep, url: str, *, external: bool) -> None:
-    """Where the study lives, for `debias sweep report DIR` (a URL with a password is not written down)."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        secret = make_url(url).password is not None
-    except Exception:
-        secret = True
-    state = {"study": sweep.study_name, "storage": url if external and not secret else None}
-    write_text_atomically(out / STATE_FILE, json.dumps(state, indent=2, sort_keys=True) + "\n")
-
-
-# ------------------------------------------------------------------------------------------------ collect
-
-def _ordered_keys(sweep: Sweep, recorded: dict) -> list[str]:
-    """Reference, then the plan's order (grid / checkpoints), then search points by knob value."""
-    keys = [point.key for job in sweep.jobs() for point in job.points if point.key in recorded]
-    if sweep.config.search:
-        knob = sweep.search_knob
-        search = [k for k, t in recorded.items() if t.user_attrs.get("role") == "search"]
-        keys += sorted(search, key=lambda k: float(recorded[k].user_attrs["params"][knob]))
-    return keys
-
-
-def _point_entry(sweep: Sweep, trial, full, reference_summary: dict, front: set) -> dict:
-    attrs = trial.user_attrs
-    summary = dict(attrs.get("summary", {}))
-    suites, tasks = ["screen"], list(attrs.get("tasks", []))
-    notes = []
-    if full is not None and full.user_attrs.get("summary") is not None:
-        summary.update(full.user_attrs["summary"])
-        suites.append("full")
-        tasks += full.user_attrs.get("tasks", [])
-        if full.user_attrs.get("model_sha256") != attrs.get("model_sha256"):
-            notes.append("the full suite ran on a rebuilt model whose files differ from the screened one")
-    elif full is not None and full.user_attrs.get("error"):
-        notes.append(f"full suite failed: {full.user_attrs['error']}")
-    objective = metrics.value_of(summary, sweep.config.objective)
-    checks = metrics.feasibility(summary, reference_summary, sweep)
-    error = attrs.get("error")
-    return {
-        "key": attrs["key"], "name": attrs["name"], "role": attrs["role"], "params": attrs.get("params", {}),
-        "model": attrs.get("model"), "model_sha256": attrs.get("model_sha256"),
-        "suite": "full" if "full" in suites else "screen", "tasks": tasks,
-        "metrics": {key: summary[key] for key in sorted(summary)},
-        "objective": {"metric": sweep.config.objective, "value": objective, "target": sweep.config.target,
-                      "distance": None if objective is None else abs(objective - sweep.config.target)},
-        "budget": checks, "feasible": error is None and objective is not None and all(c["holds"] for c in checks.values()),
-        "pareto": attrs["key"] in front, "error": error, "notes": notes,
-    }
-
-
-def search_summary(sweep: Sweep, points: list[dict], reference_summary: dict) -> dict | None:
-    """The budget search replayed from the recorded points (the runner stopped at exactly this state)."""
-    if not sweep.config.search:
-        return None
-    from debias_plugin.sweep.runner import search_step
-
-    result = search_step(sweep, [(p["role"], p["params"], p["metrics"]) for p in points], reference_summary)
-    low, high = sweep.config.search[sweep.search_knob]
-    return {"knob": sweep.search_knob, "range": [low, high], "max_evaluations": sweep.config.max_evaluations,
-            "tolerance": sweep.config.tolerance, "finished": result.proposal is None, "next": result.proposal,
-            "evaluations": result.evaluations, "bracket": [result.low, result.high], "best_value": result.best,
-            "reason": result.reason, "monotonicity_violations": result.violations,
-            "reference_used_as_low_end": sweep.reference_knob_value == low}
-
-
-def collect(sweep: Sweep, studies: Studies, *, base: Path | None = None) -> tuple[dict, dict]:
-    """(the deterministic sweep.json content, the run section: costs and timings)."""
-    recorded = recorded_points(studies.results)
-    if "base" not in recorded:
-        raise DebiasError("The study has no result for the base model yet: the sweep has not started there.")
-    full = recorded_points(studies.full)
-    front = set(pareto_keys(studies.results))
-    reference_summary = recorded["base"].user_attrs.get("summary", {})
-    points = [_point_entry(sweep, recorded[key], full.get(key), reference_summary, front)
-              for key in _ordered_keys(sweep, recorded)]
-    directions = sweep.directions[1:]
-    chosen = metrics.choose({**p, "distance": p["objective"]["distance"], "directions": directions,
-                             "budget_values": [p["budget"][m]["value"] for m in sweep.config.budget]}
-                            for p in points)
-    for point in points:
-        point["best"] = point["key"] == chosen
-    pending = {"screen": [point.name for job in sweep.jobs() for point in job.points if point.key not in recorded],
-               "full": [p["name"] for p in points
-                        if sweep.full_tasks and _wants_full_suite(p) and p["suite"] != "full"]}
-    counts = {"screen": sum(1 for p in points if not p["error"]),
-              "full": sum(1 for p in points if p["suite"] == "full")}
-    content = {
-        "schema": SCHEMA, "study": sweep.study_name, "sweep_sha256": sweep.sha256,
-        "sweep": sweep.config.model_dump(mode="json"),
-        "base": str(base) if base else sweep.config.base,
-        "tasks": {"screen": sweep.screen_tasks, "full": sweep.config.evaluate},
-        "points": points, "pareto_front": [p["key"] for p in points if p["pareto"]], "best": chosen,
-        "best_name": next((p["name"] for p in points if p["key"] == chosen), None),
-        "search": search_summary(sweep, points, reference_summary),
-        "evaluations": counts, "pending": pending,
-    }
-    costs = {}
-    for key, trial in recorded.items():
-        costs[trial.user_attrs["name"]] = {"screen": trial.user_attrs.get("cost")}
-        if key in full:
-            costs[trial.user_attrs["name"]]["full"] = full[key].user_attrs.get("cost")
-    run = {"generated_utc": datetime.now(UTC).isoformat(timespec="seconds"), "cost": costs,
-           "requests_scored": _total(costs, "scored"), "requests_received": _total(costs, "received"),
-           "evaluation_seconds": round(sum((c or {}).get("seconds", 0) for entry in costs.values()
-                                           for c in entry.values()), 1)}
-    return content, run
-
-
-def _total(costs: dict, kind: str) -> int:
-    return sum(value for entry in costs.values() for cost in entry.values() if cost
-               for key, value in cost.items() if key.endswith("_" + kind))
-
-
-def _wants_full_suite(point: dict) -> bool:
-    """The remaining tasks go to the (feasible) Pareto front and the chosen point only."""
-    return (point["pareto"] or point["best"]) and not point["error"]
-
-
-def full_suite_keys(sweep: Sweep, studies: Studies) -> list[str]:
-    """Points that get the remaining tasks, in report order."""
-    content, _ = collect(sweep, studies)
-    return [p["key"] for p in content["points"] if _wants_full_suite(p)]
-
-
-# ------------------------------------------------------------------------------------------------ render
-
 def render(out: Path, sweep: Sweep, studies: Studies, *, base: Path | None = None) -> dict:
     """Write sweep.json, sweep.csv, report.md and the plots into DIR; returns the sweep.json content."""
-    from debias_plugin.sweep.compare import stage_seconds
-
     content, run = collect(sweep, studies, base=base)
     timed = {p["name"]: stage_seconds(out, p) for p in content["points"]}
     run["stage_seconds"] = {name: seconds for name, seconds in timed.items() if seconds is not None}
@@ -285,37 +150,6 @@ def _param_cell(sweep: Sweep, point: dict, key: str) -> str:
     if point["role"] == "reference" and key == sweep.knob and sweep.reference_knob_value is not None:
         return f"{sweep.reference_knob_value:g} (base)"
     return ""
-
-
-def unfinished_work(content: dict) -> list[str]:
-    """What a sweep.json still lacks before its choice is final: planned points, full-suite runs, search steps."""
-    pending, search = content.get("pending") or {}, content.get("search") or {}
-    unfinished = []
-    if pending.get("screen"):
-        names = ", ".join(f"`{name}`" for name in pending["screen"])
-        unfinished.append(f"{len(pending['screen'])} planned point(s) not evaluated yet ({names})")
-    if pending.get("full"):
-        unfinished.append("the full suite not yet run on " + ", ".join(f"`{name}`" for name in pending["full"]))
-    if not search.get("finished", True):
-        step = f" (next: {search['knob']} {search['next']:g})" if search.get("next") is not None else ""
-        unfinished.append(f"the budget search not finished{step}")
-    return unfinished
-
-
-def closest_miss(content: dict) -> dict | None:
-    """The setting nearest its budget when every one tried broke it: the base was chosen for want of any other."""
-    settings = [p for p in content["points"] if p["role"] != "reference" and not p["error"]]
-    best = next((p for p in content["points"] if p["best"]), None)
-    if not settings or best is None or best["role"] != "reference":
-        return None
-    judged = all(c["value"] is not None and c["limit"] for p in settings for c in p["budget"].values())
-    if not judged or any(all(c["holds"] for c in p["budget"].values()) for p in settings):
-        return None
-
-    def overshoot(point: dict) -> float:  # the worst broken rule, as a fraction of its limit
-        return max(abs(c["value"] - c["limit"]) / abs(c["limit"]) for c in point["budget"].values() if not c["holds"])
-
-    return min(settings, key=overshoot)
 
 
 def point_budget(point: dict) -> str:

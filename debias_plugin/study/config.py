@@ -1,0 +1,197 @@
+"""The study file: the same sweeps on several models, and one table of every method at its chosen setting.
+
+    name: two_models
+    models: {smollm2-135m: default, gemma3-270m: "builtin:gemma3-270m"}
+    objective: crows_bias/pct_stereotype  # optional: one objective and budget for every sweep
+    budget: {wikitext2_ppl/word_perplexity: {max_relative_increase: 0.02}}
+    prepare:                     # stage outputs the sweeps read, trained once per model
+      dghs_lora: {method: finetune, options: {corpus: ..., column: text, lora: true, steps: 100}}
+    sweeps:                      # label -> a sweep file (relative to this file) and the fixed options it changes
+      unlearn:                   # models: per model, sweep-file keys replaced (fixed: merged), e.g. its own range
+        file: ../sweeps/unlearn_smollm2.yml
+        models: {gemma3-270m: {checkpoints: [2, 4, 6]}}
+      npo: {file: ../sweeps/unlearn_smollm2.yml, method: npo}     # another stage over the same sweep
+      negate: {file: ../sweeps/negate_smollm2.yml, fixed: {adapter: "@dghs_lora"}}
+
+Each model's copy of a sweep (its `base` replaced by the model, `fixed` merged, "@NAME" -> that model's prepared
+folder) is written to DIR/<model>/<sweep>.yml and run into DIR/<model>/<sweep>/ by `run_sweep`, so resuming after a
+kill, sharing a study storage and the results cache are the sweep's own. DIR/study.json, study.csv and study.md
+hold the table (per model: the base and each sweep's chosen point, CrowS-Pairs per type with the sweeps' exact
+intervals, StereoSet, WikiText-2 perplexity, costs); plots/tradeoff_<model>.png/.svg every evaluated point.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from debias_plugin.errors import DebiasError
+from debias_plugin.sweep.schema import BudgetRule
+from debias_plugin.yamlfile import (ConfigFileError, Label, TaskMetric, field_text, line_of, read_yaml,
+                                    schema_keys, validation_problems)
+
+STUDY_FILE = "study.yml"
+PREPARED = "prepared"
+
+
+class PrepareEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    method: str
+    options: dict[str, Any] = {}
+
+
+class SweepEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    file: str
+    method: str | None = None  # another stage over the same sweep (npo for unlearn's)
+    fixed: dict[str, Any] = {}
+    models: dict[Label, dict[str, Any]] = {}  # per model: sweep-file keys replaced (fixed: merged), e.g. a range
+
+
+class StudyConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Label | None = None
+    models: dict[Label, str] = Field(min_length=1)
+    prepare: dict[Label, PrepareEntry] = {}
+    sweeps: dict[Label, SweepEntry] = Field(min_length=1)
+    objective: TaskMetric | None = None  # one rule for every sweep (each sweep file's own when absent)
+    budget: dict[TaskMetric, BudgetRule] | None = None
+
+
+class Study:
+    """A validated study file and, per model, its prepared stages and derived sweeps (validated, not yet run)."""
+
+    def __init__(self, path: Path, text: str):
+        self.path, self.text = path, text
+        data, self.lines = read_yaml(path, text, "study")
+        try:
+            self.config = StudyConfig.model_validate(data)
+        except ValidationError as err:
+            raise ConfigFileError(path, validation_problems(err, self.lines, KEYS_AT), "study") from None
+        problems = []
+        own = {"base", "method"} | {key for key in ("objective", "budget") if getattr(self.config, key) is not None}
+        for label, entry in self.config.sweeps.items():
+            fixed = [(("sweeps", label, "fixed", key), value) for key, value in entry.fixed.items()]
+            for model, override in entry.models.items():
+                loc = ("sweeps", label, "models", model)
+                if model not in self.config.models:
+                    known = ", ".join(self.config.models)
+                    problems.append((loc, f"'{model}' is not one of the study's models ({known})"))
+                for key in sorted(override.keys() & own):
+                    problems.append((loc + (key,), f"the study sets '{key}' for every model; it cannot change here"))
+                if not isinstance(override.get("fixed") or {}, dict):
+                    problems.append((loc + ("fixed",), "expected a mapping of the stage's options"))
+                    continue
+                fixed += [(loc + ("fixed", key), value) for key, value in (override.get("fixed") or {}).items()]
+            for loc, value in fixed:
+                if isinstance(value, str) and value.startswith("@") and value[1:] not in self.config.prepare:
+                    problems.append((loc, f"{value} names no prepare entry"))
+            if not self.sweep_file(label).is_file():
+                problems.append((("sweeps", label, "file"), f"{self.sweep_file(label)} does not exist"))
+        if problems:
+            raise self._error(problems)
+
+    def _error(self, problems: list[tuple[tuple, str]]) -> ConfigFileError:
+        return ConfigFileError(self.path, [(line_of(self.lines, loc), field_text(loc), message)
+                                           for loc, message in problems], "study")
+
+    def sweep_file(self, label: str) -> Path:
+        return (self.path.parent / self.config.sweeps[label].file).resolve()
+
+    def fixed(self, model: str, label: str) -> dict:
+        """One sweep's fixed options for one model: the study's, with the model's own over them."""
+        entry = self.config.sweeps[label]
+        return {**entry.fixed, **(entry.models.get(model, {}).get("fixed") or {})}
+
+    def derived_sweep(self, model: str, label: str, out: Path) -> str:
+        """The sweep file's text for one model: base replaced, fixed options merged, "@NAME" resolved."""
+        import yaml
+
+        from debias_plugin.data._io import read_text
+
+        path = self.sweep_file(label)
+        data, _ = read_yaml(path, read_text(path), "sweep")  # a broken file: its own line-numbered error
+        entry = self.config.sweeps[label]
+        override = {key: value for key, value in entry.models.get(model, {}).items() if key != "fixed"}
+        fixed = {key: str(out / model / PREPARED / value[1:]) if isinstance(value, str) and value.startswith("@")
+                 else value for key, value in self.fixed(model, label).items()}
+        data.update(override)
+        data.update(base=self.config.models[model], fixed={**(data.get("fixed") or {}), **fixed},
+                    method=entry.method or data.get("method"))  # the Optuna study's name hashes all of it
+        if self.config.objective is not None:
+            data["objective"] = self.config.objective
+        if self.config.budget is not None:
+            data["budget"] = {metric: rule.model_dump(exclude_none=True) for metric, rule in self.config.budget.items()}
+        return f"# {label} of {self.path.name} for {model}, derived from {self.sweep_file(label)}\n" + \
+            yaml.safe_dump(data, sort_keys=False)
+
+    def selected(self, only: list[str] | None) -> dict[str, list[str]]:
+        """{model: [sweep labels]} of the selectors MODEL or MODEL/SWEEP (None: everything)."""
+        if not only:
+            return {model: list(self.config.sweeps) for model in self.config.models}
+        chosen: dict[str, list[str]] = {}
+        for selector in only:
+            model, _, label = selector.partition("/")
+            if model not in self.config.models or (label and label not in self.config.sweeps):
+                raise DebiasError(f"--only {selector}: expected MODEL or MODEL/SWEEP with MODEL one of "
+                                  f"{', '.join(self.config.models)} and SWEEP one of {', '.join(self.config.sweeps)}.")
+            labels = chosen.setdefault(model, [])
+            labels += [name for name in ([label] if label else self.config.sweeps) if name not in labels]
+        return {model: [name for name in self.config.sweeps if name in labels] for model, labels in chosen.items()}
+
+    def plan(self, out: Path, only: list[str] | None = None) -> dict:
+        """{model: {"prepare": {name: (TrainConfig, method)}, "sweeps": {label: Sweep}}}, everything validated
+        (a prepared stage's `model` is still the study's name for it until the run resolves it)."""
+        from debias_plugin.methods import method_class
+        from debias_plugin.sweep.plan import load_sweep
+        from debias_plugin.sweep.schema import expand_variables
+        from debias_plugin.sweep.stage import split_stage_options
+        from debias_plugin.training import TrainConfig
+
+        plan = {}
+        for model, labels in self.selected(only).items():
+            sweeps = {}
+            for label in labels:
+                path = out / model / f"{label}.yml"
+                try:
+                    sweeps[label] = load_sweep(path, text=self.derived_sweep(model, label, out))
+                except DebiasError as err:
+                    raise DebiasError(f"{self.path}: sweeps.{label} (from {self.sweep_file(label)}) for model "
+                                      f"'{model}': {err}") from None
+            prepare = {}
+            needed = {value[1:] for label in labels for value in self.fixed(model, label).values()
+                      if isinstance(value, str) and value.startswith("@")}
+            for name, entry in self.config.prepare.items():
+                if name not in needed:
+                    continue
+                loc = ("prepare", name)
+                problems: list = []
+                values = expand_variables(entry.options, loc + ("options",), problems, self.lines)
+                if problems:
+                    raise ConfigFileError(self.path, problems, "study")
+                try:
+                    method = method_class(entry.method)
+                    shared, own = split_stage_options(method, values)
+                    config = TrainConfig.model_validate({**shared, "model": self.config.models[model],
+                                                         "output": str(out / model / PREPARED / name)})
+                    prepare[name] = (config, method(method.Options.model_validate(own)))
+                except (ValidationError, DebiasError) as err:
+                    detail = "; ".join(f"{field_text(e['loc'])}: {e['msg']}" for e in err.errors()) \
+                        if isinstance(err, ValidationError) else str(err)
+                    raise self._error([(loc, detail)]) from None
+            plan[model] = {"prepare": prepare, "sweeps": sweeps}
+        return plan
+
+
+KEYS_AT = schema_keys(StudyConfig, {"prepare": PrepareEntry, "sweeps": SweepEntry, "budget": BudgetRule})
+
+
+def load_study(path: str | Path) -> Study:
+    from debias_plugin.data._io import read_text
+
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise DebiasError(f"{path}: the study file does not exist.")
+    return Study(path, read_text(path))
