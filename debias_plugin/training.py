@@ -18,9 +18,6 @@ recomputes layer activations in the backward pass. Full-weight stages also run s
 (``accelerate launch --config_file`` with ``distributed_type: FSDP``): the optimizer is then prepared together
 with the model, and saving gathers the full state dict first. Stages whose update needs whole gradients (PCGU)
 or that train LoRA refuse FSDP before loading anything (`TrainingMethod.sharding_refusal`); DeepSpeed is refused.
-
-Test hook: the environment variable ``DEBIAS_ABORT_AFTER_STEP=k`` makes every process SIGKILL itself right
-after step k (after any checkpoint of that step), to test resume after a real kill.
 """
 
 from __future__ import annotations
@@ -32,7 +29,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,13 +38,12 @@ from typing import Any, Literal
 from pydantic import Field, FiniteFloat, model_validator
 
 from debias_plugin.errors import DebiasError, one_line
-from debias_plugin.methods.base import TrainingMethod
+from debias_plugin.methods.base import StreamOrder, TrainingMethod, modes_kept
 from debias_plugin.options import Options
 from debias_plugin.outputs import MANIFEST_NAME, OutputFolder, manifest  # noqa: F401  (MANIFEST_NAME: API)
 
 logger = logging.getLogger(__name__)
 
-ABORT_ENV = "DEBIAS_ABORT_AFTER_STEP"
 _PRECISIONS = {"fp32": "no", "bf16": "bf16"}
 _UNSUPPORTED_DISTRIBUTIONS = ("DEEPSPEED", "MEGATRON_LM", "XLA")
 _NEW_FIELDS = {"weights_dtype": "fp32", "gradient_checkpointing": False}  # left out of old runs' fingerprints
@@ -100,13 +95,6 @@ class TrainConfig(Options):
         if outside:
             raise ValueError(f"snapshot_steps {outside} are outside the run's steps 1..{self.steps}")
         return self
-
-
-def compute_dtype(config: TrainConfig):
-    """The dtype for frozen copies and held gradients: bf16 when the run computes in bf16, else None (the weights')."""
-    import torch
-
-    return torch.bfloat16 if "bf16" in (config.precision, config.weights_dtype) else None
 
 
 def weights_dtype(config: TrainConfig):
@@ -170,22 +158,6 @@ class Run:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
-
-
-class StreamOrder:
-    """Position in the training stream -> example index: a seeded permutation per epoch."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self._epochs = size, seed, {}
-
-    def __getitem__(self, position: int) -> int:
-        import torch
-
-        epoch, offset = divmod(position, self.size)
-        if epoch not in self._epochs:
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._epochs = {epoch: torch.randperm(self.size, generator=generator).tolist()}
-        return self._epochs[epoch][offset]
 
 
 def _rng_state() -> dict:
@@ -289,6 +261,9 @@ class Trainer:
         except ValueError:  # an earlier train() in this process fixed another precision: start afresh
             from accelerate.state import AcceleratorState
 
+            # accelerate keeps one AcceleratorState per process, refuses to change its mixed precision and has no
+            # public reset (its own tests and transformers' Trainer call this same private method); the process
+            # state (device, process group) is kept.
             AcceleratorState._reset_state(reset_partial_state=False)
             accelerator = Accelerator(**settings)
         self._validate(accelerator.num_processes, str(accelerator.distributed_type))
@@ -465,7 +440,6 @@ class Trainer:
         self.method.read_inputs()
         run, examples = self._setup()
         config = self.config
-        abort_after = int(os.environ.get(ABORT_ENV, "0") or 0)
         start_metrics = self._evaluate(run)
         self._resume(run)
         if not self.history and config.eval_every:
@@ -488,8 +462,6 @@ class Trainer:
                 self._save_snapshot(run)
             if config.checkpoint_every and run.step % config.checkpoint_every == 0 and run.step < config.steps:
                 self._save_checkpoint(run)
-            if abort_after and run.step == abort_after:
-                os.kill(os.getpid(), signal.SIGKILL)
         bar.close()
         end_metrics = self.history[-1] if self.history and self.history[-1]["step"] == config.steps else None
         end_metrics = {k: v for k, v in end_metrics.items() if k != "step"} if end_metrics else self._evaluate(run)
@@ -551,17 +523,6 @@ def check_finite(model, step: int, accelerator=None) -> None:
         first = named[int(bad.to(torch.int32).argmax())][0]
         raise DebiasError(f"The weights became non-finite by step {step} (first: {first}); nothing was "
                           "published. Lower the learning rate (lr) or check the data.")
-
-
-@contextmanager
-def modes_kept(model):
-    """Restore every module's train/eval flag afterwards (a plain model.train(flag) would lose per-layer modes)."""
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def enable_checkpointing(model, config: TrainConfig) -> bool | None:

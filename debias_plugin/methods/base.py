@@ -1,7 +1,9 @@
-"""The method contract: what `training.train` calls on a stage. Every optional hook has a no-op default."""
+"""The method contract: what `training.train` calls on a stage (every optional hook has a no-op default), and the
+loop's helpers a stage uses too (stream order, compute dtype, train/eval modes), so stages never import the loop."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -78,3 +80,38 @@ class TrainingMethod:
 
     def report(self) -> dict:
         return {}
+
+
+def compute_dtype(config):
+    """The dtype for frozen copies and held gradients: bf16 when the run (its TrainConfig) computes in bf16, else
+    None (the weights')."""
+    import torch
+
+    return torch.bfloat16 if "bf16" in (config.precision, config.weights_dtype) else None
+
+
+class StreamOrder:
+    """Position in the training stream -> example index: a seeded permutation per epoch."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self._epochs = size, seed, {}
+
+    def __getitem__(self, position: int) -> int:
+        import torch
+
+        epoch, offset = divmod(position, self.size)
+        if epoch not in self._epochs:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epochs = {epoch: torch.randperm(self.size, generator=generator).tolist()}
+        return self._epochs[epoch][offset]
+
+
+@contextmanager
+def modes_kept(model):
+    """Restore every module's train/eval flag afterwards (a plain model.train(flag) would lose per-layer modes)."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training

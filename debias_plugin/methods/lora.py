@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import Field, FiniteFloat
 
 from debias_plugin.errors import DebiasError
+from debias_plugin.methods.base import modes_kept
 from debias_plugin.options import Options
 
 SHARDING_REFUSAL = ("LoRA does not run under FSDP or DeepSpeed here: its frozen base weights need no gradients or "
@@ -59,8 +60,6 @@ def wrap_lora(run, options: LoraOptions):
 @contextmanager
 def reference_forward(peft_model):
     """The base model as it was loaded: the adapter disabled and dropout off, for a no-grad reference pass."""
-    from debias_plugin.training import modes_kept
-
     with modes_kept(peft_model):
         peft_model.eval()
         with peft_model.disable_adapter():

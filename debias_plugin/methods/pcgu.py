@@ -49,10 +49,9 @@ from pydantic import Field, field_validator
 
 from debias_plugin.errors import DebiasError
 from debias_plugin.methods import pad
-from debias_plugin.methods.base import TrainingMethod
+from debias_plugin.methods.base import TrainingMethod, compute_dtype
 from debias_plugin.models import causal_start_token, logits_at, pad_id
 from debias_plugin.options import Options
-from debias_plugin.training import compute_dtype
 
 AGGREGATIONS = ("input", "output")
 _UNUSED_SCORE = math.inf  # a parameter without gradient is never selected (the official code used 5)

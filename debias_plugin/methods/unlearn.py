@@ -34,11 +34,10 @@ from debias_plugin.errors import DataError, DebiasError
 from debias_plugin.methods import (
     encode, label_logprobs, lm_batch, pad, pad_id, per_example_mean, perplexity, special_positions,
 )
-from debias_plugin.methods.base import TrainingMethod
+from debias_plugin.methods.base import StreamOrder, TrainingMethod, compute_dtype
 from debias_plugin.methods.lora import (
     SHARDING_REFUSAL, LoraOptions, output_format, reference_forward, save_lora_or_full, wrap_lora,
 )
-from debias_plugin.training import StreamOrder, compute_dtype
 
 logger = logging.getLogger(__name__)
 MARKUP = re.compile(r"\[\[(.+?)\]\]")
