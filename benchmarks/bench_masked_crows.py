@@ -23,6 +23,7 @@ import argparse
 import ctypes
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -30,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DEBIAS_DATA_DIR", str(ROOT.parent / "shared" / "data"))
+sys.path.insert(0, str(ROOT / "tests"))  # tiny_models, reference_crows: the fixtures the tests use
 
 
 class PeakRss:
@@ -84,7 +86,8 @@ def main():
     from debias_plugin.scoring.crows import (masked_pair_scores, pct_stereotype, prefers_stereotype,
                                              shared_token_positions)
     from debias_plugin.scoring.masked import MaskedScorer
-    from debias_plugin.testing import build_tiny_model, reference_crows_pair
+    from reference_crows import reference_crows_pair
+    from tiny_models import build_tiny_model
 
     torch.set_num_threads(args.threads)
     pairs = [(p.sent_more, p.sent_less) for p in load_crows_pairs()][: args.limit]

@@ -177,7 +177,7 @@ def main() -> None:
     if args.child:
         return child(args)
 
-    from debias_plugin.testing import build_tiny_model
+    from tiny_models import build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_model("bert", Path(tmp) / "bert", layers=args.layers, hidden=args.hidden)

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # tiny_models: the fixtures the tests use
 GIB = 2**30
 
 # Real architecture configs (Llama layout). 1b: TinyLlama-1.1B (Llama-2 layout and vocabulary, grouped-query
@@ -135,7 +136,7 @@ def write_data(folder: Path, batch: int, seq: int, tokenizer) -> dict:
 
 def tokenizer_folder(folder: Path):
     """A small byte-level BPE tokenizer (ids < 800, valid in the 32k vocabulary) saved beside a config.json."""
-    from debias_plugin.testing import bpe_tokenizer
+    from tiny_models import bpe_tokenizer
 
     texts = [f"I think women and men should read page {n} of the report twice." for n in range(300)]
     tokenizer = bpe_tokenizer(texts)

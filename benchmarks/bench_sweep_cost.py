@@ -27,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DEBIAS_DATA_DIR", str(REPO.parent / "shared" / "data"))
+sys.path.insert(0, str(REPO / "tests"))  # tiny_models: the fixtures the tests use
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -38,7 +39,7 @@ def tiny_models(work: Path) -> tuple[Path, Path]:
     from transformers import AutoModelForCausalLM
 
     from debias_plugin.data import load_crows_pairs, load_wikitext_documents
-    from debias_plugin.testing import build_tiny_model
+    from tiny_models import build_tiny_model
 
     texts = [s for p in load_crows_pairs() for s in (p.sent_more, p.sent_less)]
     base = build_tiny_model("gpt2", work / "base", texts + load_wikitext_documents()[0].split("\n")[:400])

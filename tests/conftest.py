@@ -36,7 +36,7 @@ def tokenizer_texts(data_dir) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tokenizer_texts):
     """tiny_model("gpt2") -> folder of a seeded 2-layer model with its tokenizer (built once per kind)."""
-    from debias_plugin.testing import build_tiny_model
+    from tiny_models import build_tiny_model
 
     built: dict[str, Path] = {}
     root = tmp_path_factory.mktemp("tiny_models")

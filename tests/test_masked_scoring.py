@@ -11,7 +11,7 @@ from debias_plugin.errors import DebiasError
 from debias_plugin.scoring import stereoset
 from debias_plugin.scoring.crows import aul_scores, masked_pair_scores, shared_token_positions
 from debias_plugin.scoring.masked import MaskedScorer, pll_windows
-from debias_plugin.testing import reference_crows_pair  # Nangia et al.'s metric.py, shared with the benchmark
+from reference_crows import reference_crows_pair  # Nangia et al.'s metric.py, shared with the benchmark
 
 MASKED_KINDS = ("bert", "roberta", "albert", "distilbert")
 UNCASED_KINDS = {"bert", "albert", "distilbert"}  # the WordPiece tokenizer of the tiny models is uncased

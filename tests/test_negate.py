@@ -20,7 +20,7 @@ from debias_plugin.merge import (
     validate_negation_config,
 )
 from debias_plugin.paths import merge_configs_dir
-from debias_plugin.testing import CAUSAL_KINDS
+from tiny_models import CAUSAL_KINDS
 
 KINDS = ["llama", "gpt2", "opt", "bert", "roberta", "albert"]
 LORA_TARGETS = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj", "down_proj"], "opt": ["q_proj", "fc1"],
@@ -194,7 +194,7 @@ def test_mismatched_architectures_are_refused(tiny_model, work):
 
 
 def test_mismatched_shapes_are_refused(tiny_model, tokenizer_texts, work):
-    from debias_plugin.testing import build_tiny_model
+    from tiny_models import build_tiny_model
 
     narrow = build_tiny_model("llama", work / "llama_narrow", tokenizer_texts, hidden=32)
     out = work / "shapes"

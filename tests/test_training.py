@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 
 from debias_plugin.errors import DebiasError
 from debias_plugin.methods.finetune import Finetune, FinetuneOptions
-from debias_plugin.training import ABORT_ENV, MANIFEST_NAME, TrainConfig, train
+from debias_plugin.training import MANIFEST_NAME, TrainConfig, train
 
 DEBIAS = str(Path(sys.executable).parent / "debias")
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+KILL_AFTER_STEP = str(Path(__file__).with_name("kill_after_step.py"))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_resume_after_kill_gives_the_same_weights(tiny_model, corpus, tmp_path):
     resumed = tmp_path / "resumed"
     # dropout stays on, so the RNG states must be restored too
     args = cli_args(model, corpus, resumed, "--checkpoint-every", "2")
-    killed = subprocess.run([DEBIAS, *args], capture_output=True, env={**os.environ, ABORT_ENV: "3"})
+    killed = subprocess.run([sys.executable, KILL_AFTER_STEP, "3", *args], capture_output=True)
     assert killed.returncode == -signal.SIGKILL
     assert not resumed.exists()
     assert (tmp_path / "resumed.checkpoints" / "latest").read_text() == "step-00000002"
