@@ -34,9 +34,42 @@ _VERSIONED_PACKAGES = ("debias-plugin", "torch", "transformers", "accelerate", "
                        "lm-eval")
 
 
-def overlaps(first: Path, second: Path) -> bool:
-    """Either path is the other or lies inside it."""
-    return first == second or first in second.parents or second in first.parents
+def real_path(path: str | Path) -> Path:
+    """Absolute, with '~', '..' and every symlink resolved as the OS will when it writes (trailing '/' dropped)."""
+    return Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
+
+
+def overlaps(first: str | Path, second: str | Path) -> bool:
+    """Either path is the other or lies inside it, after resolving symlinks and '..'; by identity too (a folder
+    reached through a bind mount or another case on a case-insensitive disk is the same folder)."""
+    a, b = real_path(first), real_path(second)
+    return a == b or b in a.parents or a in b.parents or _inside_by_identity(a, b) or _inside_by_identity(b, a)
+
+
+def _inside_by_identity(inner: Path, outer: Path) -> bool:
+    """`outer` is the same file as `inner` or one of its existing parents (device and inode compared)."""
+    try:
+        target = os.stat(outer)
+    except (OSError, ValueError):
+        return False
+    for candidate in (inner, *inner.parents):
+        with contextlib.suppress(OSError, ValueError):
+            if os.path.samestat(os.stat(candidate), target):
+                return True
+    return False
+
+
+def refuse_overlap(output: str | Path, inputs: Iterable[str | Path | None], what: str = "--output") -> None:
+    """The rule for every output of every command: one that is, contains or lies inside any input it reads is refused,
+    --force or not (replacing it would destroy that input)."""
+    out = real_path(output)
+    for given in inputs:
+        if given is None:
+            continue
+        source = real_path(given)
+        if overlaps(out, source):
+            raise DebiasError(f"{what} {out} overlaps the input {source}: writing it would destroy that input. Choose "
+                              "an output folder outside every input (--force does not change this).")
 
 
 def pid_alive(pid: int) -> bool:
@@ -56,11 +89,7 @@ class OutputFolder:
                  option: str = "--output"):
         self.path = Path(path).expanduser().resolve()
         self.force, self.option = force, option
-        for source in (Path(given).expanduser().resolve() for given in inputs if given is not None):
-            if overlaps(self.path, source):
-                raise DebiasError(f"{option} {self.path} overlaps the input {source}: writing it would destroy "
-                                  "that input. Choose an output folder outside every input (--force does not "
-                                  "change this).")
+        refuse_overlap(self.path, inputs, option)
         self.check_replaceable()
         ancestor = next(p for p in (self.path.parent, *self.path.parent.parents) if p.exists())
         if not ancestor.is_dir() or not os.access(ancestor, os.W_OK | os.X_OK):
