@@ -90,3 +90,60 @@ def test_corrupted_input_raises_only_our_error(name, data_dir, tiny_model, tmp_p
         except Exception as err:  # noqa: BLE001 - the point of the test
             pytest.fail(f"{name} case {case}: {type(err).__name__} escaped: {err}")
     assert outcomes["refused"] > 0, outcomes  # the corruption really breaks files
+
+
+# ------------------------------------------------------------------------------------ hostile config files (YAML)
+
+def _config_loader(kind: str):
+    """The command's own loader, looked up when called (the modules move)."""
+    if kind == "gate":
+        from debias_plugin.gate.config import load_gate
+        return load_gate
+    if kind == "sweep":
+        from debias_plugin.sweep.plan import load_sweep
+        return load_sweep
+    from debias_plugin.study import load_study
+    return load_study
+
+
+def _billion_laughs(levels: int = 9) -> str:
+    names = [chr(ord("a") + level) for level in range(levels)]
+    text = f"{names[0]}: &{names[0]} [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    for previous, name in zip(names, names[1:]):
+        text += f"{name}: &{name} [{', '.join([f'*{previous}'] * 9)}]\n"
+    return text
+
+
+HOSTILE = {
+    "billion_laughs": (_billion_laughs(), "line 9, field 'i': expected a config file within the limits (at most 1 MiB "
+                       "of text, 100,000 values with aliases expanded, 64 levels deep), found 490,329,064 values"),
+    "recursive_alias": ("name: &a [x, *a]\n", "line 1: expected YAML without recursive aliases"),
+    "deep_nesting": ("name: " + "[" * 5000 + "]" * 5000 + "\n", "nesting deeper than 64 levels"),
+    "too_large": ("name: x\n" + "# padding\n" * 110_000, "found 1,100,008 bytes"),
+    "bad_float_tag": ("name: x\nseed: !!float abc\n", "line 2: expected a valid float, found 'abc'"),
+    "bad_bool_tag": ("name: x\nseed: !!bool maybe\n", "line 2: expected a valid bool, found 'maybe'"),
+    "bad_date": ("name: x\nseed: 2026-13-45\n", "line 2: expected a valid timestamp, found '2026-13-45'"),
+    "control_character": ("name: x\nseed: 1\x08\n", "line 2: expected valid YAML, found the character '\\x08'"),
+    "nan": ("name: x\nseed: .nan\n", "line 2, field 'seed': NaN and infinity are not allowed"),
+    "inf_in_list": ("name: x\nfixed: {a: [1, -.inf]}\n", "line 2, field 'fixed.a[1]': NaN and infinity are not "
+                    "allowed: give a finite number (found -.inf)"),
+    "explicit_nan": ("name: x\nseed: !!float nan\n", "line 2, field 'seed': NaN and infinity"),
+    "overflowing_float": ("name: x\nseed: 1.0e+999\n", "line 2, field 'seed': NaN and infinity"),
+}
+
+
+@pytest.mark.parametrize("kind", ["gate", "sweep", "study"])
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_yaml_is_refused_quickly_naming_file_and_line(kind, case, tmp_path):
+    import re
+    import time
+
+    text, expected = HOSTILE[case]
+    path = tmp_path / f"{case}.yml"
+    path.write_text(text)
+    started = time.perf_counter()
+    with pytest.raises(DebiasError, match=re.escape(expected)) as refused:
+        _config_loader(kind)(path)
+    assert time.perf_counter() - started < 1.0, case
+    message = str(refused.value)
+    assert message.startswith(str(path)) and "\n" not in message
