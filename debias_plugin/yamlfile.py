@@ -73,8 +73,17 @@ def field_text(loc) -> str:
 
 
 def shown(key) -> str:
-    """A key as written, quoted where it holds a newline or other unprintable character (the error stays one line)."""
-    return key if isinstance(key, str) and key.isprintable() else repr(key) if isinstance(key, str) else str(key)
+    """A key as written; quoted (and cut) where it holds a newline or another unprintable character, or is very long,
+    so the error stays one short line."""
+    if not isinstance(key, str):
+        return str(key)
+    return key if key.isprintable() and len(key) <= 120 else quoted(key)
+
+
+def quoted(value, limit: int = 120) -> str:
+    """repr of a value from a file, cut to `limit` characters: an absurdly long field stays a short message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def line_of(lines: dict[tuple, int], loc) -> int:
@@ -117,7 +126,7 @@ def describe_error(error: dict, loc: tuple, keys_at: KeysAt) -> str:
         return "required key missing"
     message = error["msg"].removeprefix("Value error, ")
     if "input" in error and not isinstance(error["input"], (dict, list)):
-        message += " (found null)" if error["input"] is None else f" (found {error['input']!r})"
+        message += " (found null)" if error["input"] is None else f" (found {quoted(error['input'])})"
     return message
 
 
@@ -247,7 +256,7 @@ def _bad_scalar(path: Path, loader, root, err: Exception) -> DataError:
                 loader.construct_object(node)
             except Exception:  # noqa: BLE001 - PyYAML's constructors raise whatever their parser does
                 return DataError(path, f"line {node.start_mark.line + 1}", f"a valid {node.tag.rsplit(':', 1)[-1]}",
-                                 repr(node.value))
+                                 quoted(node.value))
         elif isinstance(node, yaml.MappingNode):
             stack.extend(child for pair in reversed(node.value) for child in reversed(pair))
         elif isinstance(node, yaml.SequenceNode):

@@ -129,6 +129,7 @@ HOSTILE = {
                     "allowed: give a finite number (found -.inf)"),
     "explicit_nan": ("name: x\nseed: !!float nan\n", "line 2, field 'seed': NaN and infinity"),
     "overflowing_float": ("name: x\nseed: 1.0e+999\n", "line 2, field 'seed': NaN and infinity"),
+    "absurdly_long_key": ("name: x\n? " + "k" * 5000 + "\n: 1\n", "... (5,002 characters)'; allowed keys: "),
 }
 
 
