@@ -410,8 +410,8 @@ def test_a_gap_metric_has_the_per_document_data_of_its_percentage():
                       {"crows_bias_gender": rows})
     gap, _ = metric_samples(results, "crows_bias_gender", "stereotype_gap")
     percentage, _ = metric_samples(results, "crows_bias_gender", "pct_stereotype")
-    assert (gap.kind, gap.scale, gap.units) == ("binary", 100.0, 4)
-    assert (percentage.kind, percentage.scale, percentage.units) == ("binary", 100.0, 4)
+    assert (gap.kind, gap.scale, gap.units) == ("proportion", 100.0, 4)
+    assert (percentage.kind, percentage.scale, percentage.units) == ("proportion", 100.0, 4)
 
 
 def test_stereoset_resample_statistic_is_the_task_aggregation_on_relabelled_targets():

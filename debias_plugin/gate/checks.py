@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -15,7 +16,7 @@ from debias_plugin.gate.config import Gate
 from debias_plugin.gate.results import (
     MetricSamples, Results, higher_is_better, metric_key, metric_names, metric_samples, reported_value, same_point,
 )
-from debias_plugin.scoring.gap import gap_source
+from debias_plugin.scoring.specs import find_spec
 
 
 @dataclass
@@ -39,29 +40,6 @@ class CheckResult:
     seconds: float = 0.0
 
 
-def is_centered(metric: str) -> bool:
-    """Metrics whose ideal is 50 % (no preference): CrowS pct_stereotype*, StereoSet ss*."""
-    name = metric.split(",")[0]
-    return name == "ss" or name.startswith("pct_stereotype") or (name.startswith("ss_") and gap_source(name) is None)
-
-
-def statistic_for(samples: MetricSamples, metric: str) -> stats.Statistic:
-    columns = samples.columns
-    if samples.kind == "binary":
-        return stats.mean_statistic(columns["outcome"] * samples.scale)
-    if samples.kind == "mean":
-        return stats.mean_statistic(columns["value"])
-    if samples.kind == "weighted_perplexity":
-        return stats.weighted_perplexity_statistic(columns["loglikelihood"], columns["weight"])
-    if samples.kind == "bits_per_byte":
-        return stats.bits_per_byte_statistic(columns["loglikelihood"], columns["weight"])
-    if samples.kind == "perplexity":
-        return stats.perplexity_statistic(columns["loglikelihood"])
-    if samples.kind == "stereoset":
-        return stats.stereoset_statistic(columns["ss"], columns["lms"], metric.split(",")[0].split("_")[0])
-    raise ValueError(f"unknown per-sample kind {samples.kind!r}")
-
-
 @dataclass
 class _Measured:
     """A metric of one model: reported value, and (when usable) its per-unit data and interval."""
@@ -80,12 +58,12 @@ def _measure(results: Results, task: str, key: str, gate: Gate) -> _Measured:
     samples, note = metric_samples(results, task, key)
     if samples is None:
         return _Measured(value, note=f"{note}: point estimate only")
-    statistic = statistic_for(samples, key)
+    statistic = samples.statistic()
     point = float(statistic(np.arange(samples.units)))
     if not same_point(point, value):
         return _Measured(value, note=f"per-sample data give {point:.6g}, not the reported {value:.6g}: "
                                      "point estimate only")
-    if samples.kind == "binary":
+    if samples.kind == "proportion":
         ci = stats.clopper_pearson(int(round(samples.columns["outcome"].sum())), samples.units, config.alpha)
         interval = stats.Interval(ci.low * samples.scale, ci.high * samples.scale, ci.confidence, ci.method)
         return _Measured(value, samples, statistic, interval)
@@ -112,7 +90,7 @@ def _resolve_metric(results: Results, check, index: int, gate: Gate, role: str) 
 def _bound_p(measured: _Measured, bound: float, side: stats.Side) -> float:
     """One-sided p-value that the metric is `side` the bound, from its per-sample data."""
     samples = measured.samples
-    if samples.kind == "binary":
+    if samples.kind == "proportion":
         successes = int(round(samples.columns["outcome"].sum()))
         return stats.binomial_bound_p(successes, samples.units, bound / samples.scale, side)
     return stats.bootstrap_bound_p(measured.distribution, bound, side)
@@ -137,7 +115,7 @@ def _single(check, index: int, gate: Gate, candidate: Results) -> CheckResult:
         return result
     result.p_value = stats.two_sided(min(_bound_p(measured, bound, side) for bound, side in bounds))
     result.passed = not result.p_value < gate.config.alpha
-    result.method = ("exact binomial test" if measured.samples.kind == "binary"
+    result.method = ("exact binomial test" if measured.samples.kind == "proportion"
                      else f"bootstrap test over {measured.samples.unit_name}")
     return result
 
@@ -162,9 +140,9 @@ def _aligned(candidate: MetricSamples, baseline: MetricSamples, check, gate: Gat
 
 
 def _reordered(samples: MetricSamples, order: np.ndarray) -> MetricSamples:
-    return MetricSamples(samples.kind, [samples.keys[i] for i in order], [samples.hashes[i] for i in order],
-                         {name: column[order] for name, column in samples.columns.items()}, samples.scale,
-                         samples.unit_name)
+    return dataclasses.replace(samples, keys=[samples.keys[i] for i in order],
+                               hashes=[samples.hashes[i] for i in order],
+                               columns={name: column[order] for name, column in samples.columns.items()})
 
 
 def _compared(check, index: int, gate: Gate, candidate: Results, baseline: Results) -> CheckResult:
@@ -175,19 +153,18 @@ def _compared(check, index: int, gate: Gate, candidate: Results, baseline: Resul
     result = CheckResult(check.title, check.metric, check.kind, check.requirement, gate.line("checks", index),
                          True, mine.value, mine.interval, theirs.value, theirs.interval)
     c, b = mine.value, theirs.value
-    center = None
+    metric = find_spec(key)
     if check.kind == "max_relative_increase":
         label, bound, worse_side = "relative change", check.max_relative_increase, "above"
         delta = c / b - 1 if b else math.inf
         pairing = stats.relative_change
-    elif is_centered(check.metric_name):
-        center = 50.0 if max(abs(c), abs(b)) > 1 or (mine.samples and mine.samples.scale == 100) else 0.5
-        label, bound, worse_side = f"Δ|x-{center:g}|", 0.0, "above"
-        delta = abs(c - center) - abs(b - center)
-        pairing = functools.partial(stats.distance_change, center=center)
+    elif metric is not None and metric.centered:
+        label, bound, worse_side = f"Δ|x-{metric.center:g}|", 0.0, "above"
+        delta = metric.distance(c) - metric.distance(b)
+        pairing = functools.partial(stats.distance_change, center=metric.center)
     else:
-        higher = higher_is_better(candidate, check.task, key)
-        higher = higher if higher is not None else higher_is_better(baseline, check.task, baseline_key)
+        higher = metric.ideal == "high" if metric is not None else _results_say_higher(candidate, baseline, check, key,
+                                                                                        baseline_key)
         if higher is None:
             raise gate.error(("checks", index, "metric"), "a metric whose results say whether higher is better "
                              "(lm-eval's higher_is_better), to tell which direction is worse", check.metric)
@@ -209,13 +186,13 @@ def _compared(check, index: int, gate: Gate, candidate: Results, baseline: Resul
         result.passed, result.method = point_passes, "point estimate"
         result.note = f"only {mine.samples.units} {what}: point estimate only"
         return result
-    paired = pairing(mine.statistic, statistic_for(_reordered(theirs.samples, order), baseline_key))
+    paired = pairing(mine.statistic, _reordered(theirs.samples, order).statistic())
     boot = stats.bootstrap(paired, mine.samples.units, gate.config.alpha, resamples=gate.config.resamples,
                            seed=gate.config.seed, what=f"paired {what}")
     result.delta_interval = boot.interval
-    if mine.samples.kind == "binary" and check.kind == "not_worse_than_baseline":
+    if mine.samples.spec.comparison == "exact_paired" and check.kind == "not_worse_than_baseline":
         table = stats.pair_table(mine.samples.columns["outcome"], theirs.samples.columns["outcome"][order])
-        test = (stats.farther_from_half(table) if center is not None
+        test = (stats.farther_from_half(table) if mine.samples.spec.centered
                 else stats.mcnemar_worse(table, "lower" if worse_side == "below" else "higher"))
         result.p_value, result.method = test.p_value, test.method
     else:
@@ -223,6 +200,12 @@ def _compared(check, index: int, gate: Gate, candidate: Results, baseline: Resul
         result.method = f"paired bootstrap test over {what}"
     result.passed = not result.p_value < gate.config.alpha
     return result
+
+
+def _results_say_higher(candidate: Results, baseline: Results, check, key: str, baseline_key: str) -> bool | None:
+    """A metric with no spec: lm-eval's higher_is_better in the candidate's results, else in the baseline's."""
+    higher = higher_is_better(candidate, check.task, key)
+    return higher if higher is not None else higher_is_better(baseline, check.task, baseline_key)
 
 
 def run_check(check, index: int, gate: Gate, candidate: Results, baseline: Results | None) -> CheckResult:

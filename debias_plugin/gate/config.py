@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from debias_plugin.errors import DataError, DebiasError
-from debias_plugin.scoring.gap import gap_source
+from debias_plugin.scoring.specs import find_spec, spec
 from debias_plugin.yamlfile import (ConfigFileError, TaskMetric, field_text, line_of, read_yaml, schema_keys,
                                     validation_problems)
 
@@ -38,11 +38,12 @@ class CheckConfig(BaseModel):
             raise ValueError(f"give exactly one of {', '.join(CHECK_KINDS)} (found {', '.join(given) or 'none'})")
         if self.within is not None and not self.within[0] < self.within[1]:
             raise ValueError(f"within needs [low, high] with low < high (found {self.within})")
-        source = gap_source(self.metric_name)
-        if source:  # its interval and paired test are those of the percentage it comes from
-            raise ValueError(f"{self.metric_name} is |{source} - 50|: check {self.task}/{source} instead "
-                             f"(max: g becomes within: [50 - g, 50 + g]; not_worse_than_baseline already compares "
-                             "distances from 50)")
+        gap_metric = find_spec(self.metric_name)
+        if gap_metric and gap_metric.gap_of:  # its interval and paired test are those of the percentage it comes from
+            source, center = gap_metric.gap_of, spec(gap_metric.gap_of).center
+            raise ValueError(f"{self.metric_name} is |{source} - {center:g}|: check {self.task}/{source} instead "
+                             f"(max: g becomes within: [{center:g} - g, {center:g} + g]; not_worse_than_baseline "
+                             f"already compares distances from {center:g})")
         return self
 
     @property

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
-from debias_plugin.data import STEREOSET_DOMAINS
 from debias_plugin.errors import DataError, DebiasError
-from debias_plugin.scoring.gap import gap_source
+from debias_plugin.gate import stats
+from debias_plugin.scoring.bbq import amb_bias_score, disamb_bias_score
+from debias_plugin.scoring.specs import MetricSpec, find_spec, spec
+from debias_plugin.scoring.stereoset import ScoredExample, stereoset_scores
 
 # lm-eval names a run's files results_<date>.json / samples_<task>_<date>.jsonl (or <stem>_<date>.json for an
 # --output_path ending in .json); our cache and `evaluate(output_dir=...)` write results.json / samples_<task>.jsonl.
 _DATE = re.compile(r"_(\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(?:\.\d+)?)$")
-_WEIGHTED_PERPLEXITIES = ("word_perplexity", "byte_perplexity")
-_STEREOSET = re.compile(rf"^(ss|lms|icat)(?:_({'|'.join(STEREOSET_DOMAINS)}))?$")
 
 
 @dataclass
@@ -105,48 +105,138 @@ def leaf_tasks(results: Results, task: str) -> list[str]:
 
 @dataclass
 class MetricSamples:
-    """Per-unit data for one metric: what a bootstrap resamples and a paired test aligns.
+    """Per-unit data for one metric, read as its spec declares: what a bootstrap resamples and a paired test aligns.
 
-    kind: 'binary' (0/1 outcomes, e.g. CrowS pct_stereotype), 'mean', 'weighted_perplexity', 'bits_per_byte',
-    'perplexity' (units: documents) or 'stereoset' (units: target terms, per-target SS and LMS).
+    Units are documents (pairs for CrowS) or, for StereoSet, target terms (columns: per-target SS and LMS).
     """
 
-    kind: str
+    spec: MetricSpec
     keys: list[tuple]
     hashes: list[str]
     columns: dict[str, np.ndarray]
-    scale: float = 1.0  # 100 when per-document values are 0/100 (our percentages), else 1
-    unit_name: str = "documents"
 
     @property
     def units(self) -> int:
         return len(self.keys)
 
+    @property
+    def kind(self) -> str:
+        return self.spec.estimator
 
-def _binary_scale(values: list, metric: str) -> float | None:
-    """100 or 1 when every value is an outcome (0/100, 0/1, booleans); None for other numbers."""
-    if any(isinstance(v, bool) for v in values):
-        return 1.0 if all(isinstance(v, bool) or v in (0, 1) for v in values) else None
-    distinct = set(values)
-    if distinct <= {0, 100} and 100 in distinct:
-        return 100.0
-    if distinct <= {0, 1} and 1 in distinct:
-        return 1.0
-    if distinct == {0}:
-        return 100.0 if metric.startswith("pct_") else 1.0
-    return None
+    @property
+    def scale(self) -> float:
+        return self.spec.scale
+
+    @property
+    def unit_name(self) -> str:
+        return self.spec.unit
+
+    def statistic(self) -> stats.Statistic:
+        """The metric recomputed on chosen unit indices (the gate's bootstraps and its point check)."""
+        columns, estimator = self.columns, self.spec.estimator
+        if estimator == "proportion":
+            return stats.mean_statistic(columns["outcome"] * self.spec.scale)
+        if estimator == "mean":
+            return stats.mean_statistic(columns["value"])
+        if estimator == "weighted_perplexity":
+            return stats.weighted_perplexity_statistic(columns["loglikelihood"], columns["weight"])
+        if estimator == "bits_per_byte":
+            return stats.bits_per_byte_statistic(columns["loglikelihood"], columns["weight"])
+        if estimator == "perplexity":
+            return stats.perplexity_statistic(columns["loglikelihood"])
+        if estimator == "stereoset":
+            return stats.stereoset_statistic(columns["ss"], columns["lms"], self.spec.part)
+        if estimator == "bbq_amb_bias":
+            acc, biased, non_unknown = columns["acc"], columns["n_biased"], columns["n_non_unknown"]
+            return lambda idx: amb_bias_score(acc[idx], biased[idx], non_unknown[idx])
+        if estimator == "bbq_disamb_bias":
+            biased, non_unknown = columns["n_biased"], columns["n_non_unknown"]
+            return lambda idx: disamb_bias_score(biased[idx], non_unknown[idx])
+        raise ValueError(f"{self.spec.name}: no statistic for the estimator {estimator!r}")
 
 
-def _stereoset_columns(records: list[tuple[tuple, str, list]], metric: str):
+class _Mismatch(Exception):
+    """Per-document values that do not have the shape the metric's spec declares."""
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, str)  # bool is an int: outcomes pass
+
+
+def _numbers(value, count: int) -> list[float]:
+    if not isinstance(value, (list, tuple)) or len(value) != count or not all(map(_is_number, value)):
+        raise _Mismatch
+    return [float(v) for v in value]
+
+
+def _disambiguated(mark) -> bool | None:
+    """lm-eval's bbq mask_disambiguated as saved (bool, 0/1, or "True"/"False", a numpy bool's JSON); NaN: None."""
+    if isinstance(mark, str) and mark in ("True", "False"):
+        return mark == "True"
+    if _is_number(mark):
+        if math.isnan(mark):
+            return None  # a per-category metric's document of another category
+        if mark in (0, 1):
+            return bool(mark)
+    raise _Mismatch
+
+
+def _chosen(records: list, spec: MetricSpec) -> list:
+    """The documents the metric is computed on, each with the value its estimator reads."""
+    if spec.documents == "all":
+        return records
+    chosen = []
+    for key, doc_hash, value in records:
+        if not isinstance(value, (list, tuple)) or len(value) < 2:
+            raise _Mismatch
+        if spec.documents == "marked":
+            if len(value) != 2 or not isinstance(value[1], bool):
+                raise _Mismatch
+            keep = value[1]
+        else:
+            disambiguated = _disambiguated(value[-1])
+            keep = disambiguated is not None and disambiguated == (spec.documents == "disambiguated")
+        if keep:
+            rest = value[:-1]
+            chosen.append((key, doc_hash, rest[0] if len(rest) == 1 else rest))
+    return chosen
+
+
+def _columns(records: list, spec: MetricSpec) -> tuple[list, list, dict[str, np.ndarray]]:
+    """keys, hashes and the estimator's columns from (key, doc_hash, value) records."""
+    estimator = spec.estimator
+    if estimator == "stereoset":
+        return _stereoset_columns(records, spec.domain)
+    keys, hashes, values = (list(column) for column in zip(*records))
+    if estimator in ("weighted_perplexity", "bits_per_byte"):
+        pairs = np.array([_numbers(value, 2) for value in values])
+        return keys, hashes, {"loglikelihood": pairs[:, 0], "weight": pairs[:, 1]}
+    if estimator in ("bbq_amb_bias", "bbq_disamb_bias"):
+        rows = np.array([_numbers(value, 3) for value in values])
+        return keys, hashes, {"acc": rows[:, 0], "n_biased": rows[:, 1], "n_non_unknown": rows[:, 2]}
+    if not all(map(_is_number, values)):
+        raise _Mismatch
+    if estimator == "proportion":
+        if any(value not in (0, spec.scale) for value in values):
+            raise _Mismatch
+        return keys, hashes, {"outcome": np.array([float(value) / spec.scale for value in values])}
+    if estimator == "perplexity":
+        return keys, hashes, {"loglikelihood": np.array(values, float)}
+    if estimator == "mean":
+        return keys, hashes, {"value": np.array(values, float)}
+    raise _Mismatch
+
+
+def _stereoset_columns(records: list, domain: str | None):
     """Per-target SS and LMS from the task's own scorer (one target's macro average is that target's score)."""
-    from debias_plugin.scoring.stereoset import ScoredExample, stereoset_scores
-
-    domain = _STEREOSET.match(metric).group(2)
     by_target: dict[str, list] = {}
     hashes: dict[str, list[str]] = {}
-    for _, doc_hash, (target, bias_type, *scores) in records:
+    for _, doc_hash, value in records:
+        if not (isinstance(value, (list, tuple)) and len(value) == 5 and all(isinstance(v, str) for v in value[:2])):
+            raise _Mismatch
+        target, bias_type, *scores = value
         if domain in (None, bias_type):
-            by_target.setdefault(target, []).append(ScoredExample(target, *scores))
+            by_target.setdefault(target, []).append(ScoredExample(target, *_numbers(scores, 3)))
             hashes.setdefault(target, []).append(doc_hash)
     targets = sorted(by_target)
     per_target = [stereoset_scores(by_target[t]) for t in targets]
@@ -155,10 +245,19 @@ def _stereoset_columns(records: list[tuple[tuple, str, list]], metric: str):
             {"ss": np.array([s.ss for s in per_target]), "lms": np.array([s.lms for s in per_target])})
 
 
+_NONE_CHOSEN = {"marked": "no marked documents", "ambiguous": "no ambiguous-context documents",
+                "disambiguated": "no disambiguated-context documents"}
+
+
 def metric_samples(results: Results, task: str, metric: str) -> tuple[MetricSamples | None, str]:
     """The per-sample data behind results[task][metric] (pooled over a group's tasks), or None and the reason."""
     name, _, filter_name = metric.partition(",")
-    name = gap_source(name) or name  # |x - 50| has x's per-document data; callers map x's interval
+    found = find_spec(name)
+    if found is None:
+        return None, f"no metric spec for '{name}'"
+    if found.gap_of:  # |x - 50| has x's per-document data; callers map x's interval
+        found = spec(found.gap_of)
+        name = found.name
     filter_name = filter_name or "none"
     records = []
     for leaf in leaf_tasks(results, task):
@@ -170,32 +269,16 @@ def metric_samples(results: Results, task: str, metric: str) -> tuple[MetricSamp
                 records.append(((leaf, row.get("doc_id")), str(row.get("doc_hash", "")), row[name]))
     if not records:
         return None, f"the samples have no per-document '{name}' values"
-    first = records[0][2]
-    is_sequence = isinstance(first, (list, tuple))
-    if is_sequence and len(first) == 5 and isinstance(first[0], str) and _STEREOSET.match(name):
-        keys, hashes, columns = _stereoset_columns(records, name)
-        if len(keys) == 0:
-            return None, "no StereoSet examples for this domain"
-        return MetricSamples("stereoset", keys, hashes, columns, 100.0, "target terms"), ""
-    is_marked = is_sequence and len(first) == 2 and isinstance(first[1], bool)
-    if is_marked:
-        records = [(key, doc_hash, value) for key, doc_hash, (value, marked) in records if marked]
-        if not records:
-            return None, "no marked documents"
-    keys, hashes, values = (list(column) for column in zip(*records))
-    if is_sequence and not is_marked and len(first) == 2 and name in (*_WEIGHTED_PERPLEXITIES, "bits_per_byte"):
-        pairs = np.array(values, float)
-        kind = "bits_per_byte" if name == "bits_per_byte" else "weighted_perplexity"
-        return MetricSamples(kind, keys, hashes, {"loglikelihood": pairs[:, 0], "weight": pairs[:, 1]}), ""
-    if not all(isinstance(v, (int, float)) for v in values):  # bool is an int: outcomes pass
-        return None, f"no estimator for per-document values like {first!r}"
-    if name == "perplexity":
-        return MetricSamples("perplexity", keys, hashes, {"loglikelihood": np.array(values, float)}), ""
-    scale = _binary_scale(values, name)
-    if scale is not None:
-        outcomes = np.array([float(v) / scale for v in values])
-        return MetricSamples("binary", keys, hashes, {"outcome": outcomes}, scale), ""
-    return MetricSamples("mean", keys, hashes, {"value": np.array(values, float)}), ""
+    try:
+        chosen = _chosen(records, found)
+        if not chosen:
+            return None, _NONE_CHOSEN[found.documents]
+        keys, hashes, columns = _columns(chosen, found)
+    except _Mismatch:
+        return None, f"per-document values like {records[0][2]!r} do not fit {name}'s {found.estimator} estimator"
+    if not keys:
+        return None, "no StereoSet examples for this domain"
+    return MetricSamples(found, keys, hashes, columns), ""
 
 
 def same_point(first: float, second: float) -> bool:

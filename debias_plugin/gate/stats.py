@@ -18,6 +18,9 @@ from typing import Callable, Literal
 
 import numpy as np
 
+from debias_plugin.scoring.gap import gap
+from debias_plugin.scoring.stereoset import icat
+
 Side = Literal["below", "above"]
 Statistic = Callable[[np.ndarray], np.ndarray]
 
@@ -198,14 +201,14 @@ def stereoset_statistic(ss_per_target: np.ndarray, lms_per_target: np.ndarray,
         lms = lms_per_target[idx].mean(axis=-1)
         if metric == "lms":
             return lms
-        return lms * np.minimum(ss, 100.0 - ss) / 50.0
+        return icat(lms, ss)
 
     return statistic
 
 
 def distance_change(candidate: Statistic, baseline: Statistic, center: float) -> Statistic:
     """|candidate - center| - |baseline - center| on the same units: > 0 means the candidate is farther off."""
-    return lambda idx: np.abs(candidate(idx) - center) - np.abs(baseline(idx) - center)
+    return lambda idx: gap(candidate(idx), center) - gap(baseline(idx), center)
 
 
 def difference(candidate: Statistic, baseline: Statistic) -> Statistic:

@@ -7,9 +7,9 @@ from collections.abc import Iterable
 NO_PREFERENCE = 50.0  # CrowS pct_stereotype and StereoSet SS: neither the stereotype nor its counterpart preferred
 
 
-def gap(percentage: float) -> float:
-    """|percentage - 50|: 0 is no preference, 50 always the same side (either side); NaN stays NaN."""
-    return abs(percentage - NO_PREFERENCE)
+def gap(percentage, center: float = NO_PREFERENCE):
+    """|percentage - 50| (or another center): 0 is no preference, 50 always the same side; NaN stays NaN; arrays work."""
+    return abs(percentage - center)
 
 
 def type_mean_gap(percentages: Iterable[float]) -> float:
@@ -21,16 +21,14 @@ def type_mean_gap(percentages: Iterable[float]) -> float:
 
 
 def gap_source(metric: str) -> str | None:
-    """The percentage a gap metric is computed from (stereotype_gap -> pct_stereotype, ss_gap_race -> ss_race)."""
-    name = metric.split(",")[0]
-    if name == "stereotype_gap":
-        return "pct_stereotype"
-    if name == "ss_gap" or name.startswith("ss_gap_"):
-        return "ss" + name[len("ss_gap"):]
-    return None
+    """The percentage a gap metric is computed from (stereotype_gap -> pct_stereotype), as its spec declares."""
+    from debias_plugin.scoring.specs import find_spec
+
+    found = find_spec(metric)
+    return found.gap_of if found else None
 
 
-def gap_interval(low: float, high: float) -> tuple[float, float]:
+def gap_interval(low: float, high: float, center: float = NO_PREFERENCE) -> tuple[float, float]:
     """The gaps of every percentage in [low, high]: a percentage's interval maps to this interval for its gap."""
-    lowest = 0.0 if low <= NO_PREFERENCE <= high else min(gap(low), gap(high))
-    return lowest, max(gap(low), gap(high))
+    lowest = 0.0 if low <= center <= high else min(gap(low, center), gap(high, center))
+    return lowest, max(gap(low, center), gap(high, center))

@@ -1,8 +1,9 @@
 """Per-point numbers: every reported lm-eval metric with its interval (the gate's statistics), and the choice.
 
-Intervals: CrowS-style 0/100 outcomes get the exact Clopper-Pearson interval, perplexities (over documents),
-StereoSet SS/LMS/ICAT (over target terms) and other means a percentile bootstrap, all at 1 - alpha; a gap
-metric (|x - 50|) the image of its percentage's interval.
+Intervals, as each metric's spec (scoring/specs.py) declares: proportions (CrowS 0/100 outcomes, accuracies) get
+the exact Clopper-Pearson interval, perplexities and BBQ bias scores (over documents), StereoSet SS/LMS/ICAT (over
+target terms) and other means a percentile bootstrap, all at 1 - alpha; a gap metric (|x - 50|) the image of its
+percentage's interval. Metrics without a spec get their value only.
 """
 
 from __future__ import annotations
@@ -21,22 +22,23 @@ def finite_or_none(value) -> float | None:
 
 def _interval(samples, metric: str, alpha: float, resamples: int, seed: int) -> dict | None:
     from debias_plugin.gate import stats
-    from debias_plugin.gate.checks import statistic_for
-    from debias_plugin.scoring.gap import gap_interval, gap_source
+    from debias_plugin.scoring.gap import gap_interval
+    from debias_plugin.scoring.specs import spec
 
-    percentage = gap_source(metric)
-    if percentage:  # the samples are the percentage's: map its interval through |x - 50|
-        source = _interval(samples, percentage, alpha, resamples, seed)
+    gap_of = spec(metric).gap_of
+    if gap_of:  # the samples are the percentage's: map its interval through |x - 50|
+        source = _interval(samples, gap_of, alpha, resamples, seed)
         if source is None:
             return None
-        low, high = gap_interval(source["low"], source["high"])
-        return {"low": low, "high": high, "method": source["method"] + ", mapped through |x - 50|"}
-    if samples.kind == "binary":
+        center = spec(gap_of).center
+        low, high = gap_interval(source["low"], source["high"], center)
+        return {"low": low, "high": high, "method": source["method"] + f", mapped through |x - {center:g}|"}
+    if samples.spec.estimator == "proportion":
         interval = stats.clopper_pearson(int(round(samples.columns["outcome"].sum())), samples.units, alpha)
         return {"low": interval.low * samples.scale, "high": interval.high * samples.scale, "method": interval.method}
     if samples.units < 2:
         return None
-    result = stats.bootstrap(statistic_for(samples, metric), samples.units, alpha, resamples=resamples, seed=seed,
+    result = stats.bootstrap(samples.statistic(), samples.units, alpha, resamples=resamples, seed=seed,
                              what=samples.unit_name)
     low, high = finite_or_none(result.interval.low), finite_or_none(result.interval.high)
     if low is None or high is None:
