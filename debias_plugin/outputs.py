@@ -7,7 +7,9 @@ Every stage (training, negate, default-model) writes through `OutputFolder`:
         ...write files into staging...
         folder.publish(staging, manifest)                               # manifest + atomic rename into place
 
-The manifest has one schema for every stage (`manifest()` builds it).
+The manifest has one schema for every stage (`manifest()` builds it). The overlap rule itself is `refuse_overlap()`:
+every output of every command (a model folder, a sweep or study folder, a report file) against every file or folder
+it reads, compared as the OS will write them (symlinks and '..' resolved, the same folder reached another way).
 """
 
 from __future__ import annotations
@@ -149,8 +151,11 @@ class OutputFolder:
         return out
 
 
-def claim_run_folder(out: Path, *, resumes: bool, force: bool, refusal: str) -> None:
-    """A sweep's or study's folder: new, empty or the same run's (resumed); another's is replaced only with --force."""
+def claim_run_folder(out: Path, *, resumes: bool, force: bool, refusal: str,
+                     inputs: Iterable[str | Path | None] = (), option: str = "--out") -> None:
+    """A sweep's or study's folder: never over an input; new, empty or the same run's (resumed); another's is replaced
+    only with --force."""
+    refuse_overlap(out, inputs, option)
     if out.is_dir() and any(out.iterdir()) and not resumes:
         if not force:
             raise DebiasError(refusal)

@@ -311,3 +311,17 @@ def test_an_output_that_contains_or_reaches_an_input_is_refused_even_with_force(
         refuse_overlap(str(tmp_path / "out") + "/", [model], "--out")
     assert str(refused.value).startswith(f"--out {tmp_path / 'out'} overlaps the input {model}: ")
     OutputFolder(tmp_path / "beside", inputs=[model, tmp_path / "out" / "mode"], force=True)  # a prefix is no parent
+
+
+def test_a_run_folder_over_an_input_is_refused_before_anything_is_replaced(tmp_path):
+    from debias_plugin.outputs import claim_run_folder
+
+    sweep_file = tmp_path / "study" / "sweeps" / "negate.yml"
+    sweep_file.parent.mkdir(parents=True)
+    sweep_file.write_text("base: default\n")
+    for out in (tmp_path / "study", tmp_path / "study" / "sweeps", tmp_path / "study" / "sweeps" / "out"):
+        with pytest.raises(DebiasError, match=f"--out {out} overlaps the input {sweep_file.parent}"):
+            claim_run_folder(out, resumes=False, force=True, refusal="", inputs=[None, sweep_file.parent])
+    assert sweep_file.read_text() == "base: default\n"
+    claim_run_folder(tmp_path / "out", resumes=False, force=True, refusal="", inputs=[sweep_file.parent])
+    assert (tmp_path / "out").is_dir()
