@@ -205,8 +205,9 @@ def test_booleans_are_not_numbers_and_null_is_no_required_value():
     for model, name, field in fields:
         adapter = TypeAdapter(field.annotation, config=model.model_config)
         for flag in (True, False):
-            with pytest.raises(ValidationError):
-                adapter.validate_python(flag)
+            for written in (flag, [flag, flag], {"key": flag}, {"key": [flag, flag]}):  # bare, in a list or a map
+                with pytest.raises(ValidationError):
+                    adapter.validate_python(written)
         if field.is_required():
             with pytest.raises(ValidationError):
                 adapter.validate_python(None)
