@@ -1,10 +1,11 @@
 """evaluate(model folder, tasks) -> lm-eval results with per-document samples, cached by the model's content hash.
 
-One call runs `lm_eval.simple_evaluate(..., log_samples=True)` with our tasks on the include path and our model
-classes registered. The results (and each task's samples, without the prompt texts and raw responses) are kept
-under $DEBIAS_CACHE_DIR/results/ (default ~/.cache/debias_plugin/results/), keyed by the model folder's content
-hash, the tasks, the limit, the model class and arguments, the lm-eval and debias-plugin versions, the bundled
-task definitions and the data folder: the same request is answered from disk without importing lm-eval or torch.
+One call runs `lm_eval.simple_evaluate(..., log_samples=True)` through lm_eval/run.py, which `debias eval` shares
+(task check, device default, model-class choice, include path, model registration). The results (and each task's
+samples, without the prompt texts and raw responses) are kept under $DEBIAS_CACHE_DIR/results/ (default
+~/.cache/debias_plugin/results/), keyed by the model folder's content hash, the tasks, the limit, the model class
+and arguments, the lm-eval and debias-plugin versions, the bundled task definitions and the data folder: the same
+request is answered from disk without importing lm-eval or torch.
 """
 
 from __future__ import annotations
@@ -13,9 +14,15 @@ import functools
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
-from debias_plugin.errors import DebiasError
+from debias_plugin.lm_eval.run import (  # noqa: F401  (the gate and the sweep read these names from here)
+    CAUSAL_MODEL_CLASS,
+    MASKED_MODEL_CLASS,
+    UnknownTaskError,
+    resolve_model_class,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -24,16 +31,6 @@ SEAT_TASK = "seat"  # not an lm-eval task: SEAT effect sizes (scoring/seat.py), 
 _SAMPLES_NAME = "samples_{task}.jsonl"
 _DROPPED_SAMPLE_FIELDS = ("arguments", "resps")  # prompt texts and raw responses: large and kept in "doc"
 _KEY_SCHEMA = "debias_plugin.results-cache/2"  # 2: causal LMs default to hf-bias (was hf)
-CAUSAL_MODEL_CLASS = "hf-bias"  # lm-eval's hf scores, for less work (lm_eval/bias_lm.py); --model hf still works
-MASKED_MODEL_CLASS = "hf-mlm"
-
-
-class UnknownTaskError(DebiasError):
-    def __init__(self, task: str, known: list[str]):
-        self.task = task
-        close = [name for name in known if name.startswith(task.split("_")[0])][:8]
-        hint = f" (similar: {', '.join(close)})" if close else ""
-        super().__init__(f"lm-eval task '{task}' is neither one of ours nor one of lm-eval's{hint}.")
 
 
 def _version(package: str) -> str | None:
@@ -57,19 +54,20 @@ def _task_definitions_hash() -> str:
     return digest.hexdigest()
 
 
-_HASHES: dict[tuple, str] = {}
-
-
 def _model_hash(model_dir: str | Path) -> str:
     """content_hash of a model folder, read once per process while its files' names, sizes and mtimes stay put."""
-    from debias_plugin.outputs import content_hash
-
     root = Path(model_dir).expanduser().resolve()
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
-    signature = (str(root), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
-    if signature not in _HASHES:
-        _HASHES[signature] = content_hash(root)
-    return _HASHES[signature]
+    return _content_hash((str(root), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)))
+
+
+# A process cache, kept on purpose: the gate and the sweep ask for the same folders' keys again and again, and
+# hashing a 500 MB model takes seconds; the key is every file's size and mtime, so a changed folder is hashed anew.
+@functools.lru_cache(maxsize=64)
+def _content_hash(signature: tuple) -> str:
+    from debias_plugin.outputs import content_hash
+
+    return content_hash(Path(signature[0]))
 
 
 def cache_key(model_dir: str | Path, tasks: list[str], *, model_class: str | None = None,
@@ -99,13 +97,13 @@ def read_results_folder(folder: str | Path) -> dict:
 
 def portable_results(results: dict) -> dict:
     """The results as plain JSON values, samples without prompt texts and raw responses: what the cache holds."""
-    from lm_eval.utils import handle_non_serializable
+    from debias_plugin.lm_eval.run import plain_json
 
     samples = {task: [{key: value for key, value in row.items() if key not in _DROPPED_SAMPLE_FIELDS}
                       for row in rows] for task, rows in (results.get("samples") or {}).items()}
     plain = {key: value for key, value in results.items() if key != "samples"}
     plain["samples"] = samples
-    return json.loads(json.dumps(plain, default=handle_non_serializable))
+    return plain_json(plain)
 
 
 def save_results(results: dict, folder: str | Path, *, manifest: dict | None = None, force: bool = False,
@@ -148,75 +146,27 @@ def cached_results(model_dir: str | Path, tasks: list[str], *, model_class: str 
     return _read_entry(_cache_entry(model_dir, tasks, model_class=model_class, model_args=model_args, limit=limit))
 
 
-def resolve_model_class(model_dir: str | Path) -> str:
-    """hf-bias for causal LMs, hf-mlm for masked LMs, from the folder's config (never its name)."""
-    from debias_plugin.models import load_config, model_kind
-
-    return MASKED_MODEL_CLASS if model_kind(load_config(model_dir)) == "masked" else CAUSAL_MODEL_CLASS
-
-
-def _task_manager(metadata: dict | None = None, tasks: list[str] | None = None):
-    """Our tasks (plus lm-eval's unless every requested one is ours: indexing lm-eval's takes seconds per call);
-    metadata (the model arguments) reaches our tasks' loaders (StereoSet counts tokens)."""
-    from lm_eval.tasks import TaskManager
-
-    from debias_plugin.paths import tasks_dir
-
-    if tasks:
-        ours = TaskManager(include_path=str(tasks_dir()), include_defaults=False, metadata=metadata)
-        if set(tasks) <= set(ours.all_tasks):
-            return ours
-    return TaskManager(include_path=str(tasks_dir()), metadata=metadata)
-
-
-def _check_known(manager, tasks: list[str]) -> None:
-    known = set(manager.all_tasks)
-    for task in tasks:
-        if task not in known:
-            raise UnknownTaskError(task, sorted(known))
-
-
-@functools.lru_cache(maxsize=8)
-def _task_catalog(tasks: tuple[str, ...]):
-    """The task index for these names (building lm-eval's reads every task YAML: seconds, so once per process)."""
-    return _task_manager(tasks=list(tasks))
-
-
 def describe_tasks(tasks: list[str]) -> dict[str, set[str] | None]:
     """Every task and group the request will report (groups expanded), with its declared metrics (None: unknown).
 
     Lets a caller check task/metric names before any model loads; raises UnknownTaskError for a name lm-eval
     does not know.
     """
+    from debias_plugin.lm_eval.run import declared_metrics
+
     described: dict[str, set[str] | None] = {SEAT_TASK: None} if SEAT_TASK in tasks else {}
-    tasks = [task for task in tasks if task != SEAT_TASK]
-    manager = _task_catalog(tuple(sorted(tasks)))
-    _check_known(manager, tasks)
-    pending = list(tasks)
-    while pending:
-        name = pending.pop()
-        if name in described:
-            continue
-        entry = manager.task_index.get(name)
-        config = (entry.cfg or {}) if entry is not None else {}
-        listed = config.get("metric_list") or config.get("aggregate_metric_list")
-        described[name] = ({item["metric"] for item in listed if isinstance(item, dict) and "metric" in item}
-                           if listed else None)
-        members = config.get("task")  # a group's members: names or inline task configs
-        if isinstance(members, list):
-            names = [m if isinstance(m, str) else m.get("task") for m in members]
-            pending.extend(n for n in names if isinstance(n, str))
-    return described
+    return described | declared_metrics([task for task in tasks if task != SEAT_TASK])
 
 
 def evaluate(model_dir: str | Path, tasks: list[str], *, model_class: str | None = None,
              model_args: dict | None = None, batch_size: int | str = 16, limit: int | None = None,
              device: str | None = None, output_dir: str | Path | None = None, force: bool = False,
-             use_cache: bool = True) -> dict:
+             use_cache: bool = True, on_counts: Callable[[dict], None] | None = None) -> dict:
     """lm-eval results of `tasks` on a model folder, with per-document samples under "samples" (cached).
 
     model_class: lm-eval model name; default hf-bias for causal LMs and hf-mlm for masked LMs. output_dir, if given,
-    also receives results.json + samples_<task>.jsonl (a folder `debias gate` reads with `results:`).
+    also receives results.json + samples_<task>.jsonl (a folder `debias gate` reads with `results:`). on_counts, if
+    given, receives this run's request counts from the model (hf-bias); a request answered by the cache scores none.
     """
     from debias_plugin.models import check_weights
     from debias_plugin.outputs import OutputFolder, manifest
@@ -230,7 +180,7 @@ def evaluate(model_dir: str | Path, tasks: list[str], *, model_class: str | None
     results = _read_entry(entry) if use_cache else None
     if results is None:
         results = portable_results(_run(model_dir, tasks, model_class=model_class, model_args=model_args or {},
-                                        batch_size=batch_size, limit=limit, device=device))
+                                        batch_size=batch_size, limit=limit, device=device, on_counts=on_counts))
         if use_cache:
             record = manifest("evaluate", options={**request, "tasks": list(tasks), "cache_key": entry.name},
                               inputs={"model": model_dir}, results={}, hash_inputs=False)
@@ -244,11 +194,14 @@ def evaluate(model_dir: str | Path, tasks: list[str], *, model_class: str | None
     return results
 
 
-def _run(model_dir: Path, tasks: list[str], *, model_class, model_args, batch_size, limit, device) -> dict:
+def _run(model_dir: Path, tasks: list[str], *, model_class, model_args, batch_size, limit, device, on_counts) -> dict:
     """lm-eval on its tasks; SEAT (if asked) beside them, as results["results"]["seat"]."""
+    from debias_plugin.lm_eval.run import evaluate_tasks
+
     lm_tasks = [task for task in tasks if task != SEAT_TASK]
-    results = _run_lm_eval(model_dir, lm_tasks, model_class=model_class, model_args=model_args, batch_size=batch_size,
-                           limit=limit, device=device) if lm_tasks else {"results": {}, "samples": {}}
+    results = evaluate_tasks(model_dir, lm_tasks, model_class=model_class, model_args=model_args,
+                             batch_size=batch_size, limit=limit, device=device,
+                             on_counts=on_counts) if lm_tasks else {"results": {}, "samples": {}}
     if SEAT_TASK in tasks:
         from debias_plugin.scoring.seat import seat_metrics
 
@@ -256,24 +209,3 @@ def _run(model_dir: Path, tasks: list[str], *, model_class, model_args, batch_si
         results["results"][SEAT_TASK] = {f"{name.split('/', 1)[1]},none": value for name, value in metrics.items()}
     return results
 
-
-def _run_lm_eval(model_dir: Path, tasks: list[str], *, model_class, model_args, batch_size, limit, device) -> dict:
-    import lm_eval
-
-    from debias_plugin.lm_eval import register_models
-
-    manager = _task_manager({"pretrained": str(model_dir), **model_args}, tasks)
-    _check_known(manager, tasks)
-    if model_class is None:
-        model_class = resolve_model_class(model_dir)
-    if device is None:
-        import torch
-
-        device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    register_models()
-    results = lm_eval.simple_evaluate(model=model_class, model_args={"pretrained": str(model_dir), **model_args},
-                                      tasks=list(tasks), task_manager=manager, limit=limit, log_samples=True,
-                                      bootstrap_iters=0, batch_size=batch_size, device=device)
-    if results is None:
-        raise DebiasError("lm-eval returned no results in this process (not rank 0 of a distributed run).")
-    return results

@@ -176,7 +176,6 @@ def test_hf_bias_equals_hf_per_sample(tiny_model):
     model_dir = str(tiny_model("llama"))
     task_dicts = _task_dicts(model_dir)
     theirs = _evaluate(HFLM(pretrained=model_dir, device="cpu", batch_size=16), task_dicts)
-    before = dict(bias_lm.REQUEST_COUNTS)
     ours_lm = bias_lm.BiasLM(pretrained=model_dir, device="cpu", batch_size=16)
     partials = _Partials()
     ours_lm.set_cache_hook(partials)
@@ -213,8 +212,7 @@ def test_hf_bias_equals_hf_per_sample(tiny_model):
     assert "ss_gap_gender,none" in ours["results"]["stereoset_bias"]
 
     # crows_bias holds crows_bias_overall's sentences again: each distinct request was scored once
-    received = bias_lm.REQUEST_COUNTS["loglikelihood_received"] - before.get("loglikelihood_received", 0)
-    scored = bias_lm.REQUEST_COUNTS["loglikelihood_scored"] - before.get("loglikelihood_scored", 0)
+    received, scored = ours_lm.request_counts["loglikelihood_received"], ours_lm.request_counts["loglikelihood_scored"]
     assert scored < received
     # the request cache gets one answer per distinct request and per document, as from HFLM
     assert sum(attr == "loglikelihood" for attr, _, _ in partials.calls) == scored
@@ -281,3 +279,18 @@ def test_hf_bias_options_are_checked_before_loading(tmp_path):
         BiasLM(pretrained=str(tmp_path / "no-model-here"), batch_tokens=0)
     with pytest.raises(DebiasError, match="share_prefix"):
         BiasLM(pretrained=str(tmp_path / "no-model-here"), share_prefix="sometimes")
+
+
+def test_evaluate_reports_its_own_request_counts(tiny_model, tmp_path, monkeypatch):
+    """evaluation.evaluate hands the run's counts to on_counts (none from the cache) and keeps the class's name."""
+    from debias_plugin import evaluation
+
+    monkeypatch.setenv("DEBIAS_CACHE_DIR", str(tmp_path / "cache"))
+    model, runs = tiny_model("gpt2"), []
+    for _ in range(2):
+        counts = {}
+        results = evaluation.evaluate(model, ["crows_bias_gender", "crows_bias_overall"], limit=3, device="cpu",
+                                      on_counts=counts.update)
+        runs.append(counts)
+    assert runs[0]["loglikelihood_scored"] < runs[0]["loglikelihood_received"] and runs[1] == {}
+    assert results["config"]["model"] == "hf-bias"

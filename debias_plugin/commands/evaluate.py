@@ -1,7 +1,8 @@
 """`debias eval`: lm-eval's own `run` command with our tasks on the include path and our model classes registered
 (hf-bias for causal LMs, hf-mlm for masked ones, chosen from the model's config unless --model is given). Task names,
 model arguments, weights (safetensors unless --allow-pickle, which is ours) and tokenizer are checked first, so bad
-input is one paragraph (exit 2) before any model loads."""
+input is one paragraph (exit 2) before any model loads. The lm-eval side (task check, device default, model class,
+include path, registration, the run) is lm_eval/run.py's, shared with evaluation.evaluate."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import argparse
 import json
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +24,8 @@ DEFAULT_OUTPUT = Path("runs") / "eval"  # results are saved unless --output_path
 
 
 def read_flags(args: list[str]) -> argparse.Namespace:
-    """The `lm_eval run` flags we check or default, spelled as lm-eval spells them; the rest pass through unread."""
+    """The `lm_eval run` flags we check or default, spelled as lm-eval spells them; the rest pass through unread
+    (lm-eval's own parser is private: lm_eval._cli)."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for names in (("--model", "-M"), ("--include_path",), ("--config", "-C"), ("--device",), ("--output_path", "-o")):
         parser.add_argument(*names)
@@ -36,49 +37,31 @@ def read_flags(args: list[str]) -> argparse.Namespace:
 
 def lm_eval_arguments(args: list[str], flags: argparse.Namespace) -> list[str]:
     """The `lm_eval run` argument list: ours defaulted (include path, model, default model folder, device)."""
-    from debias_plugin.paths import tasks_dir
+    from debias_plugin.lm_eval.run import default_device, include_path
 
-    args = [*args, *([] if flags.include_path else ["--include_path", str(tasks_dir())])]
+    args = [*args, *([] if flags.include_path else ["--include_path", include_path()])]
     if not flags.model_args and not flags.config:
         from debias_plugin.default_model import materialize_default_model
 
         # 1024-token windows keep WikiText on 2 CPU cores in minutes (SmolLM2 allows 8192).
         args += ["--model_args", f"pretrained={materialize_default_model()},max_length=1024"]
     if not flags.device:
-        import torch
-
-        args += ["--device", "cuda:0" if torch.cuda.is_available() else "cpu"]
+        args += ["--device", default_device()]
     if not flags.output_path and not flags.config:
         args += ["--output_path", str(DEFAULT_OUTPUT)]
     return args
 
 
-def model_arguments(values: list[list[str]]) -> dict:
-    """--model_args as lm-eval merges them: JSON objects or key=value,key=value strings, later ones winning."""
-    from lm_eval.utils import simple_parse_args_string
-
-    merged = {}
-    for value in (value for group in values for value in group):
-        try:
-            merged.update(json.loads(value) if value.lstrip().startswith("{") else simple_parse_args_string(value))
-        except json.JSONDecodeError as err:
-            raise DebiasError(f"--model_args {value!r}: expected a JSON object or key=value pairs ({err}).") from None
-    return merged
-
-
-def check_tasks(names: list[str], include_path: str) -> None:
+def check_tasks(names: list[str], include: str) -> None:
     """Every --tasks name is an included task or one of lm-eval's (whose full index is read only when needed)."""
-    from lm_eval.tasks import TaskManager
+    from debias_plugin.lm_eval.run import UnknownTaskError, task_manager
 
-    missing = [name for name in names if not name.endswith(".yaml") and not Path(name).is_dir()]
-    for include_defaults in (False, True):
-        if missing:
-            manager = TaskManager(include_path=include_path, include_defaults=include_defaults)
-            missing = [name for name in missing if not manager.match_tasks([name])]
-    if missing:
-        raise DebiasError(f"--tasks: no task named {', '.join(map(repr, missing))} in {include_path} or among "
+    try:
+        task_manager(names, include=include, cli_forms=True)
+    except UnknownTaskError as err:
+        raise DebiasError(f"--tasks: no task named {', '.join(map(repr, err.tasks))} in {include} or among "
                           "lm-eval's own tasks; expected task or group names such as crows_bias, stereoset_bias, "
-                          "wikitext2_ppl (`lm_eval ls tasks --include_path DIR` lists them all).")
+                          "wikitext2_ppl (`lm_eval ls tasks --include_path DIR` lists them all).") from None
 
 
 def model_folder(pretrained: str, revision: str | None = None) -> Path:
@@ -98,20 +81,19 @@ def model_folder(pretrained: str, revision: str | None = None) -> Path:
 def check_arguments(args: list[str], flags: argparse.Namespace, allow_pickle: bool) -> list[str]:
     """Check tasks, model arguments, weights and tokenizer before anything loads; the arguments to run lm-eval with."""
     from debias_plugin.lm_eval.masked_lm import check_masked_lm_folder, masked_lm_options
+    from debias_plugin.lm_eval.run import CAUSAL_MODEL_CLASS, include_path, parse_model_args, resolve_model_class
     from debias_plugin.models import check_weights, load_tokenizer
-    from debias_plugin.paths import tasks_dir
 
     names = [name for group in flags.tasks for value in group for name in value.split(",") if name]
     if not names and not flags.config:
         raise DebiasError("--tasks is required: expected task or group names, e.g. --tasks crows_bias,stereoset_bias.")
-    check_tasks(names, flags.include_path or str(tasks_dir()))
-    model_args = model_arguments(flags.model_args)
+    if names:
+        check_tasks(names, flags.include_path or include_path())
+    model_args = parse_model_args(flags.model_args)
     trust_remote_code = flags.trust_remote_code or str(model_args.get("trust_remote_code")).lower() == "true"
     folder = model_folder(str(model_args["pretrained"]), model_args.get("revision")) \
         if model_args.get("pretrained") else None
     if not flags.model and not flags.config:  # from the folder's config: hf-mlm (masked) or hf-bias (causal)
-        from debias_plugin.evaluation import CAUSAL_MODEL_CLASS, resolve_model_class
-
         flags.model = resolve_model_class(folder) if folder is not None else CAUSAL_MODEL_CLASS
         args = [*args, "--model", flags.model]
     if flags.model == "hf-mlm":
@@ -137,12 +119,8 @@ def resolve_builtin_models(args: list[str]) -> list[str]:
 
 def run_lm_eval(args: list[str]) -> None:
     """Check the arguments, register our models, then run lm-eval's CLI: same flags, same results JSON."""
-    # lm_eval.__main__.cli_evaluate, the `lm_eval` console script, is lm-eval's only public entry that parses exactly
-    # `lm_eval run`'s flags (its parser, HarnessCLI, is in the private lm_eval._cli); it reads them from sys.argv
-    # and takes no argument list, so sys.argv is set for the call.
-    from lm_eval.__main__ import cli_evaluate
-
     from debias_plugin.lm_eval import register_models
+    from debias_plugin.lm_eval.run import run_cli
     from debias_plugin.lm_eval.suite import expand_task_presets
 
     register_models()  # before the checks import hf-mlm: lm-eval's own registry must be filled first
@@ -153,11 +131,7 @@ def run_lm_eval(args: list[str]) -> None:
     args = lm_eval_arguments(check_arguments(args, flags, allow_pickle), flags)
     output = read_flags(args).output_path  # "." is a folder too: Path(".") would equal Path("")
     started = time.time()
-    saved_argv, sys.argv = sys.argv, ["lm-eval", "run", *args]
-    try:
-        cli_evaluate()
-    finally:
-        sys.argv = saved_argv
+    run_cli(args)
     if output and int(os.environ.get("RANK", "0")) == 0:
         show_summary(Path(output), started)
 

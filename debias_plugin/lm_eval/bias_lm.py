@@ -24,7 +24,8 @@ from debias_plugin.options import Options, validated
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "hf-bias"
-# requests received and scored, per request kind, since the process started (read by the sweep's cost report)
+# Every instance's counts summed over the process: kept only until sweep/run.py::evaluate_model reads its run's
+# counts through evaluation.evaluate(on_counts=...); delete it (and its line in _once) then.
 REQUEST_COUNTS: Counter = Counter()
 _PROBE_TEXT = "The old lighthouse keeper walked slowly along the harbour wall at dawn"
 # a shortcut stays on while its largest log-prob error on the probes is below this share of how much their
@@ -48,6 +49,7 @@ class BiasLM(HFLM):
     def __init__(self, pretrained, share_prefix: bool = True, batch_tokens: int | None = None, **kwargs):
         options = validated(BiasLMOptions, {"share_prefix": share_prefix, "batch_tokens": batch_tokens},
                             what="hf-bias model arguments")
+        self.request_counts = Counter()  # requests received and scored per kind: what this model's runs cost
         super().__init__(pretrained, **kwargs)
         self.scorer = self._make_scorer(options) if self.backend == "causal" else None
 
@@ -72,11 +74,11 @@ class BiasLM(HFLM):
     # ---- lm-eval request types ----------------------------------------------------------------------
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        return _once(super().loglikelihood, "loglikelihood", requests, disable_tqdm)
+        return _once(super().loglikelihood, "loglikelihood", requests, disable_tqdm, self.request_counts)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         score = super().loglikelihood_rolling if self.scorer is None else self._rolling
-        return _once(score, "loglikelihood_rolling", requests, disable_tqdm)
+        return _once(score, "loglikelihood_rolling", requests, disable_tqdm, self.request_counts)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
         """HFLM's (context, continuation) token requests, truncated as HFLM does, scored by the CausalScorer."""
@@ -127,7 +129,7 @@ class BiasLM(HFLM):
         return totals
 
 
-def _once(score, kind: str, requests, disable_tqdm: bool):
+def _once(score, kind: str, requests, disable_tqdm: bool, counts: Counter):
     """Score only the first of each set of identical requests and copy its answer to the others (counted)."""
     first = {}
     for request in requests:
@@ -135,6 +137,7 @@ def _once(score, kind: str, requests, disable_tqdm: bool):
     unique = list(first.values())
     answers = score(unique, disable_tqdm=disable_tqdm) if unique else []
     by_args = {request.args: answer for request, answer in zip(unique, answers)}
-    REQUEST_COUNTS[f"{kind}_received"] += len(requests)
-    REQUEST_COUNTS[f"{kind}_scored"] += len(unique)
+    for tally in (counts, REQUEST_COUNTS):
+        tally[f"{kind}_received"] += len(requests)
+        tally[f"{kind}_scored"] += len(unique)
     return [by_args[request.args] for request in requests]
