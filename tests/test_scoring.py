@@ -35,3 +35,36 @@ def test_stereoset_macro_average_over_targets_with_ties_and_uneven_counts():
 
 def test_stereoset_empty_is_nan():
     assert math.isnan(stereoset_scores([]).ss)
+
+
+def test_icat_is_one_formula_for_scalars_and_arrays():
+    import numpy as np
+
+    from debias_plugin.scoring.stereoset import icat
+
+    assert icat(90.0, 50.0) == 90.0 and icat(90.0, 60.0) == icat(90.0, 40.0) == 72.0
+    assert list(icat(np.array([90.0, 90.0]), np.array([60.0, 100.0]))) == [72.0, 0.0]
+
+
+def test_type_mean_gap_is_the_mean_of_each_types_gap():
+    from debias_plugin.scoring.gap import type_mean_gap
+
+    assert type_mean_gap([40.0, 60.0]) == 10.0  # the mean percentage (50) would hide both leans
+    assert type_mean_gap([50.0, 55.0, 35.0]) == pytest.approx(20 / 3)
+    with pytest.raises(ValueError):
+        type_mean_gap([])
+
+
+def test_crows_type_tasks_are_the_bundled_task_files_and_the_groups_members():
+    import yaml
+
+    from debias_plugin.data.crows import CROWS_BIAS_TYPES, CROWS_TASK, CROWS_TYPE_TASKS, crows_type_task
+    from debias_plugin.paths import tasks_dir
+
+    assert crows_type_task("race-color") == "crows_bias_race_color"
+    assert CROWS_TYPE_TASKS == tuple(crows_type_task(t) for t in CROWS_BIAS_TYPES)
+    folder = tasks_dir() / CROWS_TASK
+    for bias_type, task in zip(CROWS_BIAS_TYPES, CROWS_TYPE_TASKS):
+        document = yaml.safe_load((folder / f"{task}.yaml").read_text())
+        assert (document["task"], document["dataset_kwargs"]["bias_type"]) == (task, bias_type)
+    assert yaml.safe_load((folder / f"{CROWS_TASK}.yaml").read_text())["task"] == list(CROWS_TYPE_TASKS)
