@@ -81,7 +81,13 @@ def model_folder(pretrained: str, revision: str | None = None) -> Path:
 def check_arguments(args: list[str], flags: argparse.Namespace, allow_pickle: bool) -> list[str]:
     """Check tasks, model arguments, weights and tokenizer before anything loads; the arguments to run lm-eval with."""
     from debias_plugin.lm_eval.masked_lm import check_masked_lm_folder, masked_lm_options
-    from debias_plugin.lm_eval.run import CAUSAL_MODEL_CLASS, include_path, parse_model_args, resolve_model_class
+    from debias_plugin.lm_eval.run import (
+        CAUSAL_MODEL_CLASS,
+        MASKED_MODEL_CLASS,
+        include_path,
+        parse_model_args,
+        resolve_model_class,
+    )
     from debias_plugin.models import check_weights, load_tokenizer
 
     names = [name for group in flags.tasks for value in group for name in value.split(",") if name]
@@ -96,11 +102,11 @@ def check_arguments(args: list[str], flags: argparse.Namespace, allow_pickle: bo
     if not flags.model and not flags.config:  # from the folder's config: hf-mlm (masked) or hf-bias (causal)
         flags.model = resolve_model_class(folder) if folder is not None else CAUSAL_MODEL_CLASS
         args = [*args, "--model", flags.model]
-    if flags.model == "hf-mlm":
+    if flags.model == MASKED_MODEL_CLASS:
         allow_pickle = allow_pickle or masked_lm_options(model_args).allow_pickle
         args = [*args, "--model_args", "allow_pickle=True"] if allow_pickle else args
     if folder is not None:
-        if flags.model == "hf-mlm":
+        if flags.model == MASKED_MODEL_CLASS:
             check_masked_lm_folder(str(folder), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         else:
             check_weights(folder, allow_pickle)

@@ -1,4 +1,5 @@
-"""lm-eval integration: our model classes (hf-mlm) and task helpers. The only package importing lm_eval."""
+"""lm-eval integration: our model classes (hf-bias, hf-mlm), task helpers and run.py, the one way the rest of the
+package runs lm-eval (`debias eval` and evaluation.evaluate). The only package importing lm_eval."""
 
 from __future__ import annotations
 
