@@ -277,8 +277,8 @@ def test_two_processes_equal_one_and_resume(tmp_path, tiny_model, data_dir):
                      "--main_process_port", str(_free_port()), debias]
     # One process, killed after step 1 (checkpoint every step), then resumed: must equal two processes.
     one_process = [debias, *common, "--output", str(tmp_path / "out1"), "--checkpoint-every", "1"]
-    killed = subprocess.run(one_process, env={**env, "DEBIAS_ABORT_AFTER_STEP": "1"}, capture_output=True,
-                            text=True, timeout=300)
+    kill_after_step = [sys.executable, str(Path(__file__).with_name("kill_after_step.py")), "1"]
+    killed = subprocess.run(kill_after_step + one_process[1:], env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode != 0 and not (tmp_path / "out1").exists()
     resumed = subprocess.run(one_process, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 DEBIAS = str(Path(sys.executable).with_name("debias"))
+KILL_AFTER_STEP = str(Path(__file__).with_name("kill_after_step.py"))
 
 
 @pytest.fixture(scope="module")
@@ -29,10 +30,13 @@ def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def finetune(model: Path, output: Path, corpus: Path, *extra: str, env: dict | None = None):
+def finetune(model: Path, output: Path, corpus: Path, *extra: str, env: dict | None = None,
+             kill_after_step: int | None = None):
+    """debias finetune in a subprocess; kill_after_step=k: SIGKILL after step k (tests/kill_after_step.py)."""
     args = ["finetune", "--model", str(model), "--output", str(output), "--corpus", str(corpus), "--steps", "2",
             "--batch-size", "2", "--max-length", "16", *extra]
-    return subprocess.run([DEBIAS, *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
+    command = [DEBIAS] if kill_after_step is None else [sys.executable, KILL_AFTER_STEP, str(kill_after_step)]
+    return subprocess.run([*command, *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
 
 
 def assert_one_paragraph(result, *needles: str) -> None:
@@ -118,7 +122,7 @@ def test_full_disk_leaves_nothing_half_written(tiny_model, corpus, tmp_path):
 def test_corrupt_checkpoint_is_one_paragraph(tiny_model, corpus, tmp_path):
     out = tmp_path / "out"
     killed = finetune(tiny_model("gpt2"), out, corpus, "--checkpoint-every", "1",
-                      env={"DEBIAS_ABORT_AFTER_STEP": "1"})
+                      kill_after_step=1)
     assert killed.returncode != 0
     (latest,) = (tmp_path / "out.checkpoints").glob("step-*")
     (latest / "trainer.pt").write_bytes((latest / "trainer.pt").read_bytes()[:100])
