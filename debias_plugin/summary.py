@@ -39,8 +39,8 @@ def _crows_line(task: str, pct: float, n: int | None) -> str:
         interval = f"[{PCT.format(low)}, {PCT.format(high)}]"
         reading = ("no significant preference" if low <= PCT.center <= high else
                    "prefers the stereotype" if low > PCT.center else "prefers the anti-stereotype")
-    return (f"  {task:34s} {n if n else '?':>6} {PCT.format(pct):>7} {interval:>16s} {PCT.format(PCT.distance(pct)):>6}"
-            f"  {reading}")
+    gap = PCT.format(PCT.distance(pct))
+    return f"  {task:34s} {n if n else '?':>6} {PCT.format(pct):>7} {interval:>16s} {gap:>6}  {reading}"
 
 
 def summarize(results: dict) -> str:
@@ -55,19 +55,19 @@ def summarize(results: dict) -> str:
     if not (crows or stereoset or perplexity):
         return ""
     confidence = f"{100 * (1 - ALPHA):g}%"
-    center = f"{PCT.center:g}"
-    lines = ["", f"Summary. CrowS pct_stereotype and StereoSet SS: {center} = no preference between a stereotype and its",
-             f"counterpart (0 is as biased as 100); gap = |x - {center}|, lower is better. LMS and ICAT: 100 is best."]
+    lines = ["", "Summary. CrowS pct_stereotype and StereoSet SS: 50 = no preference between a stereotype and its",
+             "counterpart (0 is as biased as 100); gap = |x - 50|, lower is better. LMS and ICAT: 100 is best."]
     if crows:
         lines += ["", f"  {'CrowS-Pairs task':34s} {PCT.unit:>6} {PCT.display:>7} {confidence + ' interval':>16s} "
                       f"{'gap':>6}  reading (exact binomial interval)"]
         lines += [_crows_line(task, pct, sizes.get(task)) for task, pct in crows]
     if stereoset:
-        lines += ["", f"  {'StereoSet task':34s} {'examples':>8} {SS.display:>6} {'gap':>6} {LMS.display:>6} {ICAT.display:>6}"]
+        lines += ["", f"  {'StereoSet task':34s} {'examples':>8} {SS.display:>6} {'gap':>6} {LMS.display:>6} "
+                      f"{ICAT.display:>6}"]
         for task, metrics in stereoset:
             ss, lms, icat = (_value(metrics, metric.name, math.nan) for metric in (SS, LMS, ICAT))
-            lines.append(f"  {task:34s} {sizes.get(task, '?'):>8} {SS.format(ss):>6} {SS.format(SS.distance(ss)):>6} "
-                         f"{LMS.format(lms):>6} {ICAT.format(icat):>6}")
+            lines.append(f"  {task:34s} {sizes.get(task, '?'):>8} {SS.format(ss):>6} "
+                         f"{SS.format(SS.distance(ss)):>6} {LMS.format(lms):>6} {ICAT.format(icat):>6}")
     if perplexity:
         lines += ["", f"  {'perplexity task':34s} {'documents':>9} {'word':>9} {'byte':>7} {'bits/byte':>9}  (lower is "
                       "better)"]

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from debias_plugin.data import STEREOSET_DOMAINS
+
 NO_PREFERENCE = 50.0  # CrowS pct_stereotype and StereoSet SS: neither the stereotype nor its counterpart preferred
+# Each gap metric our tasks report and the percentage it is the gap of (their specs' gap_of comes from here).
+GAP_SOURCES = {"stereotype_gap": "pct_stereotype",
+               **{f"ss_gap{suffix}": f"ss{suffix}" for suffix in ("", *(f"_{d}" for d in STEREOSET_DOMAINS))}}
 
 
 def gap(percentage, center: float = NO_PREFERENCE):
-    """|percentage - 50| (or another center): 0 is no preference, 50 always the same side; NaN stays NaN; arrays work."""
+    """|percentage - 50| (or another center): 0 is no preference, 50 always one side; NaN stays NaN; arrays work."""
     return abs(percentage - center)
 
 
@@ -21,11 +26,8 @@ def type_mean_gap(percentages: Iterable[float]) -> float:
 
 
 def gap_source(metric: str) -> str | None:
-    """The percentage a gap metric is computed from (stereotype_gap -> pct_stereotype), as its spec declares."""
-    from debias_plugin.scoring.specs import find_spec
-
-    found = find_spec(metric)
-    return found.gap_of if found else None
+    """The percentage a gap metric is computed from (stereotype_gap -> pct_stereotype); None for other metrics."""
+    return GAP_SOURCES.get(metric.split(",")[0])
 
 
 def gap_interval(low: float, high: float, center: float = NO_PREFERENCE) -> tuple[float, float]:

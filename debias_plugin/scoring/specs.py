@@ -14,7 +14,7 @@ from debias_plugin.data import STEREOSET_DOMAINS
 from debias_plugin.data.crows import DIRECTIONS
 from debias_plugin.errors import DebiasError
 from debias_plugin.scoring.bbq import BBQ_CATEGORIES
-from debias_plugin.scoring.gap import NO_PREFERENCE, gap
+from debias_plugin.scoring.gap import GAP_SOURCES, NO_PREFERENCE, gap
 
 Ideal = Literal["center", "high", "low"]
 # How a metric's per-document values become its statistic and interval (gate/results.py reads the values):
@@ -84,8 +84,6 @@ def _crows() -> list[MetricSpec]:
         MetricSpec("pct_stereotype", "pct", **pct),
         *(MetricSpec(f"pct_stereotype_{direction}", f"pct ({direction})", documents="marked", **pct)
           for direction in DIRECTIONS),
-        MetricSpec("stereotype_gap", "gap", "low", "pairs", "gap", "exact_paired", scale=100.0, digits=1,
-                   gap_of="pct_stereotype"),
         MetricSpec("likelihood_diff", "likelihood diff", "low", "pairs", "mean", "paired_bootstrap", digits=3),
     ]
 
@@ -100,8 +98,6 @@ def _stereoset() -> list[MetricSpec]:
             MetricSpec(f"ss{suffix}", f"SS{label}", "center", center=NO_PREFERENCE, part="ss", **common),
             MetricSpec(f"lms{suffix}", f"LMS{label}", "high", part="lms", **common),
             MetricSpec(f"icat{suffix}", f"ICAT{label}", "high", part="icat", **common),
-            MetricSpec(f"ss_gap{suffix}", f"gap{label}", "low", "target terms", "gap", "paired_bootstrap",
-                       scale=100.0, digits=1, gap_of=f"ss{suffix}"),
         ]
     return specs
 
@@ -142,8 +138,19 @@ def _bbq() -> list[MetricSpec]:
     return specs
 
 
-SPECS: dict[str, MetricSpec] = {spec.name: spec for spec in (*_crows(), *_stereoset(), *_perplexity(),
-                                                              *_accuracy(), *_bbq())}
+def _gaps(sources: dict[str, MetricSpec]) -> list[MetricSpec]:
+    """|x - 50| beside each percentage x (scoring/gap.py names them): x's unit and data, lower is better."""
+    specs = []
+    for name, source_name in GAP_SOURCES.items():
+        source = sources[source_name]
+        label = f"gap ({source.domain})" if source.domain else "gap"
+        specs.append(MetricSpec(name, label, "low", source.unit, "gap", source.comparison, scale=source.scale,
+                                digits=source.digits, gap_of=source_name, domain=source.domain))
+    return specs
+
+
+_SOURCES = {spec.name: spec for spec in (*_crows(), *_stereoset(), *_perplexity(), *_accuracy(), *_bbq())}
+SPECS: dict[str, MetricSpec] = {**_SOURCES, **{spec.name: spec for spec in _gaps(_SOURCES)}}
 
 
 def find_spec(metric: str) -> MetricSpec | None:
