@@ -14,7 +14,7 @@ from debias_plugin.outputs import write_text_atomically
 from debias_plugin.sweep import metrics
 from debias_plugin.sweep.plan import Sweep, load_sweep
 from debias_plugin.sweep.results import closest_miss, collect, stage_seconds, unfinished_work
-from debias_plugin.sweep.storage import STATE_FILE, Studies, open_storage, storage_url
+from debias_plugin.sweep.storage import STATE_FILE, Studies, open_storage, quiet_optuna, storage_url
 
 PLOTS = "plots"
 
@@ -58,11 +58,12 @@ def render_folder(out: str | Path, storage: str | None = None) -> Path:
     url = storage or state.get("storage")
     if url is None and state and not (out / "study.db").is_file():
         raise DebiasError(f"{out}: the sweep's study is in an external storage; pass --storage URL.")
-    studies = Studies.open(open_storage(storage_url(url, out)), sweep.study_name, sweep.directions, create=False)
     from debias_plugin.default_model import is_builtin
 
     base = None if is_builtin(sweep.config.base) else Path(sweep.config.base).expanduser().resolve()
-    content = render(out, sweep, studies, base=base)
+    with quiet_optuna():
+        studies = Studies.open(open_storage(storage_url(url, out)), sweep.study_name, sweep.directions, create=False)
+        content = render(out, sweep, studies, base=base)
     link_best(out, content)
     return out
 

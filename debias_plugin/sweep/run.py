@@ -19,9 +19,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from debias_plugin.default_model import is_builtin, resolve_model
@@ -33,12 +33,11 @@ from debias_plugin.sweep.render import link_best, render
 from debias_plugin.sweep.results import full_suite_keys, search_step
 from debias_plugin.sweep.search import SearchResult
 from debias_plugin.sweep.stage import training_settings
-from debias_plugin.sweep.storage import (Heartbeat, JobBoard, Studies, add_point, distributions, open_storage,
+from debias_plugin.sweep.storage import (JobBoard, Studies, add_point, distributions, open_storage, quiet_optuna,
                                          recorded_points, storage_url, write_state)
 
 logger = logging.getLogger(__name__)
 
-ABORT_ENV = "DEBIAS_SWEEP_ABORT_IN_JOB"  # test hook: SIGKILL inside the k-th job, after its model is written
 POLL_ENV = "DEBIAS_SWEEP_POLL_SECONDS"
 SWEEP_FILE = "sweep.yml"
 
@@ -159,7 +158,6 @@ class SweepRun:
 
     def __post_init__(self):
         self.out = Path(self.out).expanduser().resolve()
-        self.jobs_started = 0
         self.attempted: set[str] = set()  # job keys this process claimed (a failed one is retried once per run)
         self._reference_summary: dict | None = None
 
@@ -211,10 +209,8 @@ class SweepRun:
                 if not mine or state == "busy":
                     continue
                 self.attempted.add(key)
-                trial = self.board.claim(key)
-                if trial is None:
+                if not self.board.run(key, partial(self._run_job, job, phase)):
                     continue
-                self._run_job(trial, job, phase)
                 pending.remove((position, job))
                 progressed = True
             if pending and not progressed:
@@ -224,42 +220,30 @@ class SweepRun:
                                 ", ".join(job.name for _, job in pending[:5]))
                 time.sleep(self.poll_seconds)
 
-    def _run_job(self, trial, job: Job, phase: str) -> None:
-        self.jobs_started += 1
-        with Heartbeat(trial):
-            try:
-                if phase == "screen":
-                    self._screen(job)
-                else:
-                    self._full(job)
-            except DebiasError as err:
-                logger.warning("%s (%s): %s", job.name, phase, err)
-                study = self.studies.results if phase == "screen" else self.studies.full
-                for point in job.points:
-                    add_point(study, point, None, {"error": str(err), "suite": phase}, self.known)
-                self.board.finish(trial, error=str(err))
-                return
-            except BaseException:
-                self.board.abandon(trial)
-                raise
-        self.board.finish(trial)
-
-    def _abort_hook(self) -> None:
-        wanted = int(os.environ.get(ABORT_ENV, "0") or 0)
-        if wanted and self.jobs_started == wanted:
-            os.kill(os.getpid(), signal.SIGKILL)
+    def _run_job(self, job: Job, phase: str) -> str | None:
+        """Make and evaluate the job's points; a DebiasError is recorded on them and returned, not raised."""
+        try:
+            if phase == "screen":
+                self._screen(job)
+            else:
+                self._full(job)
+        except DebiasError as err:
+            logger.warning("%s (%s): %s", job.name, phase, err)
+            study = self.studies.results if phase == "screen" else self.studies.full
+            for point in job.points:
+                add_point(study, point, None, {"error": str(err), "suite": phase}, self.known)
+            return str(err)
+        return None
 
     # -- one job ----------------------------------------------------------------------------------------
     def _screen(self, job: Job) -> None:
         models = self._models(job)
-        self._abort_hook()
         for point in job.points:
             self._record(self.studies.results, point, models[point.key], self.sweep.screen_tasks, "results", "screen")
 
     def _full(self, job: Job) -> None:
         point = job.points[0]
         models = self._models(self._job_of(point))
-        self._abort_hook()
         self._record(self.studies.full, point, models[point.key], self.sweep.full_tasks, "results_full", "full")
 
     def _record(self, study, point: Point, model: Path, tasks: list[str], folder: str, suite: str) -> None:
@@ -384,4 +368,5 @@ def run_sweep(path: str | Path, out: str | Path, *, storage: str | None = None, 
               force: bool = False) -> Path:
     """Run (or resume, or join) the sweep of a sweep file into DIR; returns DIR (sweep.json, report.md, best/)."""
     sweep = load_sweep(path)
-    return SweepRun(sweep, Path(out), storage=storage, shard=Shard.parse(shard), force=force).run()
+    with quiet_optuna():
+        return SweepRun(sweep, Path(out), storage=storage, shard=Shard.parse(shard), force=force).run()

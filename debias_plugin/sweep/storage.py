@@ -5,11 +5,12 @@ Three studies per sweep in one storage (SQLite in the output folder by default, 
               point's parameters, and its metrics / intervals / model hash as user attributes;
               `study.best_trials` is the Pareto front;
   NAME.full   the same for points that also got the full evaluation suite;
-  NAME.jobs   claims: a RUNNING trial per job being worked on (user attrs: job key, host, pid, heartbeat);
-              COMPLETE when the job's results are in.
-A claim whose process is gone (same host, pid not alive) or whose heartbeat stopped is stale: it is failed and
-the job claimed again, which is how a rerun resumes after kill -9 and how a sweep outlives a lost machine.
-Two processes claiming one job at the same moment both see both claims; the lower trial number keeps it.
+  NAME.jobs   claims: a RUNNING trial per job being worked on (user attrs: job key, host, pid), run by
+              `study.optimize` so Optuna records its heartbeat; COMPLETE when the job's results are in.
+A claim whose heartbeat stopped for the grace period (its process was killed, its machine lost) is failed by
+Optuna's `fail_stale_trials` and the job claimed again: that is how a rerun resumes after kill -9 (after the grace
+period) and how a sweep outlives a lost machine. Two processes claiming one job at the same moment both see both
+claims; the lower trial number keeps it.
 """
 
 from __future__ import annotations
@@ -19,19 +20,48 @@ import logging
 import math
 import os
 import socket
-import threading
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from debias_plugin.errors import DebiasError, one_line
-from debias_plugin.outputs import pid_alive, write_text_atomically
+from debias_plugin.outputs import write_text_atomically
 
 logger = logging.getLogger(__name__)
 
-HEARTBEAT_SECONDS = 30.0
-STALE_AFTER_SECONDS = 600.0  # a claim from another host with no heartbeat for this long is taken over
+HEARTBEAT_ENV = "DEBIAS_SWEEP_HEARTBEAT_SECONDS"
+HEARTBEAT_SECONDS = 10  # a claim records a heartbeat this often ...
+GRACE_BEATS = 6  # ... and is stale (its process gone) after this many intervals without one
 STATE_FILE = "sweep_state.json"
+
+
+def heartbeat_seconds() -> int:
+    return int(os.environ.get(HEARTBEAT_ENV) or HEARTBEAT_SECONDS)
+
+
+def grace_seconds() -> int:
+    return GRACE_BEATS * heartbeat_seconds()
+
+
+@contextmanager
+def quiet_optuna():
+    """Optuna's INFO lines (each study created, each claim finished) are noise in a sweep's log: WARNING while
+    the sweep's own calls run, the caller's level restored afterwards."""
+    import optuna
+
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
+def _log_stale(study, trial) -> None:
+    logger.info("Job %s: the claim of %s (pid %s) stopped its heartbeat; taking it over.",
+                trial.user_attrs.get("job"), trial.user_attrs.get("host"), trial.user_attrs.get("pid"))
 
 
 def write_state(out: Path, sweep, url: str, *, external: bool) -> None:
@@ -51,14 +81,18 @@ def storage_url(url: str | None, out: Path) -> str:
 
 
 def open_storage(url: str):
-    """An Optuna RDB storage; SQLite waits for the file lock instead of failing when processes share it."""
+    """An Optuna RDB storage with heartbeats (claims of killed processes go stale); SQLite waits for the file lock
+    instead of failing when processes share it."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(6):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=heartbeat_seconds(),
+                                                  grace_period=grace_seconds(),
+                                                  heartbeat_stale_trial_callback=_log_stale)
         except Exception as err:  # bad URL, missing driver, unreachable server: one paragraph
             racing = "already exists" in str(err) or "UNIQUE constraint failed" in str(err)
             if racing and attempt < 5:  # another process is creating the same new storage's tables
@@ -98,7 +132,10 @@ def _trials(study, state=None):
 
 
 class JobBoard:
-    """Claims on jobs, shared by every process working the sweep through one storage."""
+    """Claims on jobs, shared by every process working the sweep through one storage.
+
+    A claim is a jobs-study trial run by `study.optimize`, so Optuna records its heartbeat; `fail_stale_trials`
+    fails a claim whose heartbeat stopped (its process was killed), and the job is then free to claim again."""
 
     def __init__(self, study):
         self.study = study
@@ -107,18 +144,18 @@ class JobBoard:
     def _claims(self, key: str):
         return [t for t in _trials(self.study) if t.user_attrs.get("job") == key]
 
-    def _stale(self, trial) -> bool:
-        """This host: its process is gone (or its pid is now ours: we hold no other claim). Others: no heartbeat."""
-        attrs = trial.user_attrs
-        if attrs.get("host") == self.host:
-            pid = int(attrs.get("pid", -1))
-            return pid == self.pid or not pid_alive(pid)
-        return time.time() - float(attrs.get("heartbeat", 0.0)) > STALE_AFTER_SECONDS
+    def fail_stale(self) -> None:
+        import optuna
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(self.study)
 
     def status(self, key: str) -> str:
         """done, failed (finished with an error), busy (a live claim elsewhere) or free; stale claims are failed."""
         import optuna
 
+        self.fail_stale()
         running, failed = False, False
         for trial in self._claims(key):
             if trial.state == optuna.trial.TrialState.COMPLETE:
@@ -126,68 +163,49 @@ class JobBoard:
                     return "done"
                 failed = True
             elif trial.state == optuna.trial.TrialState.RUNNING:
-                if self._stale(trial):
-                    logger.info("Job %s: the claim of %s (pid %s) is stale; taking it over.", key,
-                                trial.user_attrs.get("host"), trial.user_attrs.get("pid"))
-                    self.study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-                else:
-                    running = True
+                running = True
         return "busy" if running else ("failed" if failed else "free")
 
-    def claim(self, key: str):
-        """A RUNNING claim trial for the job, or None when another live process has it (or just took it).
-
-        A job that finished with an error is claimed again (a new run retries it once: the error may have been
-        a missing file, since fixed)."""
+    def run(self, key: str, work) -> bool:
+        """Claim the job and run `work()` (which returns an error message or None) unless another process holds
+        it; whether it ran here. An exception out of `work` fails the claim and propagates."""
         import optuna
 
-        if self.status(key) not in ("free", "failed"):
-            return None
-        trial = self.study.ask()
-        # "job" last: rivals find claims by it, so they never see one without its owner and take it for stale
-        for name, value in (("host", self.host), ("pid", self.pid), ("heartbeat", time.time()), ("job", key)):
-            trial.set_user_attr(name, value)
-        rivals = [t for t in self._claims(key) if t.state == optuna.trial.TrialState.RUNNING
-                  or (t.state == optuna.trial.TrialState.COMPLETE and "error" not in t.user_attrs)]
-        if min(t.number for t in rivals) != trial.number:
-            trial.set_user_attr("duplicate", True)
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            return None
-        return trial
+        ran = []
 
-    def finish(self, trial, error: str | None = None) -> None:
-        if error:
-            trial.set_user_attr("error", error)
-        self.study.tell(trial, values=[0.0])
+        def claim(trial):
+            for name, value in (("host", self.host), ("pid", self.pid), ("job", key)):
+                trial.set_user_attr(name, value)
+            if not self._first(key, trial.number):
+                trial.set_user_attr("duplicate", True)
+                raise optuna.TrialPruned()
+            ran.append(key)
+            error = work()
+            if error:
+                trial.set_user_attr("error", error)
+            return 0.0
 
-    def abandon(self, trial) -> None:
+        self.study.optimize(claim, n_trials=1)
+        return bool(ran)
+
+    def _first(self, key: str, number: int) -> bool:
+        """Whether claim `number` keeps the job: the lowest-numbered live claim does, once every earlier claim
+        (a RUNNING trial not yet naming its job) has named it, so two claimants never both see themselves first."""
         import optuna
 
-        self.study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-
-
-class Heartbeat:
-    """Refreshes a claim's heartbeat attribute while its job runs, so other hosts see it is alive."""
-
-    def __init__(self, trial, interval: float = HEARTBEAT_SECONDS):
-        self.trial, self.interval = trial, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.trial.set_user_attr("heartbeat", time.time())
-            except Exception:  # a storage hiccup must not kill the job; the next beat retries
-                logger.debug("heartbeat failed", exc_info=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+        running, complete = optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.COMPLETE
+        deadline = time.monotonic() + grace_seconds()
+        while True:
+            trials = _trials(self.study)
+            unnamed = [t for t in trials if t.number < number and t.state == running and "job" not in t.user_attrs]
+            if not unnamed or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+            self.fail_stale()
+        claims = [t for t in trials if t.user_attrs.get("job") == key]
+        if any(t.state == complete and "error" not in t.user_attrs for t in claims):
+            return False
+        return min(t.number for t in claims if t.state == running) == number
 
 
 # ------------------------------------------------------------------------------------------ results trials
