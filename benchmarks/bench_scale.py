@@ -7,7 +7,7 @@ beside docs/SCALING.md's formula, and `debias negate` of two random checkpoints 
 
 Each stage runs in its own child process under /usr/bin/time -v (peak RSS, user+system CPU seconds). The child
 builds the model directly on the device in the weights dtype (no checkpoint on disk, no CPU copy on a GPU), trains
-it through `debias_plugin.training.train(..., loaded=...)` for --steps steps (default 2: the second step runs with
+it through `debias_plugin.training.Trainer` (its model loader replaced by the built model) for --steps steps (default 2: the second step runs with
 the optimizer state allocated, the steady state) on B texts of T tokens, and reports each step's wall and CPU
 seconds and, on CUDA, the peak allocated GPU memory. A baseline child does everything but build the model: its
 peak RSS is the constant C of the formulas (interpreter, libraries, tokenizer, data). The activation coefficient
@@ -261,7 +261,10 @@ def child(args) -> None:
             return loss
 
     started = time.perf_counter()
-    TimedTrainer(config, method(options), loaded=(model, tokenizer, "causal")).run()
+    import debias_plugin.models  # the trainer loads the model built above instead of reading config.model
+
+    debias_plugin.models.load_model = lambda *args, **kwargs: (model, tokenizer, "causal")
+    TimedTrainer(config, method(options)).run()
     result = {"stage": args.child, "build_s": round(built, 1), "run_s": round(time.perf_counter() - started, 1),
               "steps": steps, "parameters": sum(p.numel() for p in model.parameters()),
               "peak_rss_after_build_gib": after_build, "peak_rss_after_steps_gib": peak_at_steps[-1],

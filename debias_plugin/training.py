@@ -187,9 +187,8 @@ def _set_rng_state(state: dict) -> None:
 class Trainer:
     """Runs one method under one config: the loop, its checkpoints and the atomic final save."""
 
-    def __init__(self, config: TrainConfig, method: TrainingMethod, *, loaded: tuple | None = None):
+    def __init__(self, config: TrainConfig, method: TrainingMethod):
         self.config, self.method = config, method
-        self.loaded = loaded  # (model, tokenizer, kind) built in place (benchmarks) instead of read from config.model
         self._refuse_unused_options()
         self.folder = OutputFolder(config.output, inputs=[config.model, *method.inputs().values()],
                                    force=config.force)
@@ -270,12 +269,8 @@ class Trainer:
         set_seed(config.seed)
         if accelerator.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
-        if self.loaded is not None:
-            model, tokenizer, kind = self.loaded
-        else:
-            model, tokenizer, kind = load_model(config.model, allow_pickle=config.allow_pickle,
-                                                trust_remote_code=config.trust_remote_code,
-                                                dtype=weights_dtype(config))
+        model, tokenizer, kind = load_model(config.model, allow_pickle=config.allow_pickle,
+                                            trust_remote_code=config.trust_remote_code, dtype=weights_dtype(config))
         use_cache = enable_checkpointing(model, config) if config.gradient_checkpointing else None
         run = Run(config=config, model=model, tokenizer=tokenizer, kind=kind, accelerator=accelerator,
                   saved_use_cache=use_cache)
@@ -581,9 +576,6 @@ def gathered_weights(run: Run):
         run.full_state = None
 
 
-def train(config: TrainConfig, method: TrainingMethod, *, loaded: tuple | None = None) -> Path:
-    """Train `method` under `config` and return the written output folder.
-
-    `loaded` = (model, tokenizer, kind) already built (e.g. a random model made on the GPU by a benchmark) is
-    trained instead of loading config.model; it should already be in weights_dtype."""
-    return Trainer(config, method, loaded=loaded).run()
+def train(config: TrainConfig, method: TrainingMethod) -> Path:
+    """Train `method` under `config` and return the written output folder."""
+    return Trainer(config, method).run()
