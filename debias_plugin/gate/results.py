@@ -171,6 +171,8 @@ def _numbers(value, count: int) -> list[float]:
 
 def _disambiguated(mark) -> bool | None:
     """lm-eval's bbq mask_disambiguated as saved (bool, 0/1, or "True"/"False", a numpy bool's JSON); NaN: None."""
+    if isinstance(mark, (np.ndarray, np.generic)) and np.ndim(mark) == 0:  # in memory, before lm-eval saves it
+        mark = mark.item()
     if isinstance(mark, str) and mark in ("True", "False"):
         return mark == "True"
     if _is_number(mark):

@@ -39,6 +39,8 @@ Documents = Literal["all", "marked", "ambiguous", "disambiguated"]
 
 @dataclass(frozen=True)
 class MetricSpec:
+    """What one metric means: everything a consumer needs, so none has to infer it from the name or the values."""
+
     name: str
     display: str
     ideal: Ideal
