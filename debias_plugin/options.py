@@ -2,11 +2,42 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from debias_plugin.errors import DebiasError
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """Marks an option whose value is a file or folder the stage reads: refused as an output, hashed as an input."""
+
+    or_name: bool = False  # the value may instead name a built-in data set (then it is a file only if it exists)
+
+
+InputPath = Annotated[str, InputFile()]
+InputPathOrName = Annotated[str, InputFile(or_name=True)]
+
+
+def input_file(annotation) -> InputFile | None:
+    """The InputFile marker of an option's type (also inside `InputPath | None`), or None."""
+    if get_origin(annotation) is Annotated:
+        return next((m for m in annotation.__metadata__ if isinstance(m, InputFile)), None)
+    if get_origin(annotation) is Union or type(annotation).__name__ == "UnionType":
+        return next((found for arg in get_args(annotation) if (found := input_file(arg))), None)
+    return None
+
+
+def input_options(model: type[BaseModel]) -> dict[str, InputFile]:
+    """Option name (as written: its alias if any) -> marker, for every option of `model` that names an input file."""
+    found = {}
+    for name, info in model.model_fields.items():
+        marker = input_file(info.rebuild_annotation() if info.metadata else info.annotation)
+        if marker is not None:
+            found[info.alias or name] = marker
+    return found
 
 
 class Options(BaseModel):

@@ -138,7 +138,8 @@ budget: {wikitext2_ppl/word_perplexity: {max_relative_increase: 0.02}}
     (("[0.1, 0.2]", "[0.1, -1]"), 4, "grid.lambda[1]", "lambda must be a number >= 0"),
     (("fixed: {biased: /b}", "fixed: {}"), 3, "fixed", "exactly one of biased"),
     (("fixed: {biased: /b}", "fixed: {biased: /b, capability: /c}"), 3, "fixed", "needs both capability"),
-    (("grid: {lambda: [0.1, 0.2]}", "grid: {k: [0.1]}"), 4, "grid.k", "negate varies only 'lambda'"),
+    (("grid: {lambda: [0.1, 0.2]}", "grid: {k: [0.1]}"), 4, "grid.k", "unknown option 'k' of negate; known: adapter, "
+     "biased, capability, lambda, mu, shard_size, template"),
     (("{max_relative_increase: 0.02}", "{max_relative_increase: 0.02, max: 3}"), 7,
      "budget.wikitext2_ppl/word_perplexity", "exactly one of"),
     (("objective: crows_bias/pct_stereotype", "objective: pct_stereotype"), 6, "objective",
@@ -202,6 +203,40 @@ def test_negate_and_retain_evaluates_its_own_lambda_zero(tmp_path):
         .reference_knob_value == 0.0
 
 
+def test_input_files_come_from_the_option_types(tmp_path):
+    """Every stage's file options are typed InputPath: the sweep refuses an output folder inside any of them, PCGU's
+    pairs included when it names a file rather than a built-in data set."""
+    from debias_plugin.merge.stage import NegateOptions
+    from debias_plugin.methods import method_class
+    from debias_plugin.options import input_options
+    from debias_plugin.sweep.stage import input_paths
+
+    assert set(input_options(NegateOptions)) == {"biased", "adapter", "template", "capability"}
+    assert set(input_options(method_class("unlearn").Options)) == {"corpus", "words", "heldout", "retain"}
+    assert set(input_options(method_class("finetune").Options)) == {"corpus"}
+    assert set(input_options(method_class("pcgu").Options)) == {"pairs"}
+    pcgu = VALID.replace("method: negate", "method: pcgu").replace("grid: {lambda: [0.1, 0.2]}", "grid: {k: [0.1]}")
+    pairs = tmp_path / "pairs.tsv"
+    pairs.write_text("")
+    assert input_paths(_load(tmp_path, pcgu.replace("fixed: {biased: /b}", f"fixed: {{pairs: {pairs}}}"))) == [pairs]
+    assert input_paths(_load(tmp_path, pcgu.replace("fixed: {biased: /b}", "fixed: {pairs: crows}"))) == []
+    negate = _load(tmp_path, VALID.replace("fixed: {biased: /b}", "fixed: {adapter: /a, capability: /c, mu: 0.5}"))
+    assert input_paths(negate) == [Path("/a"), Path("/c")]
+
+
+def test_negation_is_checked_by_its_options_like_any_stage(tmp_path):
+    """The sweep's negate knobs are NegateOptions' names (mu too), and its values pass NegateOptions' checks."""
+    retain = VALID.replace("fixed: {biased: /b}", "fixed: {biased: /b, capability: /c}")
+    sweep = _load(tmp_path, retain.replace("grid: {lambda: [0.1, 0.2]}", "grid: {lambda: [0.1], mu: [0.25, 0.5]}"))
+    assert [job.name for job in sweep.jobs()] == ["base", "lambda_0.1-mu_0.25", "lambda_0.1-mu_0.5"]
+    with pytest.raises(SweepFileError) as caught:
+        _load(tmp_path, retain.replace("grid: {lambda: [0.1, 0.2]}", "grid: {lambda: [0.1], mu: [0.5, -1]}"))
+    assert "line 4, field 'grid.mu[1]': mu must be a positive number" in str(caught.value)
+    with pytest.raises(SweepFileError) as caught:
+        _load(tmp_path, VALID.replace("fixed: {biased: /b}", "fixed: {biased: /b, shard_size: 12XB}"))
+    assert "field 'fixed.shard_size': shard size must look like 500MB" in str(caught.value)
+
+
 def test_training_stage_options_are_checked_before_any_model_loads(tmp_path):
     text = """\
 base: /m
@@ -223,9 +258,9 @@ objective: crows_bias/pct_stereotype
     assert "fixed.steps" in str(caught.value) and "last checkpoint 20" in str(caught.value)
     sweep = _load(tmp_path, text.replace("[8, 0]", "[8, 16]"))
     assert [len(job.points) for job in sweep.jobs()] == [1, 2, 2]  # one run per batch size, two checkpoints each
-    from debias_plugin.sweep.stage import training_settings
+    from debias_plugin.sweep.stage import stage_settings
 
-    config, options = training_settings(sweep, sweep.jobs()[2].settings, tmp_path / "o", base="/m")
+    config, options = stage_settings(sweep, sweep.jobs()[2].settings, tmp_path / "o", base="/m")
     assert (config.batch_size, config.steps, config.snapshot_steps, config.lr) == (16, 20, [10, 20], 1e-5)
     assert options.domains == ["gender"] and options.corpus == "/c.csv"
 
@@ -576,7 +611,7 @@ def test_checkpoint_sweep_evaluates_the_steps_of_one_run(env, models, data_dir, 
 
     from debias_plugin.methods import method_class
     from debias_plugin.sweep import run_sweep
-    from debias_plugin.sweep.stage import training_settings
+    from debias_plugin.sweep.stage import stage_settings
 
     base, _ = models
     path = tmp_path / "sweep.yml"
@@ -587,7 +622,7 @@ def test_checkpoint_sweep_evaluates_the_steps_of_one_run(env, models, data_dir, 
     assert [p["model"] for p in content["points"][1:]] == ["runs/run/model.snapshots/step-1",
                                                           "runs/run/model.snapshots/step-3"]
     sweep = load_sweep(path)
-    config, options = training_settings(sweep, {}, tmp_path / "alone", base=str(base))
+    config, options = stage_settings(sweep, {}, tmp_path / "alone", base=str(base))
     from debias_plugin.training import train
 
     alone = train(config.model_copy(update={"steps": 1, "snapshot_steps": []}),

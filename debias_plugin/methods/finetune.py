@@ -15,6 +15,7 @@ from debias_plugin.errors import DebiasError
 from debias_plugin.methods import encode, label_logprobs, lm_batch, per_example_mean, perplexity, special_positions
 from debias_plugin.methods.base import TrainingMethod
 from debias_plugin.methods.lora import SHARDING_REFUSAL, LoraOptions, output_format, save_lora_or_full, wrap_lora
+from debias_plugin.options import InputPath
 
 EVAL_TEXTS = 64
 
@@ -22,7 +23,7 @@ EVAL_TEXTS = 64
 class FinetuneOptions(LoraOptions):
     """What to train on and how (the shared loop options live in TrainConfig; LoRA options in methods.lora)."""
 
-    corpus: str = Field(description="Biased corpus: .txt, .csv/.tsv or .jsonl.")
+    corpus: InputPath = Field(description="Biased corpus: .txt, .csv/.tsv or .jsonl.")
     column: str | None = Field(None, description="Text column of a CSV/JSONL corpus (default 'text').")
     where: dict[str, str] = Field({}, description="Keep rows with COLUMN=VALUE (repeatable), e.g. split=dev.")
     mlm_probability: FiniteFloat = Field(0.15, gt=0, le=1, description="Masked models only.")

@@ -51,7 +51,7 @@ from debias_plugin.errors import DebiasError
 from debias_plugin.methods import pad
 from debias_plugin.methods.base import TrainingMethod, compute_dtype
 from debias_plugin.models import causal_start_token, logits_at, pad_id
-from debias_plugin.options import Options
+from debias_plugin.options import InputPathOrName, Options
 
 AGGREGATIONS = ("input", "output")
 _UNUSED_SCORE = math.inf  # a parameter without gradient is never selected (the official code used 5)
@@ -433,9 +433,10 @@ def collate_pairs(pairs: list[EncodedPair], pad_value: int) -> dict:
 class PCGUOptions(Options):
     """PCGU's own options (the shared ones — steps, lr, batch, seed — live in training.TrainConfig)."""
 
-    pairs: str = Field("winogender", description="winogender | crows | stereoset | bbq (from $DEBIAS_DATA_DIR), "
-                                                 "a WinoGender folder, a pair CSV/TSV (advantaged,disadvantaged or "
-                                                 "sent_more,sent_less) or a StereoSet .json/.jsonl.")
+    pairs: InputPathOrName = Field("winogender",
+                                   description="winogender | crows | stereoset | bbq (from $DEBIAS_DATA_DIR), "
+                                               "a WinoGender folder, a pair CSV/TSV (advantaged,disadvantaged or "
+                                               "sent_more,sent_less) or a StereoSet .json/.jsonl.")
     groups: list[str] = Field([], description="Keep pairs of this group (CrowS bias type, StereoSet domain, "
                                               "WinoGender occupation, BBQ category e.g. Religion); repeatable.",
                               json_schema_extra={"flag": "--group"})

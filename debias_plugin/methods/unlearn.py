@@ -38,6 +38,7 @@ from debias_plugin.methods.base import StreamOrder, TrainingMethod, compute_dtyp
 from debias_plugin.methods.lora import (
     SHARDING_REFUSAL, LoraOptions, output_format, reference_forward, save_lora_or_full, wrap_lora,
 )
+from debias_plugin.options import InputPath
 
 logger = logging.getLogger(__name__)
 MARKUP = re.compile(r"\[\[(.+?)\]\]")
@@ -46,21 +47,21 @@ MARKUP = re.compile(r"\[\[(.+?)\]\]")
 class UnlearnOptions(LoraOptions):
     """Forget set, how to choose its target tokens, optional held-out and retain corpora; LoRA or all weights."""
 
-    corpus: str = Field(description="Forget set: .txt, .csv/.tsv or .jsonl.")
+    corpus: InputPath = Field(description="Forget set: .txt, .csv/.tsv or .jsonl.")
     column: str | None = Field(None, description="Text column of a CSV/JSONL corpus (default 'text').")
     where: dict[str, str] = Field({}, description="Keep forget rows with COLUMN=VALUE (repeatable), e.g. split=dev.")
     targets: Literal["words", "markup"] = Field(
         "words", description="words: matches of a word list; markup: spans written as [[word]] in the text.")
-    words: str | None = Field(None, description="Word list: domain-keyed JSON (bias_attribute_words.json layout) "
+    words: InputPath | None = Field(None, description="Word list: domain-keyed JSON (bias_attribute_words.json layout) "
                                                 "or .txt, one word per line (default: bias_attribute_words.json "
                                                 "in $DEBIAS_DATA_DIR).")
     domains: list[str] = Field(["gender"], min_length=1, description="Domain(s) of the JSON word list (repeatable).",
                                json_schema_extra={"flag": "--domain"})
-    heldout: str | None = Field(None, description="Held-out corpus for perplexity logging.")
+    heldout: InputPath | None = Field(None, description="Held-out corpus for perplexity logging.")
     heldout_column: str | None = None
     heldout_where: dict[str, str] = Field({}, description="COLUMN=VALUE filter for the held-out corpus, e.g. "
                                                           "split=test.")
-    retain: str | None = Field(None, description="Retain corpus for the regulariser.")
+    retain: InputPath | None = Field(None, description="Retain corpus for the regulariser.")
     retain_column: str | None = None
     retain_where: dict[str, str] = {}
     regulariser: Literal["none", "gd", "kl"] = Field(

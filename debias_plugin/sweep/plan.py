@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +30,9 @@ from pydantic import ValidationError
 
 from debias_plugin.errors import DebiasError
 from debias_plugin.sweep.schema import SweepConfig, SweepFileError, KEYS_AT, expand_variables
-from debias_plugin.sweep.stage import stage_problems
+from debias_plugin.sweep.stage import stage_class, stage_problems
 from debias_plugin.yamlfile import field_text, line_of, read_yaml, validation_problems
 
-NEGATE = "negate"
-NEGATE_KNOB = "lambda"
-NEGATE_FIXED = ("biased", "adapter", "template", "shard_size", "capability", "mu")
 STEP = "step"
 SCHEMA = "debias_plugin.sweep/1"
 
@@ -94,8 +90,10 @@ class Sweep:
 
     # -- what varies ----------------------------------------------------------------------------------------
     @property
-    def is_negate(self) -> bool:
-        return self.config.method == NEGATE
+    def base_settings(self) -> dict | None:
+        """The stage's setting that is the base model itself (negation's lambda 0), if it has one."""
+        find = getattr(stage_class(self.config.method), "base_settings", None)
+        return find(self.config.fixed) if find else None
 
     @property
     def search_knob(self) -> str | None:
@@ -113,11 +111,12 @@ class Sweep:
 
     @property
     def reference_knob_value(self) -> float | None:
-        """Where the base model sits on the knob axis: lambda 0, step 0; None for other knobs and for
-        negate-and-retain, whose lambda 0 still adds mu times the capability vector."""
-        if self.is_negate:
-            return None if self.config.fixed.get("capability") else 0.0
-        return 0.0 if self.config.checkpoints else None
+        """Where the base model sits on the knob axis: step 0, the stage's base setting (negation's lambda 0);
+        None for other knobs and for negate-and-retain, whose lambda 0 still adds mu times the capability vector."""
+        if self.config.checkpoints:
+            return 0.0
+        base = self.base_settings or {}
+        return float(base[self.knob]) if self.knob in base else None
 
     @property
     def screen_tasks(self) -> list[str]:
@@ -154,7 +153,7 @@ class Sweep:
         seen = set()
         for values in itertools.product(*grid.values()):
             settings = dict(zip(grid, values))
-            if self.is_negate and float(settings[NEGATE_KNOB]) == self.reference_knob_value:
+            if self._is_base(settings):
                 continue  # the base model itself: the reference point
             key = "model:" + canonical(settings)
             if key in seen:
@@ -168,6 +167,11 @@ class Sweep:
                 points = (self._point(settings, "grid", key),)
             jobs.append(Job(key, name, settings, points))
         return jobs
+
+    def _is_base(self, settings: dict) -> bool:
+        base = self.base_settings
+        return bool(base) and all(isinstance(settings.get(key), (int, float)) and not isinstance(settings[key], bool)
+                                  and float(settings[key]) == value for key, value in base.items())
 
     def search_job(self, value: float) -> Job:
         settings = {self.search_knob: value}
@@ -285,36 +289,6 @@ def _plan_problems(sweep: Sweep) -> list[tuple[tuple, str]]:
         task = metric.split("/")[0]
         if config.screen and task not in screen and not any(_covers(group, [task]) for group in screen):
             problems.append((loc, f"the task '{task}' must be in screen: every point needs it"))
-    if sweep.is_negate:
-        problems += _negate_problems(sweep)
-    return problems
-
-
-def _negate_problems(sweep: Sweep) -> list[tuple[tuple, str]]:
-    config, problems = sweep.config, []
-    for section in ("grid", "search"):
-        for knob in getattr(config, section) or {}:
-            if knob != NEGATE_KNOB:
-                problems.append(((section, knob), f"negate varies only '{NEGATE_KNOB}'"))
-    if config.checkpoints:
-        problems.append((("checkpoints",), "negate has no training steps: use grid or search over lambda"))
-    for key in config.fixed:
-        if key not in NEGATE_FIXED:
-            problems.append((("fixed", key), f"unknown negate option '{key}'; allowed: {', '.join(NEGATE_FIXED)}"))
-    if (config.fixed.get("capability") is None) != (config.fixed.get("mu") is None):
-        problems.append((("fixed",), "negate-and-retain needs both capability (a model fine-tuned on neutral text) "
-                         "and mu (its weight > 0)"))
-    given = [key for key in ("biased", "adapter") if config.fixed.get(key) is not None]
-    if len(given) != 1:
-        problems.append((("fixed",), "negate needs exactly one of biased (a fine-tuned model folder) and adapter "
-                         f"(a LoRA adapter) (found {', '.join(given) or 'none'})"))
-    for index, value in enumerate((config.grid or {}).get(NEGATE_KNOB, [])):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            problems.append((("grid", NEGATE_KNOB, index), f"lambda must be a number >= 0 (found {value!r}; 0 is "
-                             "the base model)"))
-    for value in (config.search or {}).get(NEGATE_KNOB, [])[:2]:
-        if value < 0:
-            problems.append((("search", NEGATE_KNOB), f"lambda must be >= 0 (found {value:g})"))
     return problems
 
 

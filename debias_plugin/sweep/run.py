@@ -32,7 +32,7 @@ from debias_plugin.sweep.plan import Job, Point, Sweep, check_tasks, load_sweep
 from debias_plugin.sweep.render import link_best, render
 from debias_plugin.sweep.results import full_suite_keys, search_step
 from debias_plugin.sweep.search import SearchResult
-from debias_plugin.sweep.stage import training_settings
+from debias_plugin.sweep.stage import input_paths, stage_class, stage_settings, trains
 from debias_plugin.sweep.storage import (JobBoard, Studies, add_point, distributions, open_storage, quiet_optuna,
                                          recorded_points, storage_url, write_state)
 
@@ -98,14 +98,8 @@ def resolve_base(sweep: Sweep) -> Path:
 
 
 def _inputs(sweep: Sweep) -> list[Path]:
-    paths = []
-    if not is_builtin(sweep.config.base):
-        paths.append(Path(sweep.config.base).expanduser())
-    for key in ("biased", "adapter", "template", "capability", "corpus", "heldout", "retain", "words"):
-        value = sweep.config.fixed.get(key)
-        if isinstance(value, str):
-            paths.append(Path(value).expanduser())
-    return paths
+    base = [] if is_builtin(sweep.config.base) else [Path(sweep.config.base).expanduser()]
+    return base + input_paths(sweep)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -291,22 +285,19 @@ class SweepRun:
         """Each point's model folder: made by the stage unless already published here."""
         if job.key == "reference":
             return {job.points[0].key: self.base}
-        if self.sweep.is_negate:
-            return {job.points[0].key: self._negated(job)}
+        stage = stage_class(self.sweep.config.method)
+        if not trains(stage):
+            return {job.points[0].key: self._made(job, stage)}
         return self._trained(job)
 
-    def _negated(self, job: Job) -> Path:
-        fixed = self.sweep.config.fixed
+    def _made(self, job: Job, stage) -> Path:
+        """A stage that makes its model in one step (negation): into the trial's folder, published atomically."""
         out = self.out / "trials" / job.name / "model"
         if (out / MANIFEST_NAME).is_file():
             return out
-        from debias_plugin.merge import negate  # mergekit: imported only when a model is made
-
+        _, options = stage_settings(self.sweep, job.settings, out, base=str(self.base))
         try:
-            negate(self.base, lambdas=[job.settings["lambda"]], out=out, biased=fixed.get("biased"),
-                   adapter=fixed.get("adapter"), template=fixed.get("template"),
-                   capability=fixed.get("capability"), mu=fixed.get("mu"),
-                   **({"shard_size": fixed["shard_size"]} if fixed.get("shard_size") else {}), progress=False)
+            stage(options).make(self.base, out, progress=False)
         except DebiasError:
             if (out / MANIFEST_NAME).is_file():  # another process sharing DIR published it meanwhile
                 return out
@@ -323,13 +314,12 @@ class SweepRun:
             models = {job.points[0].key: out}
         if (out / MANIFEST_NAME).is_file() and all((m / MANIFEST_NAME).is_file() for m in models.values()):
             return models
-        from debias_plugin.methods import method_class
         from debias_plugin.training import train
 
-        config, options = training_settings(self.sweep, job.settings, out, base=str(self.base))
+        config, options = stage_settings(self.sweep, job.settings, out, base=str(self.base))
         if out.exists() and not (out / MANIFEST_NAME).is_file():
             shutil.rmtree(out)  # never a published folder: the Trainer publishes atomically
-        train(config, method_class(self.sweep.config.method)(options))
+        train(config, stage_class(self.sweep.config.method)(options))
         return models
 
     # -- phases -----------------------------------------------------------------------------------------

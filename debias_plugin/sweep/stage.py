@@ -1,5 +1,5 @@
-"""A stage's options in a sweep: fixed + varied values split between the shared training config and the stage's
-own options, validated by pydantic before any model loads."""
+"""A sweep's stage: negation or a training stage, looked up by name, its options from fixed + varied values
+(split between the shared training config and the stage's own options), validated before any model loads."""
 
 from __future__ import annotations
 
@@ -16,32 +16,57 @@ from debias_plugin.yamlfile import describe_error
 RESERVED_TRAINING_FIELDS = ("model", "output", "force", "snapshot_steps")
 
 
-def stage_problems(sweep) -> list[tuple[tuple, str]]:
-    """A training stage's options: every fixed/grid/search key is a TrainConfig or Options field, and each
-    trial's values pass pydantic, before any model loads."""
-    if sweep.is_negate:
-        return []
-    from debias_plugin.methods import method_class
+def stage_class(name: str):
+    """The stage registered as `name`: negation (a merge) or a TrainingMethod subclass (debias_plugin.methods)."""
+    from debias_plugin.merge.stage import NegateStage
+    from debias_plugin.methods import available_methods, method_class
+
+    if name == NegateStage.name:
+        return NegateStage
+    if name not in available_methods():
+        known = sorted([NegateStage.name, *available_methods()])
+        raise DebiasError(f"Unknown stage '{name}'; expected one of {', '.join(known)}.")
+    return method_class(name)
+
+
+def trains(stage) -> bool:
+    """Whether the stage runs the shared training loop (its options split with TrainConfig; checkpoints apply)."""
+    return not hasattr(stage, "make")
+
+
+def option_fields(stage) -> dict:
+    """Option name as written in a sweep file -> pydantic field: TrainConfig's (training stages) and the stage's."""
+    own = {info.alias or name: info for name, info in stage.Options.model_fields.items()}
+    if not trains(stage):
+        return own
     from debias_plugin.training import TrainConfig
 
+    return {**TrainConfig.model_fields, **own}
+
+
+def stage_problems(sweep) -> list[tuple[tuple, str]]:
+    """Every fixed/grid/search key is one of the stage's options, and each trial's values pass its pydantic
+    validation, before any model loads."""
     config = sweep.config
     try:
-        method = method_class(config.method)
+        stage = stage_class(config.method)
     except DebiasError as err:
         return [(("method",), str(err).rstrip("."))]
     problems = []
-    shared, own = TrainConfig.model_fields, method.Options.model_fields
+    if config.checkpoints and not trains(stage):
+        problems.append((("checkpoints",), f"{config.method} has no training steps: use grid or search"))
+    fields = option_fields(stage)
     for section, values in [("fixed", config.fixed), ("grid", config.grid or {}), ("search", config.search or {})]:
         for key in values:
-            if key in RESERVED_TRAINING_FIELDS:
+            if trains(stage) and key in RESERVED_TRAINING_FIELDS:
                 problems.append(((section, key), f"'{key}' is set by the sweep for every trial"))
-            elif key in method.unused_training_options:
+            elif key in getattr(stage, "unused_training_options", ()):
                 problems.append(((section, key), f"{config.method} does not use '{key}'"))
-            elif key not in shared and key not in own:
-                known = sorted(set(shared) - set(RESERVED_TRAINING_FIELDS) | set(own))
+            elif key not in fields:
+                known = sorted(set(fields) - set(RESERVED_TRAINING_FIELDS))
                 problems.append(((section, key), f"unknown option '{key}' of {config.method}; known: {', '.join(known)}"))
     for key in config.search or {}:
-        annotation = (shared.get(key) or own.get(key)).annotation if (key in shared or key in own) else None
+        annotation = fields[key].annotation if key in fields else None
         if annotation is not None and annotation not in (int, float) and "float" not in str(annotation):
             problems.append((("search", key), f"the budget search needs a numeric knob; '{key}' is {annotation}"))
     if problems:
@@ -50,7 +75,7 @@ def stage_problems(sweep) -> list[tuple[tuple, str]]:
             else sweep.jobs()[1:])
     for job in jobs:
         try:
-            training_settings(sweep, job.settings, Path("/nonexistent/output"), base="/nonexistent/base")
+            stage_settings(sweep, job.settings, Path("/nonexistent/output"), base="/nonexistent/base")
         except _OptionError as err:
             problems.append((err.loc, err.message))
             break
@@ -64,17 +89,27 @@ class _OptionError(Exception):
 
 
 def search_is_integer(sweep) -> bool:
-    if sweep.is_negate or not sweep.config.search:
+    if not sweep.config.search:
         return False
-    from debias_plugin.methods import method_class
-    from debias_plugin.training import TrainConfig
+    return option_fields(stage_class(sweep.config.method))[sweep.search_knob].annotation is int
 
-    fields = {**TrainConfig.model_fields, **method_class(sweep.config.method).Options.model_fields}
-    return fields[sweep.search_knob].annotation is int
+
+def input_paths(sweep) -> list[Path]:
+    """The files and folders the stage reads (options typed InputPath): an output folder must not overlap them."""
+    from debias_plugin.options import input_options
+
+    paths = []
+    for key, marker in input_options(stage_class(sweep.config.method).Options).items():
+        value = sweep.config.fixed.get(key)
+        if isinstance(value, str) and (not marker.or_name or Path(value).expanduser().exists()):
+            paths.append(Path(value).expanduser())
+    return paths
 
 
 def split_stage_options(method, values: dict) -> tuple[dict, dict]:
     """(TrainConfig values with the stage's training defaults, the rest for the stage's Options)."""
+    if not trains(method):
+        return {}, dict(values)
     from debias_plugin.training import TrainConfig
 
     shared = {key: value for key, value in values.items() if key in TrainConfig.model_fields}
@@ -83,22 +118,24 @@ def split_stage_options(method, values: dict) -> tuple[dict, dict]:
     return shared, {key: value for key, value in values.items() if key not in TrainConfig.model_fields}
 
 
-def training_settings(sweep, settings: dict, output: Path, *, base: str) -> tuple[Any, Any]:
-    """(TrainConfig, the stage's Options) of one job: fixed + varied values split between them by field name."""
-    from debias_plugin.methods import method_class
-    from debias_plugin.training import TrainConfig
-
+def stage_settings(sweep, settings: dict, output: Path, *, base: str) -> tuple[Any, Any]:
+    """(TrainConfig or None for a stage that does not train, the stage's Options) of one job: fixed + varied
+    values split between them by field name."""
     config = sweep.config
-    method = method_class(config.method)
-    shared, own = split_stage_options(method, {**config.fixed, **settings})
-    if sweep.search_knob in shared and TrainConfig.model_fields[sweep.search_knob].annotation is int:
-        shared[sweep.search_knob] = int(round(shared[sweep.search_knob]))
-    if config.checkpoints:
-        shared.setdefault("steps", config.checkpoints[-1])
-        shared["snapshot_steps"] = list(config.checkpoints)
-    shared.update(model=str(base), output=str(output))
+    stage = stage_class(config.method)
+    shared, own = split_stage_options(stage, {**config.fixed, **settings})
     try:
-        return TrainConfig.model_validate(shared), method.Options.model_validate(own)
+        if not trains(stage):
+            return None, stage.Options.model_validate(own)
+        from debias_plugin.training import TrainConfig
+
+        if sweep.search_knob in shared and TrainConfig.model_fields[sweep.search_knob].annotation is int:
+            shared[sweep.search_knob] = int(round(shared[sweep.search_knob]))
+        if config.checkpoints:
+            shared.setdefault("steps", config.checkpoints[-1])
+            shared["snapshot_steps"] = list(config.checkpoints)
+        shared.update(model=str(base), output=str(output))
+        return TrainConfig.model_validate(shared), stage.Options.model_validate(own)
     except ValidationError as err:
         error = err.errors()[0]
         name = str(error["loc"][0]) if error["loc"] else ""
