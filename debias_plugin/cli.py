@@ -26,6 +26,8 @@ _COMMANDS = {
               "The same sweeps on several models: every method at its chosen setting in one table."),
     "negate": ("debias_plugin.commands.negate:negate_command",
                "Subtract a bias vector (task arithmetic via mergekit): base - lambda * (biased - base)."),
+    "direction": ("debias_plugin.commands.direction:direction_command",
+                  "Bias directions (mean difference, SentenceDebias PCA) or LEACE erasers as lm-eval steering files."),
 }
 
 
