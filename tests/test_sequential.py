@@ -168,6 +168,8 @@ def test_the_bounded_interval_is_exact_at_the_full_set_and_checks_its_input():
         BoundedSequence(ALPHA, PAIRS, bounds=(-1, 1)).update([0, 2])
     with pytest.raises(ValueError, match="population of 2"):
         BoundedSequence(ALPHA, 2).update([0, 1, 1])
+    with pytest.raises(ValueError, match="equal length"):
+        RatioSequence(ALPHA).update([0.1, 0.2], [1024.0])
 
 
 def test_the_candidate_is_dominated_only_when_surely_farther_from_half():

@@ -171,9 +171,13 @@ class _Sequence:
 class RatioSequence(_Sequence):
     """CS for sum(d)/sum(w) over the full set, e.g. d = ll_base - ll_candidate per window, w = its tokens."""
 
+    def __init__(self, alpha: float, population: int | None = None, horizon: float | None = None):
+        super().__init__(alpha, population)
+        self.horizon = horizon
+
     def update(self, differences, weights) -> Interval:
         self._extend(differences, weights)
-        return self._interval(*ratio_cs(*self._columns, self.alpha, self.population), RATIO_METHOD)
+        return self._interval(*ratio_cs(*self._columns, self.alpha, self.population, self.horizon), RATIO_METHOD)
 
 
 class BoundedSequence(_Sequence):
