@@ -268,3 +268,19 @@ def test_option_combinations_refused(options, message):
 
     with pytest.raises(ValueError, match=message):
         DirectionOptions(**{"layers": ["0"], **options})
+
+
+def test_bad_steering_files_are_one_clear_error(tmp_path, made, tiny_model):
+    from safetensors.torch import save_file
+
+    from debias_plugin.errors import DataError
+    from debias_plugin.lm_eval.steered_safe import SafeSteeredModel, read_steering
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.zeros(2)}, foreign)
+    with pytest.raises(DataError, match="header field 'format'"):
+        read_steering(foreign)
+    with pytest.raises(DebiasError, match="not modules of"):  # a llama file on gpt2 (h.N, not layers.N)
+        SafeSteeredModel(pretrained=str(tiny_model("gpt2")),
+                         steer_path=str(made("clamp", layers=["0", "final"], coefficient=0.75) / "steer.safetensors"),
+                         device="cpu")

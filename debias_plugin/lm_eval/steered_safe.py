@@ -44,14 +44,21 @@ def read_steering(path: str | Path) -> tuple[dict, dict]:
                     raise DataError(path, f"tensor '{name}'", "present (named in the header)", "missing")
                 return handle.get_tensor(name)
 
-            steer = {point: {"steering_vector": tensor(f"{point}/steering_vector"),
-                             "steering_coefficient": float(info["steering_coefficient"]), "action": info["action"],
-                             "bias": tensor(f"{point}/bias") if info.get("bias") else None,
-                             "head_index": info.get("head_index")}
-                     for point, info in entries.get("steer", {}).items()}
-            erase = {point: (tensor(f"{point}/erase/proj_left"), tensor(f"{point}/erase/proj_right"),
-                             tensor(f"{point}/erase/bias") if info.get("bias") else None)
-                     for point, info in entries.get("erase", {}).items()}
+            try:
+                steer = {point: {"steering_vector": tensor(f"{point}/steering_vector"),
+                                 "steering_coefficient": float(info["steering_coefficient"]),
+                                 "action": info["action"], "head_index": info.get("head_index"),
+                                 "bias": tensor(f"{point}/bias") if info.get("bias") else None}
+                         for point, info in entries.get("steer", {}).items()}
+                erase = {point: (tensor(f"{point}/erase/proj_left"), tensor(f"{point}/erase/proj_right"),
+                                 tensor(f"{point}/erase/bias") if info.get("bias") else None)
+                         for point, info in entries.get("erase", {}).items()}
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                if isinstance(err, DataError):
+                    raise
+                raise DataError(path, "header field 'entries'", "{steer: {hookpoint: {steering_coefficient, "
+                                "action, head_index, bias}}, erase: {hookpoint: {rank, bias}}}",
+                                f"a problem with {err}") from None
     except SafetensorError as err:
         raise DataError(path, "file", "a readable safetensors file", str(err)) from None
     both = sorted(set(steer) & set(erase))
@@ -69,6 +76,11 @@ class SafeSteeredModel(SteeredModel):
         HFLM.__init__(self, pretrained=pretrained, device=device, **kwargs)  # SteeredModel's own would torch.load
         self.hook_to_steer = {point: self._steering(info) for point, info in steer.items()}
         self.hook_to_steer.update({point: self._eraser(*tensors) for point, tensors in erase.items()})
+        known = {name for name, _ in self.model.base_model.named_modules()}
+        missing = sorted(set(self.hook_to_steer) - known)
+        if missing:
+            raise DebiasError(f"steer_path {steer_path}: hookpoint(s) {', '.join(missing)} are not modules of "
+                              f"{pretrained}'s model.base_model (written for another architecture?).")
 
     def _on_model(self, tensor):
         return None if tensor is None else tensor.to(self.device).to(self.model.dtype)
