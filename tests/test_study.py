@@ -19,7 +19,7 @@ import yaml
 
 from debias_plugin.errors import DebiasError
 from debias_plugin.study import load_study, render_study, run_study
-from debias_plugin.study.table import CROWS_TYPES
+from debias_plugin.data.crows import CROWS_TYPE_TASKS
 
 EVALUATION = """\
 evaluate: [crows_bias, wikitext2_ppl]
@@ -91,9 +91,9 @@ def test_study_table_matches_the_sweeps_results(study_run):
         base_all = _lm_eval_value(sweep_dir, "base", "crows_bias")
         value = _lm_eval_value(sweep_dir, name, "crows_bias")
         assert row["metrics"]["crows_bias/pct_stereotype"]["value"] == pytest.approx(value)
-        for kind in CROWS_TYPES:
-            assert row["metrics"][f"crows_bias_{kind}/pct_stereotype"]["value"] == pytest.approx(
-                _lm_eval_value(sweep_dir, name, f"crows_bias_{kind}"))
+        for task in CROWS_TYPE_TASKS:
+            assert row["metrics"][f"{task}/pct_stereotype"]["value"] == pytest.approx(
+                _lm_eval_value(sweep_dir, name, task))
         if row["method"] != "base" and abs(base_all - 50) > 0:
             assert row["gap_reduction_overall"] == pytest.approx(100 * (1 - abs(value - 50) / abs(base_all - 50)))
     derived = yaml.safe_load((out / "llama" / "negate.yml").read_text())

@@ -9,20 +9,38 @@ import io
 import json
 from pathlib import Path
 
+from debias_plugin.data.crows import CROWS_TASK, CROWS_TYPE_TASKS
 from debias_plugin.outputs import write_text_atomically
+from debias_plugin.scoring.gap import gap, type_mean_gap
+from debias_plugin.scoring.specs import SPECS
 from debias_plugin.study.config import STUDY_FILE, Study, load_study
 from debias_plugin.sweep.render import save_plot
 from debias_plugin.sweep.results import closest_miss, stage_seconds, unfinished_work
 
-CROWS, CROWS_TYPES = "crows_bias", ("race_color", "gender", "socioeconomic", "nationality", "religion", "age",
-                                    "sexual_orientation", "physical_appearance", "disability")
-COLUMNS = {"SS": "stereoset_bias/ss", "LMS": "stereoset_bias/lms", "ICAT": "stereoset_bias/icat",
-           "ppl": "wikitext2_ppl/word_perplexity"}
+BIAS = "pct_stereotype"  # CrowS-Pairs' metric, overall and per bias type
+STEREOSET = "stereoset_bias"  # its scores (SS, LMS, ICAT: the specs' parts) beside CrowS
+PERPLEXITY = "wikitext2_ppl/word_perplexity"  # the quality column and its change against the base
+PERPLEXITY_LABEL = "ppl"  # the committed tables' header (the spec's display name is "word ppl")
+
+
+def _stereoset_columns() -> dict[str, str]:
+    """Header -> metric key of StereoSet's overall scores, named and ordered as their specs."""
+    return {spec.display: f"{STEREOSET}/{spec.name}" for spec in SPECS.values()
+            if spec.part is not None and spec.domain is None}
+
+
+def _type_tasks(rows: list[dict]) -> list[str]:
+    """CrowS-Pairs' bias-type tasks, the most pairs first (the pair counts the summaries' intervals record)."""
+    def pairs(task: str) -> int:
+        return max((((row.get("metrics") or {}).get(f"{task}/{BIAS}") or {}).get("units") or 0 for row in rows),
+                   default=0)
+
+    return sorted(CROWS_TYPE_TASKS, key=lambda task: (-pairs(task), CROWS_TYPE_TASKS.index(task)))
 
 
 def _gap(metrics: dict, key: str) -> float | None:
     value = (metrics.get(key) or {}).get("value")
-    return None if value is None else abs(value - 50.0)
+    return None if value is None else gap(value)
 
 
 def _reduction(base: float | None, now: float | None) -> float | None:
@@ -72,18 +90,19 @@ def table_rows(out: Path, study: Study, results: dict[tuple[str, str], dict]) ->
                            "stage_seconds": stage_seconds(folder, best, recorded)})
         rows.append({"model": model, "method": "base", "setting": "-", "metrics": base_metrics})
         rows += chosen
+    type_tasks = _type_tasks(rows)
     for row in rows:
         metrics = row.get("metrics")
         if metrics is None:
             continue
         base = next(r for r in rows if r["model"] == row["model"] and r["method"] == "base")["metrics"]
-        types = [_gap(metrics, f"{CROWS}_{t}/pct_stereotype") for t in CROWS_TYPES]
-        base_types = [_gap(base, f"{CROWS}_{t}/pct_stereotype") for t in CROWS_TYPES]
-        row["gap_reduction_overall"] = _reduction(_gap(base, f"{CROWS}/pct_stereotype"),
-                                                  _gap(metrics, f"{CROWS}/pct_stereotype"))
+        types, base_types = ([(m.get(f"{task}/{BIAS}") or {}).get("value") for task in type_tasks]
+                             for m in (metrics, base))
+        row["gap_reduction_overall"] = _reduction(_gap(base, f"{CROWS_TASK}/{BIAS}"),
+                                                  _gap(metrics, f"{CROWS_TASK}/{BIAS}"))
         if None not in types + base_types:
-            row["gap_reduction_type_mean"] = _reduction(sum(base_types) / 9, sum(types) / 9)
-        ppl, base_ppl = ((m.get(COLUMNS["ppl"]) or {}).get("value") for m in (metrics, base))
+            row["gap_reduction_type_mean"] = _reduction(type_mean_gap(base_types), type_mean_gap(types))
+        ppl, base_ppl = ((m.get(PERPLEXITY) or {}).get("value") for m in (metrics, base))
         row["ppl_change_percent"] = None if None in (ppl, base_ppl) else 100.0 * (ppl / base_ppl - 1)
     return rows
 
@@ -109,7 +128,9 @@ def render_study(out: Path, study: Study | None = None) -> Path:
     study = study or load_study(out / STUDY_FILE)
     results = sweep_results(out, study)
     rows = table_rows(out, study, results)
-    header = ["model", "method", "setting", "all", *CROWS_TYPES, *COLUMNS, "ppl change %", "gap cut % (all)",
+    type_tasks, columns = _type_tasks(rows), {**_stereoset_columns(), PERPLEXITY_LABEL: PERPLEXITY}
+    header = ["model", "method", "setting", "all", *(task.removeprefix(f"{CROWS_TASK}_") for task in type_tasks),
+              *columns, f"{PERPLEXITY_LABEL} change %", "gap cut % (all)",
               "gap cut % (type mean)", "stage s", "sweep eval s (points)"]
     lines = [f"# Study {study.config.name or study.path.stem}", "",
              "CrowS-Pairs pct_stereotype with exact 95 % intervals (ideal 50); StereoSet SS, LMS and ICAT with "
@@ -122,9 +143,9 @@ def render_study(out: Path, study: Study | None = None) -> Path:
     for row in rows:
         metrics = row.get("metrics")
         cells = [row["model"], row["method"], row.get("setting", row.get("note", "-")),
-                 _cell(metrics, f"{CROWS}/pct_stereotype"),
-                 *(_cell(metrics, f"{CROWS}_{t}/pct_stereotype") for t in CROWS_TYPES),
-                 *(_cell(metrics, key, interval=name != "ppl") for name, key in COLUMNS.items()),
+                 _cell(metrics, f"{CROWS_TASK}/{BIAS}"),
+                 *(_cell(metrics, f"{task}/{BIAS}") for task in type_tasks),
+                 *(_cell(metrics, key, interval=key != PERPLEXITY) for key in columns.values()),
                  _number(row.get("ppl_change_percent"), 2), _number(row.get("gap_reduction_overall")),
                  _number(row.get("gap_reduction_type_mean")), _number(row.get("stage_seconds"), 0),
                  "-" if "evaluated" not in row else f"{_number(row.get('evaluation_seconds'), 0)} ({row['evaluated']})"]
