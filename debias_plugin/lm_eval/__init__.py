@@ -28,5 +28,6 @@ def register_models() -> None:
 
     from debias_plugin.lm_eval import bias_lm, masked_lm  # noqa: F401
     from debias_plugin.lm_eval import steered_safe  # noqa: F401
+    from debias_plugin.lm_eval import selfdebias  # noqa: F401
 
     logging.getLogger("lm_eval.api.task").addFilter(_METADATA_HINT)  # addFilter adds a filter once

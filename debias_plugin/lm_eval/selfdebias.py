@@ -1,0 +1,245 @@
+"""`hf-selfdebias`: Self-Debias (Schick, Udupa & Schütze 2021, TACL) as an lm-eval model class.
+
+Every continuation token is scored with the self-debiased next-token distribution. With x the input so far and
+s_1..s_k the debiasing prefixes of the chosen bias types ("The following text discriminates against people because
+of their gender: ", bias-bench's wording),
+
+    Δ(w) = min_i p(w | x) - p(w | s_i x),   α(Δ) = 1 if Δ >= 0 else max(ε, e^{λΔ}),
+    p̃(w | x) = α(Δ(w)) p(w | x) / Σ_v α(Δ(v)) p(v | x)
+
+with λ = decay_constant (50) and ε = epsilon (0.01; the floor is the authors' code's, kept by bias-bench). A token
+that a prefix makes more likely than x alone loses probability; the rest gain by the renormalisation.
+
+How the prefix joins the request (bias-bench's CrowS/StereoSet runners concatenate the prefix's tokens and the
+sentence's): s_i x = x[0] + s_i + x[1:] when x starts with the model's prefix token (BOS: every request with an empty
+context), else s_i + x. Each request costs 1 + k forwards of x (the prefixes themselves are shared as token trees by
+hf-bias's scorer), and max_length shrinks by the longest prefix, so that every prefixed input fits the model.
+
+bias_types: "doc" (default) debiases each request with its document's own type, as bias-bench runs one type at a
+time (a CrowS pair's bias_type; StereoSet's race -> race-color, profession -> socioeconomic), all nine where a
+document names none (WikiText); "all": the nine at once, the paper's min over every description; a comma-separated
+list of types; "none": no prefix (the plain model: hf-bias's scores).
+
+loglikelihood_rolling (perplexity) debiases every predicted token the same way, as the paper does for its WikiText-2
+perplexity of self-debiased GPT2-XL (its Table 2, λ = 10, 50, 100).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+
+from lm_eval.api.registry import register_model
+from pydantic import Field, field_validator
+
+from debias_plugin.errors import DebiasError
+from debias_plugin.lm_eval.bias_lm import BiasLM
+from debias_plugin.options import Options, validated
+from debias_plugin.scoring.causal import batches, pack_rows
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "hf-selfdebias"
+# bias-bench (Meade et al. 2022), bias_bench/benchmark/crows/crows.py: its "sexual orientiation" typo corrected
+PREFIXES = {bias_type: f"The following text discriminates against people because of their {what}: "
+            for bias_type, what in {
+                "race-color": "race/color", "socioeconomic": "socioeconomic status/occupation", "gender": "gender",
+                "disability": "disability", "nationality": "nationality", "sexual-orientation": "sexual orientation",
+                "physical-appearance": "physical appearance", "religion": "religion", "age": "age"}.items()}
+DOC_TYPES = {**{bias_type: bias_type for bias_type in PREFIXES}, "race": "race-color", "profession": "socioeconomic"}
+# full-vocabulary log-prob rows held at once (all 1 + k inputs of the requests being debiased): 256 MB of float32
+ROW_ELEMENTS = 1 << 26
+_MODES = ("doc", "all", "none")
+
+
+class SelfDebiasOptions(Options):
+    """hf-selfdebias's own model arguments (the rest go to hf-bias, then HFLM)."""
+
+    bias_types: str = "doc"
+    decay_constant: float = Field(50.0, ge=0)  # λ; inf: α is 1 or ε
+    epsilon: float = Field(0.01, ge=0, le=1)
+
+    @field_validator("bias_types")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        unknown = [name for name in names if name not in PREFIXES and not (len(names) == 1 and name in _MODES)]
+        if unknown:
+            raise ValueError(f"unknown bias type {unknown[0]!r}; expected doc, all, none or a comma-separated list "
+                             f"of {', '.join(PREFIXES)}")
+        return ",".join(names)
+
+
+def _refuse_masked(pretrained, trust_remote_code: bool) -> None:
+    from debias_plugin.models import load_config, model_kind
+
+    if isinstance(pretrained, str):
+        config = load_config(pretrained, trust_remote_code=trust_remote_code)
+        if model_kind(config) == "masked":
+            raise DebiasError(f"{pretrained}: a masked LM ({config.model_type}); hf-selfdebias scores causal LMs only "
+                              "(Self-Debias compares next-token distributions; hf-mlm scores masked LMs).")
+
+
+@register_model(MODEL_NAME)
+class SelfDebiasLM(BiasLM):
+    """hf-bias whose scorer returns self-debiased log-likelihoods (SelfDebiasScorer); requests grouped by prefixes."""
+
+    _prefix_room = 0  # tokens max_length leaves for the longest prefix (0 while HFLM loads)
+
+    def __init__(self, pretrained, bias_types: str = "doc", decay_constant: float = 50.0, epsilon: float = 0.01,
+                 **kwargs):
+        options = validated(SelfDebiasOptions, {"bias_types": bias_types, "decay_constant": decay_constant,
+                                                "epsilon": epsilon}, what="hf-selfdebias model arguments")
+        _refuse_masked(pretrained, bool(kwargs.get("trust_remote_code", False)))
+        super().__init__(pretrained, **kwargs)
+        if self.scorer is None:
+            raise DebiasError(f"{pretrained}: a {self.backend} model; hf-selfdebias scores causal LMs only.")
+        self.bias_types = options.bias_types
+        self.prefix_ids = {name: self.tok_encode(text, add_special_tokens=False) for name, text in PREFIXES.items()}
+        self._fixed = {"doc": None, "all": tuple(PREFIXES), "none": ()}.get(
+            self.bias_types, tuple(self.bias_types.split(",")))
+        room = [len(self.prefix_ids[name]) for name in (PREFIXES if self._fixed is None else self._fixed)]
+        self.scorer = SelfDebiasScorer(self.scorer, start_token=self.prefix_token_id,
+                                       decay_constant=options.decay_constant, epsilon=options.epsilon)
+        self._prefix_room = max(room, default=0)
+
+    @property
+    def max_length(self) -> int:
+        return super().max_length - self._prefix_room
+
+    def types_of(self, request) -> tuple[str, ...]:
+        """The bias types whose prefixes debias this request."""
+        if self._fixed is not None:
+            return self._fixed
+        doc_type = request.doc.get("bias_type") if isinstance(request.doc, dict) else None
+        return (DOC_TYPES[doc_type],) if doc_type in DOC_TYPES else tuple(PREFIXES)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return self._by_types(super().loglikelihood, requests, disable_tqdm)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return self._by_types(super().loglikelihood_rolling, requests, disable_tqdm)
+
+    def _by_types(self, score, requests, disable_tqdm: bool) -> list:
+        """hf-bias's scoring of each group of requests sharing their prefixes, answers in request order."""
+        groups = defaultdict(list)
+        for index, request in enumerate(requests):
+            groups[self.types_of(request)].append(index)
+        answers = [None] * len(requests)
+        for types, indices in groups.items():
+            self.scorer.prefixes = [self.prefix_ids[name] for name in types]
+            for index, answer in zip(indices, score([requests[i] for i in indices], disable_tqdm=disable_tqdm)):
+                answers[index] = answer
+        return answers
+
+
+class SelfDebiasScorer:
+    """CausalScorer's interface (score, progress) with self-debiased log-likelihoods; prefixes: token lists.
+
+    The 1 + k inputs of a set of requests are packed and forwarded by the wrapped CausalScorer (its token trees share
+    each prefix across requests); their full-vocabulary log-probs at the scored positions are combined per request.
+    """
+
+    def __init__(self, scorer, *, start_token: int | None, decay_constant: float, epsilon: float,
+                 row_elements: int = ROW_ELEMENTS):
+        self.scorer = scorer
+        self.start_token = start_token
+        self.decay_constant = decay_constant
+        self.epsilon = epsilon
+        self.row_elements = row_elements
+        self.prefixes: list[list[int]] = []
+        self.progress = None
+
+    @property
+    def tokens_forwarded(self) -> int:
+        return self.scorer.tokens_forwarded
+
+    def prefixed(self, inputs: Sequence[int], prefix: Sequence[int]) -> list[int]:
+        """s_i x: the prefix after a leading start token (BOS stays first), else before x."""
+        if inputs and inputs[0] == self.start_token:
+            return [inputs[0], *prefix, *inputs[1:]]
+        return [*prefix, *inputs]
+
+    def score(self, requests) -> list[tuple[float, bool]]:
+        """(Σ log p̃(target), every target the argmax of p̃) per (input ids, targets) request, in order."""
+        if not self.prefixes:  # p̃ = p
+            self.scorer.progress = self.progress
+            return self.scorer.score(requests)
+        for index, (inputs, targets) in enumerate(requests):
+            if not targets or len(targets) > len(inputs):
+                raise ValueError(f"request {index}: {len(targets)} targets for {len(inputs)} input tokens")
+        answers: list[tuple[float, bool] | None] = [None] * len(requests)
+        vocab = self.scorer.model.get_output_embeddings().weight.shape[0]
+        chunk, rows = [], 0
+        for index in sorted(range(len(requests)), key=lambda i: tuple(requests[i][0])):
+            size = (1 + len(self.prefixes)) * len(requests[index][1]) * vocab
+            if chunk and rows + size > self.row_elements:
+                self._score_chunk(chunk, requests, answers)
+                chunk, rows = [], 0
+            chunk.append(index)
+            rows += size
+        if chunk:
+            self._score_chunk(chunk, requests, answers)
+        return answers
+
+    def _score_chunk(self, chunk: list[int], requests, answers) -> None:
+        import torch
+
+        inputs, counts = [], []
+        for index in chunk:
+            x, targets = requests[index]
+            inputs += [list(x)] + [self.prefixed(x, prefix) for prefix in self.prefixes]
+            counts += [len(targets)] * (1 + len(self.prefixes))
+        log_probs = self.log_prob_rows(inputs, counts)
+        group = 1 + len(self.prefixes)
+        for n, index in enumerate(chunk):
+            debiased = self_debiased_log_probs(torch.stack(log_probs[n * group:(n + 1) * group]),
+                                               self.decay_constant, self.epsilon)
+            targets = torch.tensor(requests[index][1], device=debiased.device)
+            picked = debiased.gather(1, targets[:, None])[:, 0]
+            answers[index] = (float(picked.sum()), bool((debiased.argmax(-1) == targets).all()))
+        if self.progress is not None:
+            self.progress(len(chunk))
+
+    def log_prob_rows(self, inputs: list[list[int]], counts: list[int]):
+        """[counts[i], vocab] log-probs at the last counts[i] positions of each input (the wrapped scorer's forward,
+        token trees and log-softmax dtype)."""
+        import torch
+
+        scorer = self.scorer
+        out = [None] * len(inputs)
+        rows = pack_rows(inputs, max_row_tokens=scorer.max_row_tokens, share=scorer.share_prefix,
+                         min_shared=scorer.min_shared)
+        for batch in batches(rows, scorer.batch_tokens):
+            width = max(len(row.tokens) for row in batch)
+            unique: dict[int, int] = {}
+            wanted = []
+            for b, row in enumerate(batch):
+                for index, path in row.paths:
+                    nodes = path[len(path) - counts[index]:]
+                    wanted.append((index, [unique.setdefault(b * width + node, len(unique)) for node in nodes]))
+            kind, features = scorer._features(batch, torch.tensor(list(unique), dtype=torch.long))
+            with torch.no_grad(), scorer._autocast():
+                logits = scorer.model.get_output_embeddings()(features) if kind == "hidden" else features
+            log_probs = torch.log_softmax(logits, dim=-1, dtype=scorer.softmax_dtype or torch.float32)
+            for index, nodes in wanted:
+                out[index] = log_probs[torch.tensor(nodes, device=log_probs.device)]
+        return out
+
+
+def self_debiased_log_probs(log_probs, decay_constant: float, epsilon: float):
+    """log p̃ from [1 + k, n, vocab] log-probs (row 0: x alone; rows 1..k: the prefixed inputs), the paper's formula."""
+    import torch
+
+    regular = log_probs[0]
+    if len(log_probs) == 1:
+        return regular
+    probs = log_probs.exp()
+    delta = probs[0] - probs[1:].max(dim=0).values
+    floor = math.log(epsilon) if epsilon > 0 else -math.inf
+    decayed = (decay_constant * delta).clamp(min=floor)  # λΔ; nan where λ = inf and Δ = 0, never selected
+    log_alpha = torch.where(delta >= 0, torch.zeros_like(delta), decayed)
+    debiased = regular + log_alpha
+    return debiased - debiased.logsumexp(dim=-1, keepdim=True)
