@@ -60,11 +60,14 @@ def _pt(folder):
 
 def test_mean_difference_and_pca_equal_numpy(made, numpy_states):
     from debias_plugin.lm_eval.steered_safe import read_steering
+    from debias_plugin.outputs import read_manifest
 
     for estimator in ("mean_difference", "pca"):
         folder = made(estimator, layers=["0", "final"], estimator=estimator)
         pt, (safe, erase) = _pt(folder), read_steering(folder / "steer.safetensors")
         assert set(pt) == set(safe) == {"layers.0", "norm"} and not erase
+        inputs = read_manifest(folder)["inputs"]
+        assert set(inputs) == {"model", "pairs"} and inputs["pairs"]["path"].endswith("all_sentences.tsv")
         for point, (a, b) in numpy_states.items():
             differences = a - b
             if estimator == "mean_difference":

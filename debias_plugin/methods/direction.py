@@ -179,6 +179,18 @@ def read_pairs(opts: DirectionOptions) -> list:
     return pairs[: opts.max_pairs] if opts.max_pairs else pairs
 
 
+def pair_files(pairs: list) -> dict[str, str]:
+    """The files the pairs came from, by manifest role (their origins name them), plus the attribute word list."""
+    files = sorted({pair.origin.rsplit(", ", 1)[0] for pair in pairs})
+    roles = {"pairs": files[0]} if len(files) == 1 else {f"pairs {i}": f for i, f in enumerate(files, start=1)}
+    if any(", text " in pair.origin for pair in pairs[:1]):
+        from debias_plugin.data.words import ATTRIBUTE_WORDS_RELATIVE_PATH
+        from debias_plugin.paths import data_file
+
+        roles["attribute words"] = str(data_file(None, ATTRIBUTE_WORDS_RELATIVE_PATH, "Bias attribute words"))
+    return roles
+
+
 # -- hookpoints and hidden states -------------------------------------------------------------------------------
 def block_list(model) -> str:
     """Name (under model.base_model) of the ModuleList holding the transformer blocks, e.g. `layers` or `h`."""
@@ -404,7 +416,7 @@ class DirectionStage:
             else:
                 written = write_steering(staging, steer, erase)
             record = manifest(self.name, options=opts.model_dump(mode="json"),
-                              inputs={"model": base, "pairs": pairs_input},
+                              inputs={"model": base, **pair_files(pairs)},
                               results={"pairs": len(pairs), "pooling": POOLING, "hookpoints": results,
                                        "files": written, "folded_into": "lm_head" if opts.fold else None},
                               timings={"hidden_states_s": round(loaded - started, 3),
