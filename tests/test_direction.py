@@ -148,6 +148,11 @@ def test_lm_eval_steered_and_ours_score_the_same_without_unpickling(made, tiny_m
         return results["results"], [s["resps"] for s in results["samples"]["crows_bias_gender"]]
 
     theirs = run("steered", folder / "steer.pt")
+    from debias_plugin.methods.direction import DirectionOptions, DirectionStage
+
+    stage = DirectionStage(DirectionOptions(layers=["0"]))
+    assert stage.evaluated_as(model_dir, folder) == (model_dir, "hf-steered-safe",
+                                                     {"steer_path": str(folder / "steer.safetensors")})
 
     def refuse(*args, **kwargs):
         raise AssertionError("hf-steered-safe called torch.load")

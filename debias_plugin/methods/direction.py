@@ -378,6 +378,13 @@ class DirectionStage:
         """No setting reproduces the base in every case (clamp 0 removes the direction): the sweep adds it."""
         return None
 
+    def evaluated_as(self, base: str | Path, out: str | Path) -> tuple[Path, str | None, dict]:
+        """(model folder, lm-eval model class or None for the default, model_args) that score this stage's output:
+        the folded model itself, or the base through hf-steered-safe with the steering file."""
+        if self.opts.fold:
+            return Path(out), None, {}
+        return Path(base), "hf-steered-safe", {"steer_path": str(Path(out) / STEER_SAFETENSORS)}
+
     def make(self, base: str | Path, out: str | Path, *, force: bool = False, progress: bool = True) -> Path:
         import torch
 
