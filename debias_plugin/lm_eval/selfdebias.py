@@ -185,52 +185,57 @@ class SelfDebiasScorer:
         return answers
 
     def _score_chunk(self, chunk: list[int], requests, answers) -> None:
+        """The chunk's 1 + k inputs forwarded, then the formula on all their scored positions at once."""
         import torch
 
-        inputs, counts = [], []
-        for index in chunk:
-            x, targets = requests[index]
-            inputs += [list(x)] + [self.prefixed(x, prefix) for prefix in self.prefixes]
-            counts += [len(targets)] * (1 + len(self.prefixes))
-        log_probs = self.log_prob_rows(inputs, counts)
-        group = 1 + len(self.prefixes)
-        for n, index in enumerate(chunk):
-            debiased = self_debiased_log_probs(torch.stack(log_probs[n * group:(n + 1) * group]),
-                                               self.decay_constant, self.epsilon)
-            targets = torch.tensor(requests[index][1], device=debiased.device)
-            picked = debiased.gather(1, targets[:, None])[:, 0]
-            answers[index] = (float(picked.sum()), bool((debiased.argmax(-1) == targets).all()))
+        xs = [list(requests[index][0]) for index in chunk]
+        inputs = xs + [self.prefixed(x, prefix) for prefix in self.prefixes for x in xs]
+        counts = [len(requests[index][1]) for index in chunk]
+        log_probs = self.log_prob_rows(inputs, counts * (1 + len(self.prefixes)))
+        debiased = self_debiased_log_probs(log_probs.view(1 + len(self.prefixes), sum(counts), -1),
+                                           self.decay_constant, self.epsilon)
+        targets = torch.tensor([t for index in chunk for t in requests[index][1]], device=debiased.device)
+        picked = debiased.gather(1, targets[:, None])[:, 0]
+        hits = debiased.argmax(-1) == targets
+        for index, part, hit in zip(chunk, picked.split(counts), hits.split(counts)):
+            answers[index] = (float(part.sum()), bool(hit.all()))
         if self.progress is not None:
             self.progress(len(chunk))
 
     def log_prob_rows(self, inputs: list[list[int]], counts: list[int]):
-        """[counts[i], vocab] log-probs at the last counts[i] positions of each input (the wrapped scorer's forward,
-        token trees and log-softmax dtype)."""
+        """[Σ counts, vocab]: the log-probs at the last counts[i] positions of each input, input after input (the
+        wrapped scorer's forward, token trees and log-softmax dtype; float32 at least)."""
         import torch
 
         scorer = self.scorer
-        out = [None] * len(inputs)
+        starts = [0]
+        for count in counts:
+            starts.append(starts[-1] + count)
+        out = None
         rows = pack_rows(inputs, max_row_tokens=scorer.max_row_tokens, share=scorer.share_prefix,
                          min_shared=scorer.min_shared)
         for batch in batches(rows, scorer.batch_tokens):
             width = max(len(row.tokens) for row in batch)
-            unique: dict[int, int] = {}
-            wanted = []
+            unique: dict[int, int] = {}  # flat node (row * width + node) -> its index among the forwarded nodes
+            source, target = [], []
             for b, row in enumerate(batch):
                 for index, path in row.paths:
-                    nodes = path[len(path) - counts[index]:]
-                    wanted.append((index, [unique.setdefault(b * width + node, len(unique)) for node in nodes]))
+                    source += [unique.setdefault(b * width + node, len(unique))
+                               for node in path[len(path) - counts[index]:]]
+                    target += range(starts[index], starts[index + 1])
             kind, features = scorer._features(batch, torch.tensor(list(unique), dtype=torch.long))
             with torch.no_grad(), scorer._autocast():
                 logits = scorer.model.get_output_embeddings()(features) if kind == "hidden" else features
             log_probs = torch.log_softmax(logits, dim=-1, dtype=scorer.softmax_dtype or torch.float32)
-            for index, nodes in wanted:
-                out[index] = log_probs[torch.tensor(nodes, device=log_probs.device)]
+            if out is None:
+                out = log_probs.new_empty(starts[-1], log_probs.shape[-1])
+            device = log_probs.device
+            out[torch.tensor(target, device=device)] = log_probs[torch.tensor(source, device=device)]
         return out
 
 
 def self_debiased_log_probs(log_probs, decay_constant: float, epsilon: float):
-    """log p̃ from [1 + k, n, vocab] log-probs (row 0: x alone; rows 1..k: the prefixed inputs), the paper's formula."""
+    """log p̃ by the paper's formula from [1 + k, n, vocab] log-probs (row 0: x alone; rows 1..k: prefixed)."""
     import torch
 
     regular = log_probs[0]
