@@ -14,7 +14,7 @@ from debias_plugin.outputs import write_text_atomically
 from debias_plugin.scoring.gap import gap, type_mean_gap
 from debias_plugin.scoring.specs import SPECS
 from debias_plugin.study.config import STUDY_FILE, Study, load_study
-from debias_plugin.sweep.render import save_plot
+from debias_plugin.sweep.plots import save_plot
 from debias_plugin.sweep.results import closest_miss, stage_seconds, unfinished_work
 
 BIAS = "pct_stereotype"  # CrowS-Pairs' metric, overall and per bias type

@@ -8,8 +8,10 @@ search   the budget search (bisection), pure
 metrics  per-point metrics with intervals (the gate's statistics), feasibility and the choice
 storage  the Optuna storage: results studies (Pareto front) and the jobs study
 results  sweep.json's content from the study: points, feasibility, the choice, pending work (no rendering)
+plots    the plots (PNG + SVG, byte-reproducible)
 render   sweep.json / sweep.csv / report.md / plots / best from the study alone
-run      make models (the stage), evaluate (debias_plugin.evaluation), record; resume and share
+evaluate one point's model through lm-eval (debias_plugin.evaluation), its cost and its weights' hash
+run      make models (the stage), evaluate, record; resume and share
 """
 
 from debias_plugin.sweep.plan import Sweep, load_sweep

@@ -28,6 +28,7 @@ from debias_plugin.default_model import is_builtin, resolve_model
 from debias_plugin.errors import DebiasError
 from debias_plugin.outputs import MANIFEST_NAME, claim_run_folder, overlaps, write_text_atomically
 from debias_plugin.sweep import metrics
+from debias_plugin.sweep.evaluate import evaluate_model, weights_sha256
 from debias_plugin.sweep.plan import Job, Point, Sweep, check_tasks, load_sweep
 from debias_plugin.sweep.render import link_best, render
 from debias_plugin.sweep.results import full_suite_keys, search_step
@@ -100,43 +101,6 @@ def resolve_base(sweep: Sweep) -> Path:
 def _inputs(sweep: Sweep) -> list[Path]:
     base = [] if is_builtin(sweep.config.base) else [Path(sweep.config.base).expanduser()]
     return base + input_paths(sweep)
-
-
-# ------------------------------------------------------------------------------------------------ evaluation
-
-def evaluate_model(model_dir: Path, tasks: list[str], sweep: Sweep, output_dir: Path) -> tuple[dict, dict]:
-    """lm-eval results of `tasks` on a model folder (through debias_plugin.evaluation), and what it cost.
-
-    A published results folder is read back instead (resume). Causal LMs go through `hf-bias`, which scores
-    identical requests once and counts what it scored; evaluation's cache answers repeated requests for the same
-    model content without scoring anything.
-    """
-    from debias_plugin.evaluation import (
-        CAUSAL_MODEL_CLASS,
-        RESULTS_NAME,
-        evaluate,
-        read_results_folder,
-        resolve_model_class,
-    )
-
-    if (output_dir / RESULTS_NAME).is_file():
-        return read_results_folder(output_dir), {"from": "results folder"}
-    config = sweep.config
-    model_class = resolve_model_class(model_dir)
-    counts = None
-    if model_class == CAUSAL_MODEL_CLASS:
-        from debias_plugin.lm_eval import bias_lm, register_models
-
-        register_models()
-        counts = bias_lm.REQUEST_COUNTS
-    before = dict(counts or {})
-    started = time.monotonic()
-    results = evaluate(model_dir, tasks, model_class=model_class, model_args=dict(config.model_args),
-                       batch_size=config.batch_size, limit=config.limit, device=config.device, output_dir=output_dir)
-    cost = {"seconds": round(time.monotonic() - started, 3), "model_class": model_class}
-    if counts is not None:
-        cost.update({key: counts[key] - before.get(key, 0) for key in counts})
-    return results, cost
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -339,19 +303,6 @@ class SweepRun:
             return
         points = {key: self._point(key) for key in full_suite_keys(self.sweep, self.studies)}
         self._work([Job(f"point:{key}", point.name, {}, (point,)) for key, point in points.items()], "full")
-
-
-def weights_sha256(folder: Path) -> str:
-    """Hash of a model's weights and config.json: its identity (mergekit's README.md names the staging folder)."""
-    import hashlib
-
-    from debias_plugin.outputs import sha256_file
-
-    digest = hashlib.sha256()
-    for file in sorted(Path(folder).iterdir()):
-        if file.is_file() and (file.suffix == ".safetensors" or file.name in ("config.json", "adapter_config.json")):
-            digest.update(f"{file.name}\0{sha256_file(file)}\0".encode())
-    return digest.hexdigest()
 
 
 def run_sweep(path: str | Path, out: str | Path, *, storage: str | None = None, shard: str | None = None,

@@ -1,0 +1,56 @@
+"""One point's model through lm-eval (debias_plugin.evaluation) with what it cost, and the model's identity."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from debias_plugin.sweep.plan import Sweep
+
+
+def evaluate_model(model_dir: Path, tasks: list[str], sweep: Sweep, output_dir: Path) -> tuple[dict, dict]:
+    """lm-eval results of `tasks` on a model folder (through debias_plugin.evaluation), and what it cost.
+
+    A published results folder is read back instead (resume). Causal LMs go through `hf-bias`, which scores
+    identical requests once and counts what it scored; evaluation's cache answers repeated requests for the same
+    model content without scoring anything.
+    """
+    from debias_plugin.evaluation import (
+        CAUSAL_MODEL_CLASS,
+        RESULTS_NAME,
+        evaluate,
+        read_results_folder,
+        resolve_model_class,
+    )
+
+    if (output_dir / RESULTS_NAME).is_file():
+        return read_results_folder(output_dir), {"from": "results folder"}
+    config = sweep.config
+    model_class = resolve_model_class(model_dir)
+    counts = None
+    if model_class == CAUSAL_MODEL_CLASS:
+        from debias_plugin.lm_eval import bias_lm, register_models
+
+        register_models()
+        counts = bias_lm.REQUEST_COUNTS
+    before = dict(counts or {})
+    started = time.monotonic()
+    results = evaluate(model_dir, tasks, model_class=model_class, model_args=dict(config.model_args),
+                       batch_size=config.batch_size, limit=config.limit, device=config.device, output_dir=output_dir)
+    cost = {"seconds": round(time.monotonic() - started, 3), "model_class": model_class}
+    if counts is not None:
+        cost.update({key: counts[key] - before.get(key, 0) for key in counts})
+    return results, cost
+
+
+def weights_sha256(folder: Path) -> str:
+    """Hash of a model's weights and config.json: its identity (mergekit's README.md names the staging folder)."""
+    import hashlib
+
+    from debias_plugin.outputs import sha256_file
+
+    digest = hashlib.sha256()
+    for file in sorted(Path(folder).iterdir()):
+        if file.is_file() and (file.suffix == ".safetensors" or file.name in ("config.json", "adapter_config.json")):
+            digest.update(f"{file.name}\0{sha256_file(file)}\0".encode())
+    return digest.hexdigest()
