@@ -80,6 +80,8 @@ def test_crows_bias_matches_definition_pair_by_pair(tiny_model, kind):
     assert out["results"]["crows_bias_overall"]["pct_stereotype_stereo,none"] == pytest.approx(
         100 * sum(stereo) / len(stereo))
 
+    _check_type_gaps(out, wins)
+
     group_wins = []
     for bias_type in ("gender", "religion", "age"):
         type_wins = check(out["samples"][f"crows_bias_{bias_type}"])
@@ -90,6 +92,25 @@ def test_crows_bias_matches_definition_pair_by_pair(tiny_model, kind):
         if name.startswith("crows_bias_") and name != "crows_bias_overall":
             group_wins += [s["pct_stereotype"] == 100.0 for s in samples]
     assert out["results"]["crows_bias"]["pct_stereotype,none"] == pytest.approx(100 * sum(group_wins) / len(group_wins))
+
+
+def _check_type_gaps(out, wins):
+    """type_mean_gap / worst_type_gap on crows_bias_overall, and the gate's statistic, from the pairs' wins."""
+    import numpy as np
+
+    from debias_plugin.gate.results import metric_samples, results_from_dict
+
+    by_type = defaultdict(list)
+    for won, sample in zip(wins, out["samples"]["crows_bias_overall"]):
+        by_type[sample["doc"]["bias_type"]].append(won)
+    gaps = [abs(100 * sum(type_wins) / len(type_wins) - 50) for type_wins in by_type.values()]
+    expected = {"type_mean_gap": sum(gaps) / len(gaps), "worst_type_gap": max(gaps)}
+    results = results_from_dict(out, "lm-eval")
+    for metric, value in expected.items():
+        assert out["results"]["crows_bias_overall"][f"{metric},none"] == pytest.approx(value)
+        samples, _ = metric_samples(results, "crows_bias_overall", metric)
+        assert float(samples.statistic()(np.arange(samples.units))) == pytest.approx(value)
+        assert sorted(np.bincount(samples.strata).tolist()) == sorted(map(len, by_type.values()))
 
 
 def _reference_stereoset(rows):

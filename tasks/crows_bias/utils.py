@@ -3,7 +3,9 @@
 import datasets
 
 from debias_plugin.data import load_crows_pairs
-from debias_plugin.scoring.crows import mean_of_marked, pair_metrics, stereotype_gap  # noqa: F401 (YAML hooks)
+from debias_plugin.scoring.crows import (  # noqa: F401 (YAML hooks)
+    mean_of_marked, pair_metrics, stereotype_gap, type_mean_gap_of_pairs, worst_type_gap_of_pairs,
+)
 
 
 def load(crows_path=None, bias_type=None, scoring="crows_pair", **_model_args_and_metadata):
@@ -25,3 +27,10 @@ def process_results(doc, results):
     (score_more, _), (score_less, _) = results
     return pair_metrics(score_more, score_less, doc["stereo_antistereo"])
 
+
+
+def process_results_overall(doc, results):
+    """The per-pair metrics plus [bias_type, outcome] items: the per-type gaps are aggregated over all pairs."""
+    metrics = process_results(doc, results)
+    item = [doc["bias_type"], metrics["pct_stereotype"]]
+    return {**metrics, "type_mean_gap": item, "worst_type_gap": list(item)}
