@@ -189,11 +189,11 @@ class SelfDebiasScorer:
         import torch
 
         xs = [list(requests[index][0]) for index in chunk]
-        inputs = xs + [self.prefixed(x, prefix) for prefix in self.prefixes for x in xs]
         counts = [len(requests[index][1]) for index in chunk]
-        log_probs = self.log_prob_rows(inputs, counts * (1 + len(self.prefixes)))
-        debiased = self_debiased_log_probs(log_probs.view(1 + len(self.prefixes), sum(counts), -1),
-                                           self.decay_constant, self.epsilon)
+        # one packing per prefix: its inputs share it as one token tree, and short rows are not padded to long ones
+        groups = [xs] + [[self.prefixed(x, prefix) for x in xs] for prefix in self.prefixes]
+        log_probs = torch.stack([self.log_prob_rows(inputs, counts) for inputs in groups])
+        debiased = self_debiased_log_probs(log_probs, self.decay_constant, self.epsilon)
         targets = torch.tensor([t for index in chunk for t in requests[index][1]], device=debiased.device)
         picked = debiased.gather(1, targets[:, None])[:, 0]
         hits = debiased.argmax(-1) == targets
