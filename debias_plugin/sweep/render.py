@@ -138,12 +138,14 @@ def _task_tables(sweep: Sweep, content: dict) -> list[str]:
     return lines
 
 
-_HEADLINE_METRICS = ("pct_stereotype", "ss", "word_perplexity")
-
-
 def _first_metric(summary: dict, task: str) -> str:
+    """A task's headline metric: its first in the metric specs' order (CrowS pct, SS, word perplexity, ...)."""
+    from debias_plugin.scoring.specs import SPECS, find_spec
+
     names = sorted(k.split("/", 1)[1] for k in summary if k.startswith(task + "/"))
-    return next((name for name in _HEADLINE_METRICS if name in names), names[0] if names else "")
+    order = {name: position for position, name in enumerate(SPECS)}
+    declared = [name for name in names if find_spec(name) is not None]
+    return min(declared, key=lambda name: order[find_spec(name).name]) if declared else (names[0] if names else "")
 
 
 def _param_cell(sweep: Sweep, point: dict, key: str) -> str:
