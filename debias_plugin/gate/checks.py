@@ -38,6 +38,7 @@ class CheckResult:
     method: str = ""
     note: str = ""
     seconds: float = 0.0
+    types: list[dict] | None = None  # types_not_worse: one row per CrowS type / StereoSet domain (gate/types.py)
 
 
 @dataclass
@@ -69,8 +70,7 @@ def _measure(results: Results, task: str, key: str, gate: Gate) -> _Measured:
         return _Measured(value, samples, statistic, interval)
     if samples.units < 2:
         return _Measured(value, note=f"only {samples.units} {samples.unit_name}: point estimate only")
-    result = stats.bootstrap(statistic, samples.units, config.alpha, resamples=config.resamples, seed=config.seed,
-                             what=samples.unit_name)
+    result = samples.bootstrap(statistic, config.alpha, resamples=config.resamples, seed=config.seed)
     return _Measured(value, samples, statistic, result.interval, result.distribution)
 
 
@@ -187,8 +187,8 @@ def _compared(check, index: int, gate: Gate, candidate: Results, baseline: Resul
         result.note = f"only {mine.samples.units} {what}: point estimate only"
         return result
     paired = pairing(mine.statistic, _reordered(theirs.samples, order).statistic())
-    boot = stats.bootstrap(paired, mine.samples.units, gate.config.alpha, resamples=gate.config.resamples,
-                           seed=gate.config.seed, what=f"paired {what}")
+    boot = mine.samples.bootstrap(paired, gate.config.alpha, resamples=gate.config.resamples, seed=gate.config.seed,
+                                  what=f"paired {what}")
     result.delta_interval = boot.interval
     if mine.samples.spec.comparison == "exact_paired" and check.kind == "not_worse_than_baseline":
         table = stats.pair_table(mine.samples.columns["outcome"], theirs.samples.columns["outcome"][order])
@@ -208,9 +208,32 @@ def _results_say_higher(candidate: Results, baseline: Results, check, key: str, 
     return higher if higher is not None else higher_is_better(baseline, check.task, baseline_key)
 
 
+def _types(check, index: int, gate: Gate, candidate: Results, baseline: Results) -> CheckResult:
+    """types_not_worse: the family's verdict; value = how many types are worse, p = the smallest adjusted p."""
+    from debias_plugin.gate.report import p_value
+    from debias_plugin.gate.types import types_not_worse
+
+    config = gate.config
+    try:
+        verdict = types_not_worse(candidate, baseline, config.alpha, resamples=config.resamples, seed=config.seed)
+    except DebiasError as err:
+        raise DebiasError(f"{gate.path}, {gate.where('checks', index, 'types_not_worse')}: {err}") from None
+    worse = verdict.worse
+    note = ("worse: " + ", ".join(f"{row.name} ({row.baseline:.4g} -> {row.candidate:.4g}, Holm p = "
+                                  f"{p_value(row.adjusted_p)})" for row in worse)) if worse else \
+        f"none of {len(verdict.rows)} worse"
+    return CheckResult(check.title, "crows_bias_<type>/pct_stereotype, stereoset_bias/ss_<domain>", check.kind,
+                       check.requirement, gate.line("checks", index), verdict.passed, float(len(worse)),
+                       p_value=min(row.adjusted_p for row in verdict.rows),
+                       method="exact paired tests per CrowS type, paired bootstrap per StereoSet domain, Holm",
+                       note=note, types=[dataclasses.asdict(row) for row in verdict.rows])
+
+
 def run_check(check, index: int, gate: Gate, candidate: Results, baseline: Results | None) -> CheckResult:
     started = time.perf_counter()
-    if check.kind in ("within", "min", "max"):
+    if check.kind == "types_not_worse":
+        result = _types(check, index, gate, candidate, baseline)
+    elif check.kind in ("within", "min", "max"):
         result = _single(check, index, gate, candidate)
     else:
         result = _compared(check, index, gate, candidate, baseline)

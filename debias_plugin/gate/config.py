@@ -14,28 +14,36 @@ from debias_plugin.scoring.specs import find_spec, spec
 from debias_plugin.yamlfile import (ConfigFileError, TaskMetric, field_text, line_of, read_yaml, schema_keys,
                                     validation_problems)
 
-CHECK_KINDS = ("within", "min", "max", "not_worse_than_baseline", "max_relative_increase")
-BASELINE_KINDS = ("not_worse_than_baseline", "max_relative_increase")
+CHECK_KINDS = ("within", "min", "max", "not_worse_than_baseline", "max_relative_increase", "types_not_worse")
+BASELINE_KINDS = ("not_worse_than_baseline", "max_relative_increase", "types_not_worse")
+TYPES_NOT_WORSE_TITLE = "no CrowS type or StereoSet domain farther from 50 than the baseline (Holm)"
 
 
 class CheckConfig(BaseModel):
-    """One check: a task/metric from the lm-eval results and exactly one requirement on it."""
+    """One check: a task/metric from the lm-eval results and exactly one requirement on it (types_not_worse: every
+    CrowS type and StereoSet domain in the results, no metric)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    metric: TaskMetric
+    metric: TaskMetric | None = None
     name: str | None = None
     within: list[float] | None = Field(None, min_length=2, max_length=2)
     min: float | None = None
     max: float | None = None
     not_worse_than_baseline: Literal[True] | None = None
     max_relative_increase: float | None = Field(None, ge=0)
+    types_not_worse: Literal[True] | None = None
 
     @model_validator(mode="after")
     def _one_requirement(self):
         given = [kind for kind in CHECK_KINDS if getattr(self, kind) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of {', '.join(CHECK_KINDS)} (found {', '.join(given) or 'none'})")
+        if (self.metric is None) != (self.types_not_worse is not None):
+            raise ValueError("types_not_worse tests every CrowS type and StereoSet domain, so it takes no metric"
+                             if self.metric is not None else "give the metric to check (task/metric)")
+        if self.types_not_worse is not None:
+            return self
         if self.within is not None and not self.within[0] < self.within[1]:
             raise ValueError(f"within needs [low, high] with low < high (found {self.within})")
         gap_metric = find_spec(self.metric_name)
@@ -51,12 +59,12 @@ class CheckConfig(BaseModel):
         return next(kind for kind in CHECK_KINDS if getattr(self, kind) is not None)
 
     @property
-    def task(self) -> str:
-        return self.metric.split("/", 1)[0]
+    def task(self) -> str | None:
+        return self.metric.split("/", 1)[0] if self.metric else None
 
     @property
-    def metric_name(self) -> str:
-        return self.metric.split("/", 1)[1]
+    def metric_name(self) -> str | None:
+        return self.metric.split("/", 1)[1] if self.metric else None
 
     @property
     def requirement(self) -> str:
@@ -69,10 +77,14 @@ class CheckConfig(BaseModel):
             return f"<= {self.max:g}"
         if kind == "not_worse_than_baseline":
             return "not worse than baseline"
+        if kind == "types_not_worse":
+            return "no type worse than baseline"
         return f"relative increase vs baseline <= {self.max_relative_increase:g}"
 
     @property
     def title(self) -> str:
+        if self.kind == "types_not_worse":
+            return self.name or TYPES_NOT_WORSE_TITLE
         return self.name or f"{self.metric} {self.requirement}"
 
 

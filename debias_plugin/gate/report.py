@@ -42,7 +42,8 @@ class GateReport:
         return 0 if self.passed else 1
 
     def to_dict(self) -> dict:
-        checks = [_finite(dataclasses.asdict(check)) for check in self.checks]
+        checks = [_finite({key: value for key, value in dataclasses.asdict(check).items()
+                           if key != "types" or value is not None}) for check in self.checks]
         return {"schema": REPORT_SCHEMA, "gate": self.gate, "name": self.name, "passed": self.passed,
                 "alpha": self.alpha, "candidate": self.candidate, "baseline": self.baseline,
                 "checks": checks, "seconds": round(self.seconds, 3), "created_utc": self.created_utc}

@@ -131,6 +131,17 @@ class MetricSamples:
     def unit_name(self) -> str:
         return self.spec.unit
 
+    @property
+    def strata(self) -> np.ndarray | None:
+        """Each unit's stratum where the spec resamples within strata (CrowS bias types), else None."""
+        return self.columns["stratum"] if self.spec.stratified else None
+
+    def bootstrap(self, statistic: stats.Statistic, alpha: float, *, resamples: int, seed: int,
+                  what: str | None = None) -> stats.BootstrapResult:
+        """The percentile bootstrap the spec declares (stratified for per-type metrics) of statistic over units."""
+        return stats.bootstrap(statistic, self.units, alpha, resamples=resamples, seed=seed,
+                               what=what or self.unit_name, strata=self.strata)
+
     def statistic(self) -> stats.Statistic:
         """The metric recomputed on chosen unit indices (the gate's bootstraps and its point check)."""
         columns, estimator = self.columns, self.spec.estimator
@@ -146,6 +157,8 @@ class MetricSamples:
             return stats.perplexity_statistic(columns["loglikelihood"])
         if estimator == "stereoset":
             return stats.stereoset_statistic(columns["ss"], columns["lms"], self.spec.part)
+        if estimator in ("type_mean_gap", "worst_type_gap"):
+            return stats.type_gap_statistic(columns["outcome"], columns["stratum"], estimator == "worst_type_gap")
         if estimator == "bbq_amb_bias":
             acc, biased, non_unknown = columns["acc"], columns["n_biased"], columns["n_non_unknown"]
             return lambda idx: amb_bias_score(acc[idx], biased[idx], non_unknown[idx])
@@ -216,6 +229,12 @@ def _columns(records: list, spec: MetricSpec) -> tuple[list, list, dict[str, np.
     if estimator in ("bbq_amb_bias", "bbq_disamb_bias"):
         rows = np.array([_numbers(value, 3) for value in values])
         return keys, hashes, {"acc": rows[:, 0], "n_biased": rows[:, 1], "n_non_unknown": rows[:, 2]}
+    if spec.stratified:
+        if not all(isinstance(v, (list, tuple)) and len(v) == 2 and isinstance(v[0], str) and _is_number(v[1])
+                   and v[1] in (0, spec.scale) for v in values):
+            raise _Mismatch
+        strata = np.unique([value[0] for value in values], return_inverse=True)[1]
+        return keys, hashes, {"outcome": np.array([float(v[1]) / spec.scale for v in values]), "stratum": strata}
     if not all(map(_is_number, values)):
         raise _Mismatch
     if estimator == "proportion":
@@ -288,3 +307,32 @@ def same_point(first: float, second: float) -> bool:
     if math.isnan(first) or math.isnan(second):
         return math.isnan(first) and math.isnan(second)
     return math.isclose(first, second, rel_tol=1e-6, abs_tol=1e-9)
+
+
+CROWS_OVERALL_TASK = "crows_bias_overall"
+
+
+def crows_type_samples(results: Results, metric: str = "type_mean_gap") -> MetricSamples | None:
+    """Per-pair [bias_type, outcome] data of a per-type CrowS metric: crows_bias_overall's own samples, else the
+    per-type tasks' pct_stereotype samples pooled with their task as the type; None without per-pair data."""
+    from debias_plugin.data.crows import CROWS_TYPE_TASKS
+
+    if CROWS_OVERALL_TASK in results.data["results"]:
+        samples, _ = metric_samples(results, CROWS_OVERALL_TASK, metric)
+        if samples is not None:
+            return samples
+    keys, hashes, outcomes, types = [], [], [], []
+    for task in CROWS_TYPE_TASKS:
+        if task not in results.data["results"]:
+            continue
+        samples, _ = metric_samples(results, task, "pct_stereotype")
+        if samples is None:
+            return None
+        keys += samples.keys
+        hashes += samples.hashes
+        outcomes.append(samples.columns["outcome"])
+        types += [task] * samples.units
+    if not keys:
+        return None
+    strata = np.unique(types, return_inverse=True)[1]
+    return MetricSamples(spec(metric), keys, hashes, {"outcome": np.concatenate(outcomes), "stratum": strata})

@@ -134,12 +134,15 @@ def farther_from_half(table: PairTable) -> TestResult:
 
 
 def bootstrap(statistic: Statistic, units: int, alpha: float, *, resamples: int = DEFAULT_RESAMPLES,
-              seed: int = 0, what: str = "units") -> BootstrapResult:
-    """Percentile bootstrap of statistic(idx) over `units` resampled with replacement (scipy.stats.bootstrap)."""
+              seed: int = 0, what: str = "units", strata: np.ndarray | None = None) -> BootstrapResult:
+    """Percentile bootstrap of statistic(idx) over `units` resampled with replacement (scipy.stats.bootstrap);
+    with `strata` (a label per unit), stratified_bootstrap."""
     from scipy.stats import bootstrap as scipy_bootstrap
 
     if units < 2:
         raise ValueError(f"a bootstrap needs at least 2 {what}, got {units}")
+    if strata is not None:
+        return stratified_bootstrap(statistic, strata, alpha, resamples=resamples, seed=seed, what=what)
     indices = np.arange(units)
     result = scipy_bootstrap((indices,), lambda idx, axis=-1: statistic(idx), n_resamples=resamples,
                              batch=_BATCH, vectorized=True, confidence_level=1 - alpha, method="percentile",
@@ -148,6 +151,40 @@ def bootstrap(statistic: Statistic, units: int, alpha: float, *, resamples: int 
     return BootstrapResult(float(statistic(indices)), Interval(float(ci.low), float(ci.high), 1 - alpha,
                                                                f"percentile bootstrap over {what}, B={resamples}"),
                            result.bootstrap_distribution)
+
+
+def stratified_indices(strata: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """(resamples, n) unit indices, each stratum's units drawn with replacement from that stratum only, in place."""
+    strata = np.asarray(strata)
+    indices = np.empty((resamples, strata.size), dtype=np.intp)
+    for stratum in np.unique(strata):
+        members = np.flatnonzero(strata == stratum)
+        indices[:, members] = members[rng.integers(0, members.size, size=(resamples, members.size))]
+    return indices
+
+
+def stratified_bootstrap(statistic: Statistic, strata: np.ndarray, alpha: float, *,
+                         resamples: int = DEFAULT_RESAMPLES, seed: int = 0, what: str = "units") -> BootstrapResult:
+    """Percentile bootstrap resampling units within their strata (e.g. CrowS pairs within bias types), so every
+    resample keeps each stratum's size: a per-type statistic never sees a type grow, shrink or vanish."""
+    strata = np.asarray(strata)
+    rng = np.random.default_rng(seed)
+    distribution = np.concatenate([statistic(stratified_indices(strata, min(_BATCH, resamples - start), rng))
+                                   for start in range(0, resamples, _BATCH)])
+    low, high = np.percentile(distribution, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    method = f"stratified percentile bootstrap over {what} within {np.unique(strata).size} strata, B={resamples}"
+    return BootstrapResult(float(statistic(np.arange(strata.size))),
+                           Interval(float(low), float(high), 1 - alpha, method), distribution)
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjusted p-values (family-wise error at alpha when rejecting adjusted p < alpha)."""
+    p_values = np.asarray(p_values, float)
+    order = np.argsort(p_values, kind="stable")
+    steps = (p_values.size - np.arange(p_values.size)) * p_values[order]
+    adjusted = np.empty_like(p_values)
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate(steps))
+    return adjusted
 
 
 def bootstrap_bound_p(distribution: np.ndarray, bound: float, side: Side) -> float:
@@ -202,6 +239,24 @@ def stereoset_statistic(ss_per_target: np.ndarray, lms_per_target: np.ndarray,
         if metric == "lms":
             return lms
         return icat(lms, ss)
+
+    return statistic
+
+
+def type_gap_statistic(outcomes: np.ndarray, strata: np.ndarray, worst: bool = False) -> Statistic:
+    """Mean (or, worst=True, largest) over strata of |100 * mean outcome - 50| on the chosen units: CrowS's
+    type_mean_gap / worst_type_gap (scoring.crows) recomputed per resample; outcomes are 0/1."""
+    outcomes, strata = np.asarray(outcomes, float), np.asarray(strata)
+    labels = np.unique(strata)
+
+    def statistic(idx):
+        chosen, kinds = outcomes[idx], strata[idx]
+        gaps = []
+        for label in labels:
+            member = kinds == label
+            gaps.append(gap(100.0 * (chosen * member).sum(axis=-1) / member.sum(axis=-1)))
+        gaps = np.stack(gaps, axis=-1)
+        return gaps.max(axis=-1) if worst else gaps.mean(axis=-1)
 
     return statistic
 

@@ -27,8 +27,12 @@ Ideal = Literal["center", "high", "low"]
 #   bbq_amb_bias        (acc, n_biased, n_non_unknown, disambiguated); scoring.bbq.amb_bias_score
 #   bbq_disamb_bias     the same tuple; scoring.bbq.disamb_bias_score
 #   gap                 |x - center| of the metric named by gap_of: that metric's data, its interval mapped
+#   type_mean_gap       [bias_type, outcome 0/scale]; mean over types of |pct_t - 50|, pairs resampled within types
+#   worst_type_gap      the same items; the largest |pct_t - 50|, pairs resampled within types
 Estimator = Literal["proportion", "mean", "perplexity", "weighted_perplexity", "bits_per_byte", "stereoset",
-                    "bbq_amb_bias", "bbq_disamb_bias", "gap"]
+                    "bbq_amb_bias", "bbq_disamb_bias", "gap", "type_mean_gap", "worst_type_gap"]
+# Estimators whose units fall into strata (CrowS bias types): a bootstrap resamples units within each stratum.
+STRATIFIED: tuple[Estimator, ...] = ("type_mean_gap", "worst_type_gap")
 # How two models are compared on the same items: exact McNemar/sign tests on paired outcomes, a paired bootstrap,
 # or (perplexities) a ratio, candidate / baseline - 1, beside the paired bootstrap of the difference.
 Comparison = Literal["exact_paired", "paired_bootstrap", "relative"]
@@ -69,6 +73,10 @@ class MetricSpec:
     def centered(self) -> bool:
         return self.ideal == "center"
 
+    @property
+    def stratified(self) -> bool:
+        return self.estimator in STRATIFIED
+
     def distance(self, value):
         """|value - center| for a centered metric (0 = no preference either way); arrays work too."""
         if self.center is None:
@@ -87,6 +95,8 @@ def _crows() -> list[MetricSpec]:
         *(MetricSpec(f"pct_stereotype_{direction}", f"pct ({direction})", documents="marked", **pct)
           for direction in DIRECTIONS),
         MetricSpec("likelihood_diff", "likelihood diff", "low", "pairs", "mean", "paired_bootstrap", digits=3),
+        *(MetricSpec(name, display, "low", "pairs", name, "paired_bootstrap", scale=100.0, digits=2)
+          for name, display in (("type_mean_gap", "type-mean gap"), ("worst_type_gap", "worst-type gap"))),
     ]
 
 

@@ -38,8 +38,7 @@ def _interval(samples, metric: str, alpha: float, resamples: int, seed: int) -> 
         return {"low": interval.low * samples.scale, "high": interval.high * samples.scale, "method": interval.method}
     if samples.units < 2:
         return None
-    result = stats.bootstrap(samples.statistic(), samples.units, alpha, resamples=resamples, seed=seed,
-                             what=samples.unit_name)
+    result = samples.bootstrap(samples.statistic(), alpha, resamples=resamples, seed=seed)
     low, high = finite_or_none(result.interval.low), finite_or_none(result.interval.high)
     if low is None or high is None:
         return None
