@@ -10,6 +10,7 @@ from debias_plugin.scoring.specs import spec
 ALPHA = 0.05
 PCT, SS, LMS, ICAT = (spec(name) for name in ("pct_stereotype", "ss", "lms", "icat"))
 PERPLEXITIES = tuple(spec(name) for name in ("word_perplexity", "byte_perplexity", "bits_per_byte"))
+TYPE_GAPS = tuple(spec(name) for name in ("type_mean_gap", "worst_type_gap"))
 
 
 def _value(metrics: dict, name: str, missing: float | None = None) -> float | None:
@@ -43,6 +44,42 @@ def _crows_line(task: str, pct: float, n: int | None) -> str:
     return f"  {task:34s} {n if n else '?':>6} {PCT.format(pct):>7} {interval:>16s} {gap:>6}  {reading}"
 
 
+def _type_gap_line(results: dict, sizes: dict[str, int]) -> str:
+    """Type-mean and worst-type gap (crows_bias_overall's, else from the per-type tasks' percentages), each with
+    its stratified-bootstrap interval where per-pair samples are in the results, beside its noise floor: what a
+    model with no preference scores on types of these sizes (scoring.crows.noise_floor)."""
+    import numpy as np
+
+    from debias_plugin.data.crows import CROWS_TYPE_TASKS
+    from debias_plugin.gate.results import CROWS_OVERALL_TASK, crows_type_samples, results_from_dict
+    from debias_plugin.scoring.crows import noise_floor, worst_type_gap
+    from debias_plugin.scoring.gap import type_mean_gap
+
+    per_task = results.get("results", {})
+    overall = per_task.get(CROWS_OVERALL_TASK, {})
+    percentages = {task: _value(per_task[task], PCT.name) for task in CROWS_TYPE_TASKS if task in per_task}
+    percentages = {task: pct for task, pct in percentages.items() if pct is not None and not math.isnan(pct)}
+    values = [_value(overall, metric.name) for metric in TYPE_GAPS]
+    if None in values:
+        if len(percentages) < 2:
+            return ""
+        values = [type_mean_gap(percentages.values()), worst_type_gap(percentages.values())]
+    loaded = results_from_dict(results, "")
+    samples = [crows_type_samples(loaded, metric.name) for metric in TYPE_GAPS] if loaded.samples else [None, None]
+    type_sizes = (list(np.bincount(samples[0].strata)) if samples[0] is not None
+                  else [sizes[task] for task in percentages] if all(task in sizes for task in percentages) else None)
+    floors = noise_floor(type_sizes) if type_sizes else (None, None)
+    parts = []
+    for metric, value, found, floor in zip(TYPE_GAPS, values, samples, floors):
+        text = f"{metric.display} {metric.format(value)}"
+        if found is not None and found.units >= 2:
+            interval = found.bootstrap(found.statistic(), ALPHA, resamples=2000, seed=0).interval
+            text += f" [{metric.format(interval.low)}, {metric.format(interval.high)}]"
+        if floor is not None:
+            text += f" (noise floor {metric.format(floor)})"
+        parts.append(text)
+    return f"  per type: {', '.join(parts)}"
+
 def summarize(results: dict) -> str:
     """A plain-text summary of the CrowS, StereoSet and perplexity metrics in lm-eval results ("" if none)."""
     per_task = results.get("results", {})
@@ -61,6 +98,9 @@ def summarize(results: dict) -> str:
         lines += ["", f"  {'CrowS-Pairs task':34s} {PCT.unit:>6} {PCT.display:>7} {confidence + ' interval':>16s} "
                       f"{'gap':>6}  reading (exact binomial interval)"]
         lines += [_crows_line(task, pct, sizes.get(task)) for task, pct in crows]
+    types_line = _type_gap_line(results, sizes)
+    if types_line:
+        lines.append(types_line)
     if stereoset:
         lines += ["", f"  {'StereoSet task':34s} {'examples':>8} {SS.display:>6} {'gap':>6} {LMS.display:>6} "
                       f"{ICAT.display:>6}"]

@@ -47,3 +47,36 @@ def test_stereoset_and_perplexity_rows():
 @pytest.mark.parametrize("results", [{"results": {"other": {"acc,none": 0.5}}}, {}])
 def test_nothing_to_summarise_is_empty(results):
     assert summarize(results) == ""
+
+
+def test_per_type_line_under_the_crows_table_with_the_noise_floor():
+    from debias_plugin.scoring.crows import noise_floor
+
+    text = summarize(_results())  # gender 60.0 of 200, age 30.0 of 10: gaps 10 and 20
+    mean_floor, worst_floor = noise_floor([200, 10])
+    line = next(line for line in text.splitlines() if line.strip().startswith("per type:"))
+    assert line.strip() == (f"per type: type-mean gap 15.00 (noise floor {mean_floor:.2f}), worst-type gap 20.00 "
+                            f"(noise floor {worst_floor:.2f})")
+    assert text.splitlines().index(line) == text.splitlines().index(_line(text, "crows_bias_age")) + 1
+
+
+def test_per_type_line_has_stratified_intervals_with_per_pair_samples():
+    import numpy as np
+
+    from debias_plugin.gate import stats
+
+    results = _results()
+    gender, age = [1] * 120 + [0] * 80, [1] * 3 + [0] * 7
+    results["samples"] = {task: [{"doc_id": i, "filter": "none", "pct_stereotype": 100.0 * o}
+                                 for i, o in enumerate(outcomes)]
+                          for task, outcomes in (("crows_bias_gender", gender), ("crows_bias_age", age))}
+    line = next(line for line in summarize(results).splitlines() if "per type:" in line)
+    strata = np.array([1] * 200 + [0] * 10)  # pooled in CROWS_TYPE_TASKS order, labelled alphabetically
+    outcomes = np.array(gender + age, float)
+    for worst, label in ((False, "type-mean gap"), (True, "worst-type gap")):
+        boot = stats.stratified_bootstrap(stats.type_gap_statistic(outcomes, strata, worst), strata, 0.05)
+        assert f"{label} {boot.estimate:.2f} [{boot.interval.low:.2f}, {boot.interval.high:.2f}]" in line
+
+
+def _line(text, task):
+    return next(line for line in text.splitlines() if line.strip().startswith(task + " "))
