@@ -254,3 +254,20 @@ def test_cli_writes_json_refuses_overwrite_and_reports_bad_files(tmp_path, tiny_
     err = capsys.readouterr().err
     assert caught.value.code == 2 and str(folder / "broken.jsonl") in err and "line 3" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("case", ["same attributes", "permuted attributes", "mirrored within rounding"])
+def test_degenerate_sets_are_an_error_not_rounding_noise(case):
+    """A and B the same sentences (in any order), or targets whose associations differ only by rounding."""
+    from debias_plugin.errors import DebiasError
+    from debias_plugin.scoring.seat import effect_size_from_associations, seat_score
+
+    rng = np.random.default_rng(0)
+    x, y, a = (rng.normal(size=(6, 8)) for _ in range(3))
+    if case == "mirrored within rounding":
+        with pytest.raises(DebiasError, match="up to rounding"):
+            effect_size_from_associations(np.full(6, 0.1), np.full(6, 0.1) + 1e-15 * rng.normal(size=6))
+        return
+    b = a.copy() if case == "same attributes" else a[::-1].copy()
+    with pytest.raises(DebiasError, match="A and B hold the same embeddings"):
+        seat_score(x, y, a, b, n_samples=10)

@@ -54,20 +54,33 @@ def _unit_rows(matrix, name: str) -> np.ndarray:
     return rows / norms
 
 
+def _rows_sorted(rows: np.ndarray) -> np.ndarray:
+    return rows[np.lexsort(rows.T[::-1])]
+
+
 def associations(targets, attr_a, attr_b) -> np.ndarray:
     """s(w, A, B) for every row w of `targets`."""
     w = _unit_rows(targets, "the targets")
     a, b = _unit_rows(attr_a, "attribute set A"), _unit_rows(attr_b, "attribute set B")
+    if a.shape == b.shape and np.allclose(_rows_sorted(a), _rows_sorted(b), rtol=0, atol=1e-12):
+        raise DebiasError("SEAT: the attribute sets A and B hold the same embeddings; every association is 0 and "
+                          "the effect size is undefined.")
     if not w.shape[1] == a.shape[1] == b.shape[1]:
         raise DebiasError(f"SEAT: embedding sizes differ ({w.shape[1]}, {a.shape[1]}, {b.shape[1]}).")
     return (w @ a.T).mean(axis=1) - (w @ b.T).mean(axis=1)
 
 
+# Associations are differences of mean cosines (|s| <= 2): a spread below this is rounding noise, not a signal.
+ROUNDING_SPREAD = 1e-9
+
+
 def effect_size_from_associations(s_x: np.ndarray, s_y: np.ndarray) -> float:
     """d from the per-target associations of X and Y (sample standard deviation over X u Y)."""
     spread = np.std(np.concatenate([s_x, s_y]), ddof=1)
-    if spread == 0:
-        raise DebiasError("SEAT: every target has the same association s(w, A, B); the effect size is undefined.")
+    if not spread > ROUNDING_SPREAD:
+        raise DebiasError(f"SEAT: every target has the same association s(w, A, B) up to rounding (standard "
+                          f"deviation {spread:.2g}); the effect size would be rounding noise. Are the attribute sets "
+                          "A and B the same sentences, or do they mirror each other?")
     return float((s_x.mean() - s_y.mean()) / spread)
 
 
