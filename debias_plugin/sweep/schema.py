@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from debias_plugin.yamlfile import ConfigFileError, Label, TaskMetric, field_text, line_of, schema_keys
 
@@ -60,6 +60,56 @@ class BudgetRule(BaseModel):
         return f"<= {self.max:g}" if self.kind == "max" else f">= {self.min:g}"
 
 
+class KnobRange(BaseModel):
+    """One knob of a sampled search: its range, optionally on a log scale or a step grid."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    low: float
+    high: float
+    step: float | None = Field(None, gt=0)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high:
+            raise ValueError(f"give low < high (found low {self.low:g}, high {self.high:g})")
+        if self.log and (self.low <= 0 or self.step is not None):
+            raise ValueError("log needs low > 0 and no step")
+        return self
+
+
+SAMPLERS = ("tpe", "gp", "nsga2")
+
+
+class KnobSearch(BaseModel):
+    """Several knobs at once: Optuna's sampler proposes `trials` settings, `batch` at a time."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    sampler: Literal["tpe", "gp", "nsga2"] = "tpe"
+    trials: int = Field(ge=1, le=512)
+    seed: int = 0
+    batch: int | None = Field(None, ge=1, le=64)
+    startup: int | None = Field(None, ge=1)
+    knobs: dict[str, KnobRange] = Field(min_length=1, max_length=6)
+
+    @property
+    def batch_size(self) -> int:
+        """Proposals made together from the settings finished before them (NSGA-II's population)."""
+        return self.batch or (min(4, self.trials) if self.sampler == "nsga2" else 1)
+
+    @property
+    def startup_trials(self) -> int:
+        """Random proposals before TPE / GP model the results (Optuna's n_startup_trials)."""
+        return self.startup or min(10, max(1, self.trials // 3))
+
+
+def is_knob_search(value) -> bool:
+    """`search: {sampler, trials, knobs, ...}` (several knobs) rather than `search: {knob: [low, high]}`."""
+    return isinstance(value, dict) and any(key in value for key in ("knobs", "sampler", "trials"))
+
+
 class SweepConfig(BaseModel):
     """Everything a sweep needs; see the module docstring for an example."""
 
@@ -86,7 +136,24 @@ class SweepConfig(BaseModel):
     alpha: float = Field(0.05, gt=0, le=0.5)
     resamples: int = Field(1000, ge=100)
     seed: int = 0
+    sampling: KnobSearch | None = None  # written as `search:` with knobs (see _knob_search)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _knob_search(cls, data):
+        """The several-knob form of `search` is its own field, so `search` stays the one-knob budget search."""
+        if isinstance(data, dict) and is_knob_search(data.get("search")) and "sampling" not in data:
+            data = {**data, "sampling": data["search"]}
+            del data["search"]
+        return data
+
+    @model_serializer(mode="wrap")
+    def _without_unused_sampling(self, handler):
+        """A sweep without several knobs dumps (and hashes) exactly as before the field existed."""
+        dumped = handler(self)
+        if isinstance(dumped, dict) and dumped.get("sampling") is None:
+            dumped.pop("sampling", None)
+        return dumped
 
 
 class SweepFileError(ConfigFileError):
@@ -94,7 +161,17 @@ class SweepFileError(ConfigFileError):
         super().__init__(path, problems, "sweep")
 
 
-KEYS_AT = schema_keys(SweepConfig, {"budget": BudgetRule})
+_KEYS_AT = schema_keys(SweepConfig, {"budget": BudgetRule})
+
+
+def KEYS_AT(loc: tuple) -> tuple[str, ...]:  # noqa: N802 - the same name the one-model schema_keys had
+    """Keys allowed at a location: the schema's, and a several-knob search's (search.*, search.knobs.NAME.*)."""
+    loc = tuple("search" if i == 0 and part == "sampling" else part for i, part in enumerate(loc))
+    if loc[:1] == ("search",) and len(loc) == 2:
+        return tuple(KnobSearch.model_fields)
+    if loc[:2] == ("search", "knobs") and len(loc) == 4:
+        return tuple(KnobRange.model_fields)
+    return tuple(key for key in _KEYS_AT(loc) if len(loc) != 1 or key != "sampling")
 
 
 def expand_variables(value, loc: tuple, problems: list, lines):
