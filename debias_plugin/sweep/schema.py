@@ -136,6 +136,8 @@ class SweepConfig(BaseModel):
     alpha: float = Field(0.05, gt=0, le=0.5)
     resamples: int = Field(1000, ge=100)
     seed: int = 0
+    evaluation: Literal["sequential", "full"] = "sequential"  # sequential: points screened on growing chunks
+    order_seed: int = 0  # the one document order of a sequential screen
     sampling: KnobSearch | None = None  # written as `search:` with knobs (see _knob_search)
 
     @model_validator(mode="before")
