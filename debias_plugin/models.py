@@ -40,6 +40,7 @@ def check_weights(model_dir: str | Path, allow_pickle: bool = False) -> None:
         raise DebiasError(f"{model_dir}: no config.json; expected a Hugging Face model folder.")
     files = [path.name for path in model_dir.iterdir()]
     if any(name.endswith(".safetensors") for name in files):
+        _check_safetensors_headers(model_dir)
         return
     pickles = [name for name in files if name.endswith(_PICKLE_SUFFIXES)]
     if not pickles:
@@ -50,6 +51,19 @@ def check_weights(model_dir: str | Path, allow_pickle: bool = False) -> None:
             "when loaded. Convert them to safetensors, or opt in with allow_pickle (--allow-pickle) if you "
             "trust this folder."
         )
+
+
+def _check_safetensors_headers(model_dir: Path) -> None:
+    """Name the one file that is truncated or corrupt (the header and the file's length are checked; no data read)."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="numpy"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise DebiasError(f"{path}: the safetensors file is truncated or corrupt ({one_line(err)}); expected a "
+                              "complete file (re-download or re-save the model).") from None
 
 
 def load_model(model_dir: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False, dtype=None):

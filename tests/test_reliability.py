@@ -57,7 +57,7 @@ def broken_copy(tiny_model, tmp_path: Path, name: str, edit) -> Path:
 
 CORRUPTIONS = {
     "truncated_safetensors": (lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[
-        :50_000]), "model_dir"),
+        :50_000]), "weights_file"),
     "invalid_config_json": (lambda f: (f / "config.json").write_text('{"model_type": "gpt2", '), "config.json"),
     "remote_code_config": (lambda f: (f / "config.json").write_text(json.dumps(
         {**json.loads((f / "config.json").read_text()), "model_type": "my-own",
@@ -75,9 +75,17 @@ def test_broken_model_folders_are_one_paragraph(case, tiny_model, corpus, tmp_pa
     model = broken_copy(tiny_model, tmp_path, "model", edit)
     before = snapshot(model)
     result = finetune(model, tmp_path / "out", corpus)
-    assert_one_paragraph(result, needle if needle != "model_dir" else str(model))
+    assert_one_paragraph(result, needle if needle != "weights_file" else str(model / "model.safetensors"))
     assert snapshot(model) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("command", [["eval", "--model_args", "pretrained={model}", "--tasks", "crows_bias_gender",
+                                      "--limit", "2"], ["seat", "--model", "{model}", "--tests", "weat1"]])
+def test_a_truncated_weights_file_is_named_by_every_command(command, tiny_model, tmp_path):
+    model = broken_copy(tiny_model, tmp_path, "model", CORRUPTIONS["truncated_safetensors"][0])
+    result = subprocess.run([DEBIAS, *(part.format(model=model) for part in command)], capture_output=True, text=True)
+    assert_one_paragraph(result, f"{model / 'model.safetensors'}: the safetensors file is truncated")
 
 
 def test_unwritable_output_location_fails_before_training(tiny_model, corpus, tmp_path):
