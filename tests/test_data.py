@@ -177,3 +177,9 @@ def test_texts_filtered_by_column_values(data_dir, tmp_path):
     plain.write_text("one\ntwo\n")
     with pytest.raises(DataError, match=r"corpus\.txt, file type: expected a \.csv, \.tsv or \.jsonl file"):
         load_texts(plain, where={"split": "dev"})
+
+
+def test_an_absurdly_long_field_names_the_file_and_line(tmp_path):
+    path = _crows_file(tmp_path, f"0,{'word ' * 40_000},b c,stereo,gender\n")
+    with pytest.raises(DataError, match=r"pairs\.csv, line 2: expected a well-formed CSV row .*field larger than"):
+        load_crows_pairs(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +24,8 @@ def read_text(path: Path) -> str:
 def csv_rows(path: Path, required: list[str], delimiter: str = ",") -> Iterator[tuple[int, dict]]:
     """Yield (line number, row) for a CSV with a header, after checking the required columns."""
     reader = csv.DictReader(read_text(path).splitlines(keepends=True), delimiter=delimiter)
-    header = reader.fieldnames or []
+    with _csv_errors(path, reader):
+        header = reader.fieldnames or []
     missing = [name for name in required if name not in header]
     if missing:
         raise DataError(
@@ -31,11 +33,23 @@ def csv_rows(path: Path, required: list[str], delimiter: str = ",") -> Iterator[
             f"columns {header} without {', '.join(map(repr, missing))}",
         )
     row = None
-    for row in reader:
-        # reader.line_num is the last physical line of the record; fine for messages.
-        yield reader.line_num, row
+    with _csv_errors(path, reader):
+        for row in reader:
+            # reader.line_num is the last physical line of the record; fine for messages.
+            yield reader.line_num, row
     if row is None:
         raise DataError(path, "line 2", "at least one data row after the header", "no rows")
+
+
+@contextmanager
+def _csv_errors(path: Path, reader: csv.DictReader) -> Iterator[None]:
+    """csv's own errors (a field over its size limit, a NUL byte) as a DataError naming the file and line."""
+    try:
+        yield
+    except csv.Error as err:
+        raise DataError(path, f"line {reader.line_num + 1}",
+                        f"a well-formed CSV row (fields of at most {csv.field_size_limit():,} characters)",
+                        f"csv: {err}") from None
 
 
 def jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
