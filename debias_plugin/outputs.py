@@ -61,17 +61,24 @@ def _inside_by_identity(inner: Path, outer: Path) -> bool:
     return False
 
 
-def refuse_overlap(output: str | Path, inputs: Iterable[str | Path | None], what: str = "--output") -> None:
-    """The rule for every output of every command: one that is, contains or lies inside any input it reads is refused,
-    --force or not (replacing it would destroy that input)."""
+def refuse_overlap(output: str | Path, inputs: Iterable[str | Path | None], what: str = "--output", *,
+                   replaced: bool = True) -> None:
+    """The rule for every output of every command: one that is or lies inside any input it reads is refused, --force
+    or not; so is one that contains an input when the output is `replaced` as a whole (that would delete the input).
+    A folder only added to (lm-eval's timestamped results) may hold inputs."""
     out = real_path(output)
     for given in inputs:
         if given is None:
             continue
         source = real_path(given)
-        if overlaps(out, source):
+        clash = overlaps(out, source) if replaced else (out == source or _inside(out, source))
+        if clash:
             raise DebiasError(f"{what} {out} overlaps the input {source}: writing it would destroy that input. Choose "
                               "an output folder outside every input (--force does not change this).")
+
+
+def _inside(inner: Path, outer: Path) -> bool:
+    return outer in inner.parents or _inside_by_identity(inner, outer)
 
 
 def pid_alive(pid: int) -> bool:

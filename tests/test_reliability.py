@@ -144,3 +144,23 @@ def test_unknown_scheduler_and_missing_corpus_fail_before_loading(tmp_path, corp
     assert_one_paragraph(finetune(missing_model, tmp_path / "out", corpus, "--scheduler", "cosine-ish"),
                          "--scheduler")
     assert_one_paragraph(finetune(missing_model, tmp_path / "out", tmp_path / "no_corpus.txt"), "no_corpus.txt")
+
+
+@pytest.mark.parametrize("command, output", [
+    (["eval", "--model_args", "pretrained={model}", "--tasks", "crows_bias_gender", "--limit", "2",
+      "--output_path", "{output}"], "{model}/results"),
+    (["eval", "--model_args", "pretrained={model}", "--tasks", "crows_bias_gender", "--limit", "2",
+      "--output_path", "{output}"], "{data}/crows_pairs/out"),
+    (["seat", "--model", "{model}", "--tests", "weat1", "--output", "{output}"], "{data}/seat/report.json"),
+    (["seat", "--model", "{model}", "--tests", "weat1", "--output", "{output}"], "{model}/seat.json"),
+])
+def test_an_output_inside_an_implicit_input_is_refused(command, output, tiny_model, data_dir, tmp_path):
+    """The model folder and the data folder a command reads (named or not) are inputs; --force changes nothing."""
+    model = broken_copy(tiny_model, tmp_path, "model", lambda folder: None)
+    before = snapshot(model)
+    target = output.format(model=model, data=data_dir)
+    args = [part.format(model=model, output=target) for part in command]
+    result = subprocess.run([DEBIAS, *args, *(["--force"] if command[0] == "seat" else [])], capture_output=True,
+                            text=True)
+    assert_one_paragraph(result, "overlaps the input")
+    assert snapshot(model) == before and not Path(target).exists()

@@ -115,6 +115,18 @@ def check_arguments(args: list[str], flags: argparse.Namespace, allow_pickle: bo
     return args
 
 
+def refuse_output_over_inputs(output: Path, flags: argparse.Namespace) -> None:
+    """lm-eval writes into --output_path: never the model folder, the data it reads or the task definitions."""
+    from debias_plugin.lm_eval.run import include_path, parse_model_args
+    from debias_plugin.outputs import refuse_overlap
+    from debias_plugin.paths import data_root
+
+    pretrained = parse_model_args(flags.model_args).get("pretrained")
+    inputs = [pretrained if pretrained and Path(str(pretrained)).is_dir() else None, data_root(),
+              *(flags.include_path or include_path()).split(",")]
+    refuse_overlap(output, inputs, "--output_path", replaced=False)
+
+
 def resolve_builtin_models(args: list[str]) -> list[str]:
     """pretrained=builtin:NAME in --model_args -> the built-in model's folder (materialised once)."""
     from debias_plugin.default_model import BUILTIN_PREFIX, resolve_model
@@ -136,6 +148,8 @@ def run_lm_eval(args: list[str]) -> None:
     flags = read_flags(args)
     args = lm_eval_arguments(check_arguments(args, flags, allow_pickle), flags)
     output = read_flags(args).output_path  # "." is a folder too: Path(".") would equal Path("")
+    if output:
+        refuse_output_over_inputs(Path(output), read_flags(args))
     started = time.time()
     run_cli(args)
     if output and int(os.environ.get("RANK", "0")) == 0:

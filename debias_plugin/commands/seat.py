@@ -45,7 +45,10 @@ def seat_command(model, tests, pooling, output, force, seat_dir, n_samples, seed
     if output:
         from debias_plugin.outputs import OutputFolder, write_text_atomically
 
-        target = OutputFolder(output, inputs=[model, seat_dir], force=force)  # checks only; we write one file
+        from debias_plugin.data.seat import seat_folder
+
+        # checks only (we write one file); the SEAT folder read is an input even when it is the default one
+        target = OutputFolder(output, inputs=[model, seat_folder(seat_dir)], force=force)
         if target.path.is_dir():
             raise DebiasError(f"--output {target.path} is a folder; expected a .json file path.")
     report = run_seat(model, tests, pooling, seat_dir=seat_dir, n_samples=n_samples, seed=seed,
