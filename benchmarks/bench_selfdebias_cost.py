@@ -7,7 +7,7 @@ forwarded, each task's headline metric (pct_stereotype moves with debiasing), th
 The default model is a tiny seeded GPT-2 built in a temporary folder (tests/tiny_models.py).
 
     python benchmarks/bench_selfdebias_cost.py [--model DIR] [--tasks crows_bias_gender] [--limit N]
-        [--repeats 2] [--batch-size 16] [--selfdebias-args bias_types=doc,decay_constant=50] [--json OUT]
+        [--repeats 2] [--batch-size 16] [--threads N] [--selfdebias-args bias_types=doc,decay_constant=50] [--json OUT]
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     parser.add_argument("--selfdebias-args", default="", help="hf-selfdebias model arguments, key=value,...")
     parser.add_argument("--json", help="write the measurements here")
     args = parser.parse_args()
@@ -70,6 +71,8 @@ def main() -> None:
 
     from debias_plugin.lm_eval import register_models, run
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model or tiny_model(Path(scratch))
         register_models()

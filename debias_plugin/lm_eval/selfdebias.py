@@ -49,7 +49,7 @@ PREFIXES = {bias_type: f"The following text discriminates against people because
                 "disability": "disability", "nationality": "nationality", "sexual-orientation": "sexual orientation",
                 "physical-appearance": "physical appearance", "religion": "religion", "age": "age"}.items()}
 DOC_TYPES = {**{bias_type: bias_type for bias_type in PREFIXES}, "race": "race-color", "profession": "socioeconomic"}
-# full-vocabulary log-prob rows held at once (all 1 + k inputs of the requests being debiased): 256 MB of float32
+# full-vocabulary rows held at once (x's log-probs, the max over prefixes, one prefix's): 256 MB of float32
 ROW_ELEMENTS = 1 << 26
 _MODES = ("doc", "all", "none")
 
@@ -174,7 +174,7 @@ class SelfDebiasScorer:
         vocab = self.scorer.model.get_output_embeddings().weight.shape[0]
         chunk, rows = [], 0
         for index in sorted(range(len(requests)), key=lambda i: tuple(requests[i][0])):
-            size = (1 + len(self.prefixes)) * len(requests[index][1]) * vocab
+            size = min(3, 1 + len(self.prefixes)) * len(requests[index][1]) * vocab  # x's, the max, a prefix's
             if chunk and rows + size > self.row_elements:
                 self._score_chunk(chunk, requests, answers)
                 chunk, rows = [], 0
@@ -190,10 +190,13 @@ class SelfDebiasScorer:
 
         xs = [list(requests[index][0]) for index in chunk]
         counts = [len(requests[index][1]) for index in chunk]
-        # one packing per prefix: its inputs share it as one token tree, and short rows are not padded to long ones
-        groups = [xs] + [[self.prefixed(x, prefix) for x in xs] for prefix in self.prefixes]
-        log_probs = torch.stack([self.log_prob_rows(inputs, counts) for inputs in groups])
-        debiased = self_debiased_log_probs(log_probs, self.decay_constant, self.epsilon)
+        # one packing per prefix: its inputs share it as one token tree, and short rows are not padded to long ones;
+        # only the running max over prefixes is kept
+        log_probs, prefixed_max = self.log_prob_rows(xs, counts), None
+        for prefix in self.prefixes:
+            probs = self.log_prob_rows([self.prefixed(x, prefix) for x in xs], counts).exp_()
+            prefixed_max = probs if prefixed_max is None else torch.maximum(prefixed_max, probs, out=prefixed_max)
+        debiased = self_debiased_log_probs(log_probs, prefixed_max, self.decay_constant, self.epsilon)
         targets = torch.tensor([t for index in chunk for t in requests[index][1]], device=debiased.device)
         picked = debiased.gather(1, targets[:, None])[:, 0]
         hits = debiased.argmax(-1) == targets
@@ -234,17 +237,13 @@ class SelfDebiasScorer:
         return out
 
 
-def self_debiased_log_probs(log_probs, decay_constant: float, epsilon: float):
-    """log p̃ by the paper's formula from [1 + k, n, vocab] log-probs (row 0: x alone; rows 1..k: prefixed)."""
+def self_debiased_log_probs(log_probs, prefixed_max, decay_constant: float, epsilon: float):
+    """log p̃ by the paper's formula: log_probs [n, vocab] of x alone, prefixed_max [n, vocab] = max_i p(w | s_i x)
+    (so Δ = p - prefixed_max = min_i p - p_i)."""
     import torch
 
-    regular = log_probs[0]
-    if len(log_probs) == 1:
-        return regular
-    probs = log_probs.exp()
-    delta = probs[0] - probs[1:].max(dim=0).values
+    delta = log_probs.exp() - prefixed_max
     floor = math.log(epsilon) if epsilon > 0 else -math.inf
     decayed = (decay_constant * delta).clamp(min=floor)  # λΔ; nan where λ = inf and Δ = 0, never selected
-    log_alpha = torch.where(delta >= 0, torch.zeros_like(delta), decayed)
-    debiased = regular + log_alpha
+    debiased = log_probs + torch.where(delta >= 0, torch.zeros_like(delta), decayed)  # + log α
     return debiased - debiased.logsumexp(dim=-1, keepdim=True)
