@@ -6,7 +6,8 @@ A sweep varies one debiasing stage's knob(s) and evaluates every setting with lm
     method: negate                        # negate, or any registered training stage (debias_plugin.methods)
     fixed: {adapter: runs/dghs_lora}      # the stage's options that stay fixed (its CLI flags, with underscores)
     grid: {lambda: [0.1, 0.2, 0.5]}       # settings to try, all combinations ...
-    search: {lambda: [0, 1]}              # ... or one knob's range for the budget search
+    search: {lambda: [0, 1]}              # ... or one knob's range for the budget search ...
+    search: {sampler: tpe, trials: 24, knobs: {lambda: {low: 0, high: 1}, mu: {low: 0, high: 1}}}  # ... or Optuna
     checkpoints: [10, 20, 30]             # training stages: evaluate these steps of ONE run
     evaluate: [crows_bias, stereoset_bias, wikitext2_ppl]
     objective: crows_bias/pct_stereotype  # |value - target| is minimised (target: 50)
@@ -31,7 +32,7 @@ from pydantic import ValidationError
 from debias_plugin.errors import DebiasError
 from debias_plugin.sweep.schema import SweepConfig, SweepFileError, KEYS_AT, expand_variables
 from debias_plugin.sweep.stage import stage_class, stage_problems
-from debias_plugin.yamlfile import field_text, line_of, read_yaml, validation_problems
+from debias_plugin.yamlfile import describe_error, field_text, line_of, read_yaml, validation_problems
 
 STEP = "step"
 SCHEMA = "debias_plugin.sweep/1"
@@ -43,7 +44,7 @@ class Point:
 
     key: str  # canonical id: "base" or the JSON of its parameters
     name: str  # folder name under trials/
-    role: Literal["reference", "grid", "search", "checkpoint"]
+    role: Literal["reference", "grid", "search", "checkpoint", "sampled"]
     params: dict = field(hash=False, compare=False)
     job: str
 
@@ -66,6 +67,7 @@ class Sweep:
     text: str
     config: SweepConfig
     lines: dict[tuple, int]
+    sampled: list[dict] = field(default_factory=list)  # a sampled search's proposals so far (storage.sync_sampled)
 
     # -- identity -------------------------------------------------------------------------------------------
     @property
@@ -100,12 +102,19 @@ class Sweep:
         return next(iter(self.config.search)) if self.config.search else None
 
     @property
+    def sampling(self):
+        """The several-knob search (`search: {sampler, trials, knobs}`), or None."""
+        return self.config.sampling
+
+    @property
     def knob(self) -> str | None:
         """The x axis of the per-knob plot: lambda, step, the searched or the only grid key (None: several)."""
         if self.config.checkpoints:
             return STEP
         if self.search_knob:
             return self.search_knob
+        if self.sampling:
+            return next(iter(self.sampling.knobs)) if len(self.sampling.knobs) == 1 else None
         grid = self.config.grid or {}
         return next(iter(grid)) if len(grid) == 1 else None
 
@@ -149,6 +158,13 @@ class Sweep:
         jobs = [Job("reference", "base", {}, (self.reference_point(),))]
         if self.config.search:
             return jobs
+        if self.sampling:
+            keys = {"base"}
+            for settings in self.sampled:  # a repeated proposal (or the base itself) is evaluated once
+                if self.sampled_key(settings) not in keys:
+                    keys.add(self.sampled_key(settings))
+                    jobs.append(self.sample_job(settings))
+            return jobs
         grid = self.config.grid or {}
         seen = set()
         for values in itertools.product(*grid.values()):
@@ -177,6 +193,14 @@ class Sweep:
         settings = {self.search_knob: value}
         key = "model:" + canonical(settings)
         return Job(key, folder_name(settings), settings, (self._point(settings, "search", key),))
+
+    def sampled_key(self, settings: dict) -> str:
+        """The point a sampler's proposal evaluates: the base model's where the stage says it is the base."""
+        return "base" if self._is_base(settings) else canonical(settings)
+
+    def sample_job(self, settings: dict) -> Job:
+        key = "model:" + canonical(settings)
+        return Job(key, folder_name(settings), settings, (self._point(settings, "sampled", key),))
 
     def _point(self, params: dict, role: str, job: str) -> Point:
         return Point(canonical(params), folder_name(params), role, dict(params), job)
@@ -230,6 +254,10 @@ def load_sweep(path: str | Path, *, text: str | None = None) -> Sweep:
         text = read_text(path)
     data, lines = read_yaml(path, text, "sweep", error=SweepFileError)
     problems: list[tuple[int, str, str]] = []
+    if "sampling" in data:  # the field behind `search: {knobs: ...}`, not a key of the file
+        loc = ("sampling",)
+        raise SweepFileError(path, [(line_of(lines, loc), "sampling", describe_error(
+            {"type": "extra_forbidden"}, loc, KEYS_AT))])
     data = {key: (expand_variables(value, (key,), problems, lines) if key in ("base", "fixed", "grid") else value)
             for key, value in data.items()}
     if problems:
@@ -237,7 +265,7 @@ def load_sweep(path: str | Path, *, text: str | None = None) -> Sweep:
     try:
         config = SweepConfig.model_validate(data)
     except ValidationError as err:
-        raise SweepFileError(path, validation_problems(err, lines, KEYS_AT)) from None
+        raise SweepFileError(path, validation_problems(_as_written(err), lines, KEYS_AT)) from None
     sweep = Sweep(path, text, config, lines)
     problems = _plan_problems(sweep) or stage_problems(sweep)
     if problems:
@@ -245,13 +273,30 @@ def load_sweep(path: str | Path, *, text: str | None = None) -> Sweep:
     return sweep
 
 
+class _as_written:  # noqa: N801 - validation_problems reads .errors() only
+    """A validation error located as the file writes it: the several-knob `sampling` field is `search`."""
+
+    def __init__(self, err: ValidationError):
+        self.err = err
+
+    def errors(self) -> list[dict]:
+        return [{**error, "loc": ("search", *error["loc"][1:])} if error["loc"][:1] == ("sampling",) else error
+                for error in self.err.errors()]
+
+
 # ----------------------------------------------------------------------------------------------- cross-field checks
 
 def _plan_problems(sweep: Sweep) -> list[tuple[tuple, str]]:
     config, problems = sweep.config, []
     grid, search = config.grid or {}, config.search or {}
-    if grid and search:
+    if grid and (search or config.sampling):
         problems.append((("search",), "give either grid (settings to try) or search (one knob's range), not both"))
+    for key in (config.sampling.knobs if config.sampling else {}):
+        if key in config.fixed:
+            problems.append((("search", "knobs", key), f"'{key}' is also in fixed"))
+    if config.sampling and config.checkpoints:
+        problems.append((("checkpoints",), "a checkpoint sweep evaluates the steps of one run; it cannot be "
+                         "combined with search"))
     for key, values in grid.items():
         if not values:
             problems.append((("grid", key), "list at least one value"))
@@ -268,7 +313,7 @@ def _plan_problems(sweep: Sweep) -> list[tuple[tuple, str]]:
         if config.checkpoints:
             problems.append((("checkpoints",), "a checkpoint sweep evaluates the steps of one run; it cannot be "
                              "combined with search"))
-    if not grid and not search and not config.checkpoints:
+    if not grid and not search and not config.sampling and not config.checkpoints:
         problems.append(((), "nothing varies: give grid, search or (training stages) checkpoints"))
     if config.checkpoints:
         steps = config.checkpoints

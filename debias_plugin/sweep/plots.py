@@ -92,7 +92,48 @@ def plot(folder: Path, sweep: Sweep, content: dict) -> list[str]:
         save_plot(figure, folder, "bias_by_type")
         plt.close(figure)
         made.append("bias_by_type")
+    if content.get("sampling") and config.budget and points:
+        front_plot(folder, sweep, points)
+        made.append("front")
     return made
+
+
+def front_plot(folder: Path, sweep: Sweep, points: list[dict]) -> None:
+    """A sampled search: distance to the target against the first budget metric's change, the front joined, the
+    points that break the budget crossed."""
+    import matplotlib.pyplot as plt
+
+    metric, rule = next(iter(sweep.config.budget.items()))
+    relative = all(p["budget"][metric]["relative_change"] is not None for p in points)
+
+    def x(point: dict) -> float:
+        check = point["budget"][metric]
+        return 100 * check["relative_change"] if relative else check["value"]
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.4))
+    for feasible, style in ((True, dict(marker="o", color="tab:gray")), (False, dict(marker="x", color="tab:red"))):
+        chosen = [p for p in points if p["feasible"] == feasible and p["budget"][metric]["value"] is not None]
+        if chosen:
+            axis.scatter([x(p) for p in chosen], [p["objective"]["distance"] for p in chosen], alpha=0.7,
+                         label="within budget" if feasible else "breaks the budget", **style)
+    front = sorted((x(p), p["objective"]["distance"]) for p in points if p["pareto"])
+    if front:
+        axis.plot(*zip(*front), "-o", color="tab:blue", label="front")
+    best = next((p for p in points if p["best"]), None)
+    if best:
+        axis.plot([x(best)], [best["objective"]["distance"]], "*", color="tab:orange", markersize=16,
+                  label=f"chosen: {best['name']}")
+    limit = points[0]["budget"][metric]["limit"]
+    if relative and rule.kind == "max_relative_increase":
+        axis.axvline(100 * rule.max_relative_increase, color="tab:red", linestyle="--", label=f"budget ({rule.describe()})")
+    elif not relative and limit is not None:
+        axis.axvline(limit, color="tab:red", linestyle="--", label=f"budget ({rule.describe()})")
+    axis.set_xlabel(f"{metric} change vs base (%)" if relative else metric)
+    axis.set_ylabel(f"|{sweep.config.objective} - {sweep.config.target:g}|")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    save_plot(figure, folder, "front")
+    plt.close(figure)
 
 
 def _series(sweep: Sweep, points: list[dict]) -> list[tuple[str, list[dict]]]:

@@ -15,14 +15,17 @@ from debias_plugin.sweep import metrics
 from debias_plugin.sweep.plan import Sweep, load_sweep
 from debias_plugin.sweep.plots import plot
 from debias_plugin.sweep.results import closest_miss, collect, stage_seconds, unfinished_work
-from debias_plugin.sweep.storage import STATE_FILE, Studies, open_storage, quiet_optuna, storage_url
+from debias_plugin.sweep.storage import STATE_FILE, Studies, open_storage, quiet_optuna, storage_url, sync_sampled
 
 PLOTS = "plots"
 
 
-def render(out: Path, sweep: Sweep, studies: Studies, *, base: Path | None = None) -> dict:
+def render(out: Path, sweep: Sweep, studies: Studies, *, base: Path | None = None, screens=None) -> dict:
     """Write sweep.json, sweep.csv, report.md and the plots into DIR; returns the sweep.json content."""
-    content, run = collect(sweep, studies, base=base)
+    sampled = sync_sampled(sweep, studies.results)  # a sampled search's proposals are part of the plan
+    content, run = collect(sweep, studies, base=base, screens=screens)
+    if sampled is not None:
+        content["sampling"] = sampling_summary(sweep, content, sampled)
     timed = {p["name"]: stage_seconds(out, p) for p in content["points"]}
     run["stage_seconds"] = {name: seconds for name, seconds in timed.items() if seconds is not None}
     (out / PLOTS).mkdir(exist_ok=True)
@@ -34,7 +37,8 @@ def render(out: Path, sweep: Sweep, studies: Studies, *, base: Path | None = Non
 
 
 def link_best(out: Path, content: dict) -> Path | None:
-    """DIR/best -> the chosen point's model folder (relative inside DIR), replaced atomically."""
+    """DIR/best -> the chosen point's model folder (relative inside DIR), replaced atomically, with its model card
+    (sweep/card.py) where that folder is a stage's output."""
     chosen = next((p for p in content["points"] if p["best"]), None)
     if chosen is None or not chosen["model"] or not (out / chosen["model"]).is_dir():
         return None
@@ -46,6 +50,9 @@ def link_best(out: Path, content: dict) -> Path | None:
     if link.exists() and not link.is_symlink():
         raise DebiasError(f"{link} exists and is not a link the sweep wrote; move it away.")
     os.replace(staging, link)
+    from debias_plugin.sweep.card import write_model_card
+
+    write_model_card(out, content)
     return link
 
 
@@ -63,8 +70,12 @@ def render_folder(out: str | Path, storage: str | None = None) -> Path:
 
     base = None if is_builtin(sweep.config.base) else Path(sweep.config.base).expanduser().resolve()
     with quiet_optuna():
-        studies = Studies.open(open_storage(storage_url(url, out)), sweep.study_name, sweep.directions, create=False)
-        content = render(out, sweep, studies, base=base)
+        storage = open_storage(storage_url(url, out))
+        studies = Studies.open(storage, sweep.study_name, sweep.directions, create=False)
+        from debias_plugin.sweep.sequential_eval import screen_study
+
+        screens = screen_study(storage, sweep, create=False) if sweep.config.evaluation == "sequential" else None
+        content = render(out, sweep, studies, base=base, screens=screens)
     link_best(out, content)
     return out
 
@@ -195,6 +206,8 @@ def markdown(sweep: Sweep, content: dict, run: dict, plots: list[str]) -> str:
                   + f", {s['reason']}.", ""]
         for problem in s["monotonicity_violations"]:
             lines.append(f"- Warning: {problem}; the bisection assumes monotone metrics, so the result may be local.")
+    if content.get("sampling"):
+        lines += _front_lines(content)
     params = _param_columns(content)
     budget_metrics = list(config.budget)
     header = ["point", *params, f"{config.objective}", *budget_metrics, "within budget", "Pareto front", "suite"]
@@ -225,6 +238,105 @@ def markdown(sweep: Sweep, content: dict, run: dict, plots: list[str]) -> str:
               f"- lm-eval requests scored: {run['requests_scored']} of {run['requests_received']} received "
               "(identical requests across tasks scored once; cached or resumed evaluations score none); "
               f"evaluation time {run['evaluation_seconds']} s in this study's processes.", ""]
+    lines += _screening_lines(content, run)
     if plots:
         lines += ["## Plots", ""] + [f"![{name}]({PLOTS}/{name}.png) ([SVG]({PLOTS}/{name}.svg))" for name in plots]
     return "\n".join(lines) + "\n"
+
+
+def _screening_lines(content: dict, run: dict) -> list[str]:
+    """Sequential evaluation: the points stopped early (a verdict and its interval, never a value) and what it saved."""
+    if "stopped" not in content:
+        return []
+    lines = ["## Sequential screening", "",
+             "Every point's documents in one seeded order, in growing chunks; a point stops once an anytime-valid "
+             "confidence sequence shows it over budget or surely farther from the target than the best point within "
+             "budget so far (its numbers are never reported: they would come from a subset). The others, and every "
+             "number above, come from the full sets.", ""]
+    for entry in content["stopped"]:
+        scored = ", ".join(f"{task} {count} of {entry['population'][task]}"
+                           for task, count in entry["documents_scored"].items())
+        low, high = entry["interval"]
+        lines.append(f"- `{entry['name']}`: stopped at look {entry['look'] + 1}, {entry['verdict']} on "
+                     f"`{entry['metric']}` (interval [{low:+.4g}, {high:+.4g}]) after {scored} scored")
+    if not content["stopped"]:
+        lines.append("- no point stopped early")
+    screening = run.get("screening")
+    if screening:
+        cpu = screening["cpu_seconds"]
+        lines += ["", f"Documents and windows scored on the stopped points: {screening['stopped']} of "
+                  f"{screening['stopped_full']} in their full sets. Evaluation CPU: {cpu['stopped']} s on stopped "
+                  f"points, {cpu['passed']} s screening the points then evaluated in full; saved about "
+                  f"{cpu['saved_estimate']} s (the stopped points' unscored units at their measured CPU per unit), "
+                  f"{cpu['net_saved_estimate']} s net of the screens of the others."]
+    return lines + [""]
+
+
+# ------------------------------------------------------------------------------------------------ several knobs
+
+def _values(point: dict, directions: list[str]) -> list[float] | None:
+    """A point's objectives, each turned so that lower is better: the distance, then the budget metrics."""
+    values = [point["objective"]["distance"]] + [c["value"] for c in point["budget"].values()]
+    if any(v is None for v in values):
+        return None
+    return [v if d == "minimize" else -v for v, d in zip(values, directions)]
+
+
+def dominates(a: list[float], b: list[float]) -> bool:
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def ruled_out(sweep: Sweep, content: dict) -> dict[str, str]:
+    """Why each point off the front is off it: the budget rule(s) it breaks, its error, or a front point that
+    beats it on every objective."""
+    front = [p for p in content["points"] if p["pareto"]]
+    reasons = {}
+    for p in content["points"]:
+        if p["pareto"]:
+            continue
+        if p["error"]:
+            reasons[p["name"]] = "error: " + p["error"]
+            continue
+        broken = [f"`{m}` {_number(c['value'])} > limit {_number(c['limit'])}"
+                  + (f" ({100 * c['relative_change']:+.1f}% vs base)" if c["relative_change"] is not None else "")
+                  if c["value"] is not None else f"`{m}` missing"
+                  for m, c in p["budget"].items() if not c["holds"]]
+        if broken:
+            reasons[p["name"]] = "budget: " + "; ".join(broken)
+            continue
+        mine = _values(p, sweep.directions)
+        winner = next((q for q in front if mine is not None and (v := _values(q, sweep.directions)) is not None
+                       and dominates(v, mine)), None)
+        reasons[p["name"]] = f"dominated by `{winner['name']}`" if winner else "not on Optuna's front"
+    return reasons
+
+
+def sampling_summary(sweep: Sweep, content: dict, sampled) -> dict:
+    """sweep.json's account of a sampled search: the sampler, its proposals in order, and why points left the front."""
+    sampling = sweep.sampling
+    names = [sweep.sample_job(settings).name if sweep.sampled_key(settings) != "base" else "base"
+             for settings in sampled.proposals]
+    return {"sampler": sampling.sampler, "trials": sampling.trials, "seed": sampling.seed,
+            "batch": sampling.batch_size, "startup": sampling.startup_trials, "knobs": list(sampling.knobs),
+            "proposals": names, "finished": sampled.finished, "ruled_out": ruled_out(sweep, content)}
+
+
+def _front_lines(content: dict) -> list[str]:
+    s = content["sampling"]
+    sampler = {"tpe": "TPE", "gp": "GP", "nsga2": "NSGA-II"}[s["sampler"]]
+    distinct = len(dict.fromkeys(s["proposals"]))
+    lines = [f"Sampled search over {', '.join(f'`{k}`' for k in s['knobs'])}: Optuna's {sampler} sampler (seed "
+             f"{s['seed']}, {s['startup']} random start-up trial(s), batches of {s['batch']}), {len(s['proposals'])} "
+             f"of {s['trials']} trials proposed ({distinct} distinct settings)"
+             + ("." if s["finished"] else "; not finished."), "", "## Front", "",
+             "The points within the budget that no other such point beats on both the distance to the target and "
+             "the budget metric(s) (`plots/front.png`); below them, why each other point is not on the front.", "",
+             "| point | " + " | ".join(s["knobs"]) + " | distance to target | budget |", "|---|" + "---:|" * (len(s["knobs"]) + 2)]
+    for p in content["points"]:
+        if p["pareto"]:
+            lines.append(f"| {p['name']} | " + " | ".join(_number(p["params"].get(k)) for k in s["knobs"])
+                         + f" | {_number(p['objective']['distance'])} | {point_budget(p)} |")
+    if s["ruled_out"]:
+        lines += ["", "| point | ruled out by |", "|---|---|"]
+        lines += [f"| {name} | {reason} |" for name, reason in s["ruled_out"].items()]
+    return lines + [""]

@@ -10,7 +10,7 @@ Layout of the output folder (DIR):
   sweep.json, sweep.csv, report.md, plots/, best -> the chosen point's model folder
 
 Phases: the base model (the reference every relative budget compares with), then every grid point / checkpoint
-(or the budget search's evaluations) on the screening tasks, then the other tasks on the Pareto front only.
+(or the budget search's evaluations, or a sampled search's trials, batch by batch) on the screening tasks, then the other tasks on the Pareto front only.
 Every step checks what is already there (a published folder, a recorded trial), so a rerun resumes.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 from debias_plugin.default_model import is_builtin, resolve_model
 from debias_plugin.errors import DebiasError
 from debias_plugin.outputs import MANIFEST_NAME, claim_run_folder, overlaps, write_text_atomically
-from debias_plugin.sweep import metrics
+from debias_plugin.sweep import metrics, sequential_eval
 from debias_plugin.sweep.evaluate import evaluate_model, weights_sha256
 from debias_plugin.sweep.plan import Job, Point, Sweep, check_tasks, load_sweep
 from debias_plugin.sweep.render import link_best, render
@@ -35,7 +35,7 @@ from debias_plugin.sweep.results import full_suite_keys, search_step
 from debias_plugin.sweep.search import SearchResult
 from debias_plugin.sweep.stage import input_paths, stage_class, stage_settings, trains
 from debias_plugin.sweep.storage import (JobBoard, Studies, add_point, distributions, open_storage, quiet_optuna,
-                                         recorded_points, storage_url, write_state)
+                                         recorded_points, storage_url, sync_sampled, write_state)
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,9 @@ class SweepRun:
         prepare_folder(sweep, self.out, force=self.force, inputs=_inputs(sweep))
         self.base = resolve_base(sweep)
         url = storage_url(self.storage, self.out)
-        self.studies = Studies.open(open_storage(url), sweep.study_name, sweep.directions)
+        storage = open_storage(url)
+        self.studies = Studies.open(storage, sweep.study_name, sweep.directions)
+        self.screens = sequential_eval.screen_study(storage, sweep) if sweep.config.evaluation == "sequential" else None
         write_state(self.out, sweep, url, external=self.storage is not None)
         self.board = JobBoard(self.studies.jobs)
         self.known = distributions(sweep)
@@ -138,10 +140,12 @@ class SweepRun:
                               f"{reference.user_attrs.get('error') if reference else 'no result recorded'}")
         if sweep.config.search:
             self._search()
+        elif sweep.sampling:
+            self._sample()
         else:
             self._work(sweep.jobs()[1:], "screen")
         self._full_suite()
-        summary = render(self.out, sweep, self.studies, base=self.base)
+        summary = render(self.out, sweep, self.studies, base=self.base, screens=self.screens)
         if summary.get("best") is not None:  # the chosen model exists here (rebuilt if another host made it)
             self._models(self._job_of(self._point(summary["best"])))
             link_best(self.out, summary)
@@ -197,6 +201,10 @@ class SweepRun:
     def _screen(self, job: Job) -> None:
         models = self._models(job)
         for point in job.points:
+            if self.screens is not None and sequential_eval.screens_this_point(self.sweep, point, models[point.key]) \
+                    and sequential_eval.screen(self.sweep, self.screens, point, models[point.key], self.base,
+                                               recorded_points(self.studies.results), self.out):
+                continue  # stopped early: recorded as a pruned screen trial, never evaluated on the full sets
             self._record(self.studies.results, point, models[point.key], self.sweep.screen_tasks, "results", "screen")
 
     def _full(self, job: Job) -> None:
@@ -297,6 +305,18 @@ class SweepRun:
                 return step
             logger.info("Budget search: %s = %g (%s).", sweep.search_knob, step.proposal, step.reason)
             self._work([sweep.search_job(step.proposal)], "screen", sharded=False)
+
+    def _sample(self) -> None:
+        """Several knobs: the sampler's current batch (search.sample_step) through the job board, until the trials
+        are spent; workers sharing the storage take the batch's settings between them."""
+        sweep, sampling = self.sweep, self.sweep.sampling
+        while True:
+            state = sync_sampled(sweep, self.studies.results)
+            if state.finished:
+                return
+            logger.info("%s search: trial %d of %d (%s).", sampling.sampler.upper(), len(state.proposals),
+                        sampling.trials, "; ".join(sweep.sample_job(s).name for s in state.pending))
+            self._work([sweep.sample_job(settings) for settings in state.pending], "screen", sharded=False)
 
     def _full_suite(self) -> None:
         if not self.sweep.full_tasks:

@@ -1,4 +1,5 @@
-"""Budget search: bisection for the knob value closest to the bias target that keeps the quality budget.
+"""Budget search: bisection for the knob value closest to the bias target that keeps the quality budget; and
+the several-knob search, Optuna's sampler replayed over the recorded results.
 
 Assumptions (checked, and reported when an observation contradicts them): over [low, high] the signed bias
 metric moves monotonically towards (and possibly past) the target, and the budget metric gets monotonically worse.
@@ -136,3 +137,68 @@ def run_search(evaluate: Callable[[float], Observation], low: float, high: float
         if result.proposal is None:
             return result
         observations[result.proposal] = evaluate(result.proposal)
+
+
+# ------------------------------------------------------------------------------------------ several knobs
+
+@dataclass(frozen=True)
+class Sampled:
+    """Where a sampled search stands: every proposal so far (the trial budget counts them), those of the current
+    batch without a result yet, and whether the budget of trials is spent."""
+
+    proposals: list[dict]
+    pending: list[dict]
+    finished: bool
+
+
+def make_sampler(sampling, objectives: int):
+    """TPE or GP on |objective - target| under the budget constraints, or NSGA-II on it and the budget metrics;
+    seeded, startup (random) trials as the sweep says. The samplers read each trial's constraints (Optuna 5's
+    `Trial.set_constraint`, one per budget rule, <= 0 where it holds)."""
+    import optuna
+
+    if sampling.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=max(2, sampling.batch_size), seed=sampling.seed)
+    if sampling.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=sampling.seed, n_startup_trials=sampling.startup_trials,
+                                         deterministic_objective=True)
+    return optuna.samplers.TPESampler(seed=sampling.seed, n_startup_trials=sampling.startup_trials,
+                                      multivariate=True)
+
+
+def sample_step(sampling, distributions: dict, results: Mapping[str, tuple | None],
+                key_of: Callable[[dict], str], directions: list[str]) -> Sampled:
+    """Replay the seeded sampler over an in-memory study from the first trial: ask a batch, tell it the recorded
+    results of its settings (key_of(params) -> results[key] = (values, constraints), None for a failed point),
+    until a batch has settings without results or the trials are spent. constraints: {budget metric: value}.
+
+    Each batch is proposed from the batches before it only, so the proposals are the same in every process and
+    after any resume, whichever workers evaluated which point and in what order (the sampler is stateless, like
+    next_step); a batch's settings can be evaluated at the same time by several workers."""
+    import warnings
+
+    import optuna
+
+    objectives = len(directions) if sampling.sampler == "nsga2" else 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study = optuna.create_study(directions=directions[:objectives], sampler=make_sampler(sampling, objectives))
+        proposals: list[dict] = []
+        while len(proposals) < sampling.trials:
+            batch = [study.ask(distributions) for _ in range(min(sampling.batch_size, sampling.trials - len(proposals)))]
+            settings = [{name: _key(value) if isinstance(value := trial.params[name], float) else value
+                         for name in distributions} for trial in batch]  # 0.75, not a step's 0.7500000000000001
+            proposals += settings
+            missing = {key_of(params): params for params in settings if key_of(params) not in results}
+            if missing:
+                return Sampled(proposals, list(missing.values()), False)
+            for trial, params in zip(batch, settings):
+                outcome = results[key_of(params)]
+                if outcome is None:
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    continue
+                values, constraints = outcome
+                for name, value in constraints.items():
+                    trial.set_constraint(name, value)
+                study.tell(trial, list(values)[:objectives])
+    return Sampled(proposals, [], True)

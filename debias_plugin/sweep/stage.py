@@ -17,14 +17,18 @@ RESERVED_TRAINING_FIELDS = ("model", "output", "force", "snapshot_steps")
 
 
 def stage_class(name: str):
-    """The stage registered as `name`: negation (a merge) or a TrainingMethod subclass (debias_plugin.methods)."""
+    """The stage registered as `name`: negation (a merge), a bias direction (steering file or folded LEACE) or a
+    TrainingMethod subclass (debias_plugin.methods)."""
     from debias_plugin.merge.stage import NegateStage
     from debias_plugin.methods import available_methods, method_class
+    from debias_plugin.methods.direction import DirectionStage
 
     if name == NegateStage.name:
         return NegateStage
+    if name == DirectionStage.name:
+        return DirectionStage
     if name not in available_methods():
-        known = sorted([NegateStage.name, *available_methods()])
+        known = sorted([NegateStage.name, DirectionStage.name, *available_methods()])
         raise DebiasError(f"Unknown stage '{name}'; expected one of {', '.join(known)}.")
     return method_class(name)
 
@@ -56,23 +60,30 @@ def stage_problems(sweep) -> list[tuple[tuple, str]]:
     if config.checkpoints and not trains(stage):
         problems.append((("checkpoints",), f"{config.method} has no training steps: use grid or search"))
     fields = option_fields(stage)
-    for section, values in [("fixed", config.fixed), ("grid", config.grid or {}), ("search", config.search or {})]:
+    knobs = config.sampling.knobs if config.sampling else {}
+    for section, values in [(("fixed",), config.fixed), (("grid",), config.grid or {}),
+                            (("search",), config.search or {}), (("search", "knobs"), knobs)]:
         for key in values:
             if trains(stage) and key in RESERVED_TRAINING_FIELDS:
-                problems.append(((section, key), f"'{key}' is set by the sweep for every trial"))
+                problems.append(((*section, key), f"'{key}' is set by the sweep for every trial"))
             elif key in getattr(stage, "unused_training_options", ()):
-                problems.append(((section, key), f"{config.method} does not use '{key}'"))
+                problems.append(((*section, key), f"{config.method} does not use '{key}'"))
             elif key not in fields:
                 known = sorted(set(fields) - set(RESERVED_TRAINING_FIELDS))
-                problems.append(((section, key), f"unknown option '{key}' of {config.method}; known: {', '.join(known)}"))
-    for key in config.search or {}:
+                problems.append(((*section, key), f"unknown option '{key}' of {config.method}; known: {', '.join(known)}"))
+    for section, key in [(("search",), key) for key in config.search or {}] + [(("search", "knobs"), k) for k in knobs]:
         annotation = fields[key].annotation if key in fields else None
         if annotation is not None and annotation not in (int, float) and "float" not in str(annotation):
-            problems.append((("search", key), f"the budget search needs a numeric knob; '{key}' is {annotation}"))
+            what = "the budget search" if len(section) == 1 else "a sampled search"
+            problems.append(((*section, key), f"{what} needs a numeric knob; '{key}' is {annotation}"))
     if problems:
         return problems
-    jobs = ([sweep.search_job(bound) for bound in config.search[sweep.search_knob]] if config.search
-            else sweep.jobs()[1:])
+    if config.search:
+        jobs = [sweep.search_job(bound) for bound in config.search[sweep.search_knob]]
+    elif config.sampling:  # the two corners of the knobs' box
+        jobs = [sweep.sample_job(corner) for corner in sampling_corners(sweep)]
+    else:
+        jobs = sweep.jobs()[1:]
     for job in jobs:
         try:
             stage_settings(sweep, job.settings, Path("/nonexistent/output"), base="/nonexistent/base")
@@ -86,6 +97,30 @@ class _OptionError(Exception):
     def __init__(self, loc: tuple, message: str):
         super().__init__(message)
         self.loc, self.message = loc, message
+
+
+def integer_knobs(sweep) -> set[str]:
+    """The sampled knobs whose option is an int (Optuna proposes them as IntDistribution)."""
+    fields = option_fields(stage_class(sweep.config.method))
+    return {key for key in (sweep.sampling.knobs if sweep.sampling else {}) if fields[key].annotation is int}
+
+
+def sampling_corners(sweep) -> list[dict]:
+    """Every sampled knob at its low end, then every one at its high end."""
+    integers = integer_knobs(sweep)
+    return [{key: int(getattr(knob, end)) if key in integers else getattr(knob, end)
+             for key, knob in sweep.sampling.knobs.items()} for end in ("low", "high")]
+
+
+def evaluated_as(sweep, settings: dict, made: Path, base: Path) -> tuple[Path, str | None, dict]:
+    """(model folder, lm-eval model class or None for the folder's own, extra model_args) that score a point:
+    the stage's own answer where it has one (a direction's steering file is the base through hf-steered-safe),
+    else the made folder itself."""
+    stage = stage_class(sweep.config.method)
+    if not hasattr(stage, "evaluated_as") or made == base:
+        return made, None, {}
+    _, options = stage_settings(sweep, settings, made, base=str(base))
+    return stage(options).evaluated_as(base, made)
 
 
 def search_is_integer(sweep) -> bool:
@@ -144,6 +179,8 @@ def stage_settings(sweep, settings: dict, output: Path, *, base: str) -> tuple[A
             loc = ("grid", name, values.index(settings[name])) if settings[name] in values else ("grid", name)
         elif name in settings and name in (config.search or {}):
             loc = ("search", name)
+        elif name in settings and config.sampling and name in config.sampling.knobs:
+            loc = ("search", "knobs", name)
         elif name in config.fixed:
             loc = ("fixed", name)
         elif name == "snapshot_steps":

@@ -227,6 +227,13 @@ def distributions(sweep) -> dict:
             found[key] = CategoricalDistribution(sorted({_categorical(v) for v in values}, key=str))
     for key, (low, high) in (config.search or {}).items():
         found[key] = FloatDistribution(float(low), float(high))
+    if config.sampling:
+        from debias_plugin.sweep.stage import integer_knobs
+
+        integers = integer_knobs(sweep)
+        for key, knob in config.sampling.knobs.items():
+            found[key] = (IntDistribution(int(knob.low), int(knob.high), step=int(knob.step or 1), log=knob.log)
+                          if key in integers else FloatDistribution(knob.low, knob.high, step=knob.step, log=knob.log))
     if config.checkpoints:
         found[STEP] = IntDistribution(1, config.checkpoints[-1])
     return found
@@ -282,6 +289,26 @@ def recorded_points(study) -> dict[str, object]:
         if key not in found or found[key].state != optuna.trial.TrialState.COMPLETE:
             found[key] = trial  # the first COMPLETE, else the latest failure (a retry's message)
     return found
+
+
+def sync_sampled(sweep, study):
+    """A sampled search's state from the recorded points (search.sample_step), its proposals kept on the sweep
+    (so its plan, and sweep.json's points and pending work, include them); None for other sweeps."""
+    import optuna
+
+    from debias_plugin.sweep.search import sample_step
+
+    if not sweep.sampling:
+        return None
+    results = {}
+    for key, trial in recorded_points(study).items():
+        complete = trial.state == optuna.trial.TrialState.COMPLETE and len(trial.constraints) == len(sweep.config.budget)
+        results[key] = (trial.values, dict(trial.constraints)) if complete else None
+    state = sample_step(sweep.sampling, {key: value for key, value in distributions(sweep).items()
+                                         if key in sweep.sampling.knobs},
+                        results, sweep.sampled_key, sweep.directions)
+    sweep.sampled = state.proposals
+    return state
 
 
 def pareto_keys(study) -> list[str]:
