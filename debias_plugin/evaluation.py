@@ -209,3 +209,32 @@ def _run(model_dir: Path, tasks: list[str], *, model_class, model_args, batch_si
         results["results"][SEAT_TASK] = {f"{name.split('/', 1)[1]},none": value for name, value in metrics.items()}
     return results
 
+
+
+def document_values(model_dir: str | Path, task: str, unit: str, indices: list[int],
+                    score: Callable[[list[int]], dict[int, object]], *, model_class: str | None = None,
+                    model_args: dict | None = None, limit: int | None = None) -> dict[int, object]:
+    """Per-document (or per-window: `unit`) results of `task` on a model for `indices`: those scored before come
+    from the cache (keyed like evaluate's, by the model's content), the rest from `score(missing)`, saved at once.
+
+    A sequential screen asks chunk by chunk, so the base's documents are scored once for every sweep on that model
+    and a run killed mid-screen resumes without re-scoring the chunks it finished.
+    """
+    from debias_plugin.outputs import write_text_atomically
+    from debias_plugin.paths import cache_root
+
+    key = cache_key(model_dir, [task], model_class=model_class, model_args=model_args, limit=limit)
+    path = cache_root() / "documents" / key / f"{task}.{unit}.json"
+
+    def stored() -> dict[int, object]:
+        return {int(index): value for index, value in json.loads(path.read_text()).items()} if path.is_file() else {}
+
+    found = stored()
+    missing = [index for index in indices if index not in found]
+    if missing:
+        scored = score(missing)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**stored(), **scored}  # another process may have added documents meanwhile
+        write_text_atomically(path, json.dumps({str(index): merged[index] for index in sorted(merged)}))
+        found.update(scored)
+    return {index: found[index] for index in indices}

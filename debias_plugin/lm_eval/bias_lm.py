@@ -105,6 +105,20 @@ class BiasLM(HFLM):
                 self.cache_hook.add_partial("loglikelihood", request_strings, answer)
         return answers
 
+    def rolling_windows(self, text: str) -> list[tuple[None, list[int], list[int]]]:
+        """HFLM's disjoint rolling windows of one document as (None, context, continuation) token requests: the
+        units a sequential screen scores one by one (score_windows), summing to loglikelihood_rolling's total."""
+        return [(None, context, continuation) for context, continuation in map(
+            utils.make_disjoint_window, utils.get_rolling_token_windows(
+                token_list=self.tok_encode(text), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
+                context_len=1))]
+
+    def score_windows(self, windows: list, disable_tqdm: bool = True) -> list[float]:
+        """Log-likelihoods of rolling_windows' requests, scored as loglikelihood_rolling scores them (counted)."""
+        for tally in (self.request_counts, REQUEST_COUNTS):
+            tally["window_scored"] += len(windows)
+        return [log_likelihood for log_likelihood, _ in self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)]
+
     def _rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """HFLM's disjoint rolling windows of every document, all scored in one pass, summed per document."""
         import torch
@@ -112,10 +126,8 @@ class BiasLM(HFLM):
         windows, owners = [], []
         for index, request in enumerate(requests):
             (text,) = request.args
-            for context, continuation in map(utils.make_disjoint_window, utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)):
-                windows.append((None, context, continuation))
+            for window in self.rolling_windows(text):
+                windows.append(window)
                 owners.append(index)
         if self.world_size > 1 and windows:  # as HFLM: every rank scores as many windows
             counts = self.all_gather(torch.tensor(len(windows), device=self.device)).cpu().tolist()

@@ -11,6 +11,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from debias_plugin.errors import DebiasError
@@ -105,6 +106,13 @@ def declared_metrics(tasks: list[str]) -> dict[str, set[str] | None]:
     return described
 
 
+def leaf_tasks(tasks: list[str]) -> set[str]:
+    """The names that are single tasks, not groups: those lm-eval's `samples` selection can take."""
+    manager = _task_catalog(tuple(sorted(tasks)))
+    return {name for name in tasks if name in manager.task_index
+            and manager.task_index[name].kind.name not in ("GROUP", "TAG")}
+
+
 def parse_model_args(values: list[list[str]]) -> dict:
     """--model_args as lm-eval merges them: JSON objects or key=value,key=value strings, later ones winning."""
     from lm_eval.utils import simple_parse_args_string
@@ -132,27 +140,65 @@ def evaluate_tasks(model_dir: Path, tasks: list[str], *, model_class: str | None
 
     on_counts receives the model's own request counts (hf-bias: received and scored per request kind).
     """
-    import lm_eval
+    model_args = {"pretrained": str(model_dir), **model_args}
+    manager = task_manager(tasks, metadata=model_args)  # metadata reaches our loaders: StereoSet counts tokens
+    loaded = load_model(model_dir, model_class=model_class, model_args=model_args, batch_size=batch_size,
+                        device=device)
+    results = evaluate_loaded(loaded, tasks, limit=limit, manager=manager)
+    if on_counts is not None and hasattr(loaded.lm, "request_counts"):
+        on_counts(dict(loaded.lm.request_counts))
+    return results
+
+
+@dataclass
+class LoadedModel:
+    """An lm-eval model object and how it was made: several runs (a sequential screen's chunks) share one load."""
+
+    lm: object
+    model_class: str
+    model_args: dict
+    batch_size: int | str
+    device: str
+
+
+def load_model(model_dir: Path, *, model_class: str | None, model_args: dict, batch_size: int | str,
+               device: str | None) -> LoadedModel:
+    """The model object built as simple_evaluate builds it from a name, so that its counts can be read after a run."""
     from lm_eval.api.registry import get_model
 
     from debias_plugin.lm_eval import register_models
 
     model_args = {"pretrained": str(model_dir), **model_args}
-    manager = task_manager(tasks, metadata=model_args)  # metadata reaches our loaders: StereoSet counts tokens
     model_class = model_class or resolve_model_class(model_dir)
     device = device or default_device()
     register_models()
-    # built here as simple_evaluate builds it from a name, so that its counts can be read after the run
     lm = get_model(model_class).create_from_arg_obj(model_args, {"batch_size": batch_size, "device": device})
-    results = lm_eval.simple_evaluate(model=lm, model_args=model_args, tasks=list(tasks), task_manager=manager,
-                                      limit=limit, log_samples=True, bootstrap_iters=0, batch_size=batch_size,
-                                      device=device)
+    return LoadedModel(lm, model_class, model_args, batch_size, device)
+
+
+def evaluate_loaded(loaded: LoadedModel, tasks: list[str], *, limit: int | float | None = None,
+                    samples: dict[str, list[int]] | None = None, manager=None) -> dict:
+    """simple_evaluate on a loaded model: every document (up to limit), or those `samples` names ({task: document
+    indices}, lm-eval's own selection)."""
+    import lm_eval
+
+    manager = manager or task_manager(tasks, metadata=loaded.model_args)
+    results = lm_eval.simple_evaluate(model=loaded.lm, model_args=loaded.model_args, tasks=list(tasks),
+                                      task_manager=manager, limit=limit, samples=samples, log_samples=True,
+                                      bootstrap_iters=0, batch_size=loaded.batch_size, device=loaded.device)
     if results is None:
         raise DebiasError("lm-eval returned no results in this process (not rank 0 of a distributed run).")
-    results["config"]["model"] = model_class  # simple_evaluate names a model object by its path; we keep the name
-    if on_counts is not None and hasattr(lm, "request_counts"):
-        on_counts(dict(lm.request_counts))
+    results["config"]["model"] = loaded.model_class  # simple_evaluate names a model object by its path; we keep the name
     return results
+
+
+def task_documents(loaded: LoadedModel, task: str, limit: int | None = None) -> tuple[object, list]:
+    """(lm-eval's task object, its evaluation documents up to limit): what a per-window scorer reads."""
+    from lm_eval.tasks import get_task_dict
+
+    task_object = get_task_dict([task], task_manager([task], metadata=loaded.model_args))[task]
+    documents = list(task_object.eval_docs)
+    return task_object, documents[:limit] if limit is not None else documents
 
 
 def run_cli(args: list[str]) -> None:

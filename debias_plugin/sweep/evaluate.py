@@ -34,10 +34,11 @@ def evaluate_model(model_dir: Path, tasks: list[str], sweep: Sweep, output_dir: 
         register_models()
         counts = bias_lm.REQUEST_COUNTS
     before = dict(counts or {})
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     results = evaluate(model_dir, tasks, model_class=model_class, model_args=dict(config.model_args),
                        batch_size=config.batch_size, limit=config.limit, device=config.device, output_dir=output_dir)
-    cost = {"seconds": round(time.monotonic() - started, 3), "model_class": model_class}
+    cost = {"seconds": round(time.monotonic() - started, 3), "cpu_seconds": round(time.process_time() - cpu, 3),
+            "model_class": model_class}
     if counts is not None:
         cost.update({key: counts[key] - before.get(key, 0) for key in counts})
     return results, cost

@@ -93,8 +93,38 @@ def search_summary(sweep: Sweep, points: list[dict], reference_summary: dict) ->
             "reference_used_as_low_end": sweep.reference_knob_value == low}
 
 
-def collect(sweep: Sweep, studies: Studies, *, base: Path | None = None) -> tuple[dict, dict]:
-    """(the deterministic sweep.json content, the run section: costs and timings)."""
+def _screened(screens) -> tuple[dict[str, dict], list[dict], dict]:
+    """From the screen study (sequential evaluation): each passed point's screen record, the stopped points (their
+    verdict, interval at stop and documents scored: never a metric value), and the run section's CPU account."""
+    from debias_plugin.sweep.sequential_eval import screens as finished
+
+    passed, stopped, cpu = {}, [], {"stopped": 0.0, "passed": 0.0, "saved_estimate": 0.0}
+    scored = {"stopped": 0, "stopped_full": 0}
+    for key, trial in finished(screens).items():
+        record = dict(trial.user_attrs.get("screen", {}))
+        seconds = record.pop("cpu_seconds", {})
+        record.pop("looks", None)
+        entry = {"key": key, "name": trial.user_attrs.get("name"), "role": trial.user_attrs.get("role"),
+                 "params": trial.user_attrs.get("params", {}), **record}
+        if record.get("verdict") in ("violated", "dominated"):
+            stopped.append(entry)
+            cpu["stopped"] += sum(seconds.values())
+            for task, count in record.get("documents_scored", {}).items():
+                full = record["population"][task]
+                scored["stopped"] += count
+                scored["stopped_full"] += full
+                cpu["saved_estimate"] += seconds.get(task, 0.0) * (full - count) / max(count, 1)
+        else:
+            passed[key] = entry
+            cpu["passed"] += sum(seconds.values())
+    cpu = {name: round(value, 1) for name, value in cpu.items()}
+    cpu["net_saved_estimate"] = round(cpu["saved_estimate"] - cpu["passed"], 1)
+    return passed, stopped, {**scored, "cpu_seconds": cpu}
+
+
+def collect(sweep: Sweep, studies: Studies, *, base: Path | None = None, screens=None) -> tuple[dict, dict]:
+    """(the deterministic sweep.json content, the run section: costs and timings). `screens`: the screen study of
+    a sequential evaluation (sequential_eval.screen_study), None for `evaluation: full`."""
     recorded = recorded_points(studies.results)
     if "base" not in recorded:
         raise DebiasError("The study has no result for the base model yet: the sweep has not started there.")
@@ -109,7 +139,12 @@ def collect(sweep: Sweep, studies: Studies, *, base: Path | None = None) -> tupl
                             for p in points)
     for point in points:
         point["best"] = point["key"] == chosen
-    pending = {"screen": [point.name for job in sweep.jobs() for point in job.points if point.key not in recorded],
+    passed, stopped, screening = _screened(screens) if sweep.config.evaluation == "sequential" else ({}, [], None)
+    for point in points:
+        if point["key"] in passed:
+            point["screening"] = {k: v for k, v in passed[point["key"]].items() if k not in ("key", "name", "role", "params")}
+    done = set(recorded) | {entry["key"] for entry in stopped}
+    pending = {"screen": [point.name for job in sweep.jobs() for point in job.points if point.key not in done],
                "full": [p["name"] for p in points
                         if sweep.full_tasks and _wants_full_suite(p) and p["suite"] != "full"]}
     counts = {"screen": sum(1 for p in points if not p["error"]),
@@ -124,6 +159,8 @@ def collect(sweep: Sweep, studies: Studies, *, base: Path | None = None) -> tupl
         "search": search_summary(sweep, points, reference_summary),
         "evaluations": counts, "pending": pending,
     }
+    if screening is not None:
+        content["stopped"] = stopped  # screened out early: a verdict, never a value in tables or plots
     costs = {}
     for key, trial in recorded.items():
         costs[trial.user_attrs["name"]] = {"screen": trial.user_attrs.get("cost")}
@@ -133,6 +170,8 @@ def collect(sweep: Sweep, studies: Studies, *, base: Path | None = None) -> tupl
            "requests_scored": _total(costs, "scored"), "requests_received": _total(costs, "received"),
            "evaluation_seconds": round(sum((c or {}).get("seconds", 0) for entry in costs.values()
                                            for c in entry.values()), 1)}
+    if screening is not None:
+        run["screening"] = screening
     return content, run
 
 
