@@ -128,7 +128,7 @@ def test_all_types_and_limits(model_dir, plain):
     for (score, greedy), request in zip(lm.loglikelihood(instances[:1]), token_requests):
         expected = _reference(model, tokenizer, lm.prefix_token_id, *request, list(PREFIXES.values()), math.inf, 0.01)
         assert score == pytest.approx(expected[0], abs=LL_TOLERANCE) and greedy == expected[1]
-    lm = _lm(model_dir, bias_types="religion, age")
+    lm = _lm(model_dir, bias_types="religion+ age")
     assert lm.types_of(instances[0]) == ("religion", "age")
     room = max(len(lm.prefix_ids[name]) for name in ("religion", "age"))
     assert lm.max_length == HFLM.max_length.fget(lm) - room

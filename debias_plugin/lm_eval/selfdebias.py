@@ -7,7 +7,7 @@ of their gender: ", bias-bench's wording),
     Δ(w) = min_i p(w | x) - p(w | s_i x),   α(Δ) = 1 if Δ >= 0 else max(ε, e^{λΔ}),
     p̃(w | x) = α(Δ(w)) p(w | x) / Σ_v α(Δ(v)) p(v | x)
 
-with λ = decay_constant (50) and ε = epsilon (0.01; the floor is the authors' code's, kept by bias-bench). A token
+with λ = decay_constant (50) and ε = epsilon (0.01; the floor is in the authors' code and bias-bench's). A token
 that a prefix makes more likely than x alone loses probability; the rest gain by the renormalisation.
 
 How the prefix joins the request (bias-bench's CrowS/StereoSet runners concatenate the prefix's tokens and the
@@ -17,17 +17,18 @@ hf-bias's scorer), and max_length shrinks by the longest prefix, so that every p
 
 bias_types: "doc" (default) debiases each request with its document's own type, as bias-bench runs one type at a
 time (a CrowS pair's bias_type; StereoSet's race -> race-color, profession -> socioeconomic), all nine where a
-document names none (WikiText); "all": the nine at once, the paper's min over every description; a comma-separated
-list of types; "none": no prefix (the plain model: hf-bias's scores).
+document names no known type (WikiText); "all": the nine at once, the paper's min over every description; a list
+of types separated by commas (or by +, as lm-eval's key=value model_args split at commas); "none": no prefix
+(hf-bias's scores).
 
-loglikelihood_rolling (perplexity) debiases every predicted token the same way, as the paper does for its WikiText-2
-perplexity of self-debiased GPT2-XL (its Table 2, λ = 10, 50, 100).
+loglikelihood_rolling (perplexity) debiases every predicted token the same way: the paper reports self-debiased
+GPT2-XL's WikiText-2 perplexity, computed so by the authors' perplexity.py (which also keeps room for the prefixes).
 """
 
 from __future__ import annotations
 
-import logging
 import math
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -38,8 +39,6 @@ from debias_plugin.errors import DebiasError
 from debias_plugin.lm_eval.bias_lm import BiasLM
 from debias_plugin.options import Options, validated
 from debias_plugin.scoring.causal import batches, pack_rows
-
-log = logging.getLogger(__name__)
 
 MODEL_NAME = "hf-selfdebias"
 # bias-bench (Meade et al. 2022), bias_bench/benchmark/crows/crows.py: its "sexual orientiation" typo corrected
@@ -64,11 +63,11 @@ class SelfDebiasOptions(Options):
     @field_validator("bias_types")
     @classmethod
     def _known(cls, value: str) -> str:
-        names = [name.strip() for name in value.split(",") if name.strip()]
+        names = [name.strip() for name in re.split(r"[,+]", value) if name.strip()]
         unknown = [name for name in names if name not in PREFIXES and not (len(names) == 1 and name in _MODES)]
         if unknown:
-            raise ValueError(f"unknown bias type {unknown[0]!r}; expected doc, all, none or a comma-separated list "
-                             f"of {', '.join(PREFIXES)}")
+            raise ValueError(f"unknown bias type {unknown[0]!r}; expected doc, all, none or a list of "
+                             f"{', '.join(PREFIXES)} (separated by commas, or by + inside key=value model_args)")
         return ",".join(names)
 
 
@@ -107,6 +106,7 @@ class SelfDebiasLM(BiasLM):
 
     @property
     def max_length(self) -> int:
+        """HFLM's less the longest prefix: inputs are cut to this, so that every prefixed input fits the model."""
         return super().max_length - self._prefix_room
 
     def types_of(self, request) -> tuple[str, ...]:
