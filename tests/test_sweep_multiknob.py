@@ -269,3 +269,36 @@ def test_nsga2_front_is_non_dominated(env, models, tmp_path):
     assert content["sampling"]["sampler"] == "nsga2" and content["sampling"]["batch"] == 4
     assert len(content["sampling"]["proposals"]) == 6
     _front_is_brute_force_non_dominated(content)
+
+
+# ------------------------------------------------------------------------------------------------ baselines as stages
+
+DIRECTION = """\
+base: /m
+method: direction
+fixed: {pairs: winogender, layers: ["0"], action: add}
+search: {sampler: tpe, trials: 4, knobs: {coefficient: {low: -2, high: 2}}}
+evaluate: [crows_bias, wikitext2_ppl]
+objective: crows_bias/pct_stereotype
+budget: {wikitext2_ppl/word_perplexity: {max_relative_increase: 0.02}}
+"""
+
+
+def test_a_direction_is_a_sweep_stage_scored_as_the_base_through_hf_steered_safe(tmp_path):
+    """debias direction's output is a steering file: a sweep point is scored as the base model with it
+    (stage.evaluated_as), a folded LEACE output as its own model folder."""
+    from debias_plugin.sweep.stage import evaluated_as, stage_class
+
+    assert stage_class("direction").name == "direction"
+    sweep = _load(tmp_path, DIRECTION)
+    assert sweep.knob == "coefficient" and [job.name for job in sweep.jobs()] == ["base"]
+    made, base = tmp_path / "trials" / "coefficient_1" / "model", tmp_path / "base"
+    assert evaluated_as(sweep, {"coefficient": 1.0}, made, base) == (
+        base, "hf-steered-safe", {"steer_path": str(made / "steer.safetensors")})
+    assert evaluated_as(sweep, {}, base, base) == (base, None, {})  # the reference point is the base itself
+    folded = _load(tmp_path, DIRECTION.replace("layers: [\"0\"], action: add", "layers: [final], estimator: leace, "
+                                               "affine: false, fold: true, max_pairs: 8")
+                   .replace("knobs: {coefficient: {low: -2, high: 2}}", "knobs: {max_length: {low: 8, high: 64}}"))
+    assert evaluated_as(folded, {"max_length": 16}, made, base) == (made, None, {})
+    with pytest.raises(SweepFileError, match="line 3, field 'fixed': rank above 1 is pca's"):  # checked at the corners
+        _load(tmp_path, DIRECTION.replace("coefficient: {low: -2, high: 2}", "rank: {low: 2, high: 4}"))
