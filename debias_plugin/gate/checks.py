@@ -210,7 +210,6 @@ def _results_say_higher(candidate: Results, baseline: Results, check, key: str, 
 
 def _types(check, index: int, gate: Gate, candidate: Results, baseline: Results) -> CheckResult:
     """types_not_worse: the family's verdict; value = how many types are worse, p = the smallest adjusted p."""
-    from debias_plugin.gate.report import p_value
     from debias_plugin.gate.types import types_not_worse
 
     config = gate.config
@@ -219,9 +218,7 @@ def _types(check, index: int, gate: Gate, candidate: Results, baseline: Results)
     except DebiasError as err:
         raise DebiasError(f"{gate.path}, {gate.where('checks', index, 'types_not_worse')}: {err}") from None
     worse = verdict.worse
-    note = ("worse: " + ", ".join(f"{row.name} ({row.baseline:.4g} -> {row.candidate:.4g}, Holm p = "
-                                  f"{p_value(row.adjusted_p)})" for row in worse)) if worse else \
-        f"none of {len(verdict.rows)} worse"
+    note = "" if worse else f"none of {len(verdict.rows)} worse"  # the report lists the worse rows
     return CheckResult(check.title, "crows_bias_<type>/pct_stereotype, stereoset_bias/ss_<domain>", check.kind,
                        check.requirement, gate.line("checks", index), verdict.passed, float(len(worse)),
                        p_value=min(row.adjusted_p for row in verdict.rows),

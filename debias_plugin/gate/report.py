@@ -89,8 +89,15 @@ def _compared(check: CheckResult) -> str:
     return text
 
 
+def _worse_types(check: CheckResult) -> str:
+    """types_not_worse: each worse CrowS type / StereoSet domain with both values and its Holm-adjusted p."""
+    worse = [row for row in check.types or [] if row["worse"]]
+    return ("worse: " + ", ".join(f"{row['name']} ({number(row['baseline'])} -> {number(row['candidate'])}, Holm p = "
+                                  f"{p_value(row['adjusted_p'])})" for row in worse)) if worse else ""
+
+
 def _notes(check: CheckResult) -> str:
-    return "; ".join(part for part in (check.method, check.note) if part)
+    return "; ".join(part for part in (check.method, _worse_types(check), check.note) if part)
 
 
 def _rows(report: GateReport) -> list[list[str]]:
