@@ -80,6 +80,7 @@ def _type_gap_line(results: dict, sizes: dict[str, int]) -> str:
         parts.append(text)
     return f"  per type: {', '.join(parts)}"
 
+
 def summarize(results: dict) -> str:
     """A plain-text summary of the CrowS, StereoSet and perplexity metrics in lm-eval results ("" if none)."""
     per_task = results.get("results", {})
