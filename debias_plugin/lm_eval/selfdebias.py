@@ -139,7 +139,8 @@ class SelfDebiasScorer:
     """CausalScorer's interface (score, progress) with self-debiased log-likelihoods; prefixes: token lists.
 
     The 1 + k inputs of a set of requests are packed and forwarded by the wrapped CausalScorer (its token trees share
-    each prefix across requests); their full-vocabulary log-probs at the scored positions are combined per request.
+    each prefix across requests); their full-vocabulary log-probs at the scored positions are combined position by
+    position.
     """
 
     def __init__(self, scorer, *, start_token: int | None, decay_constant: float, epsilon: float,
@@ -229,7 +230,8 @@ class SelfDebiasScorer:
             kind, features = scorer._features(batch, torch.tensor(list(unique), dtype=torch.long))
             with torch.no_grad(), scorer._autocast():
                 logits = scorer.model.get_output_embeddings()(features) if kind == "hidden" else features
-            log_probs = torch.log_softmax(logits, dim=-1, dtype=scorer.softmax_dtype or torch.float32)
+            dtype = scorer.softmax_dtype or torch.promote_types(logits.dtype, torch.float32)
+            log_probs = torch.log_softmax(logits, dim=-1, dtype=dtype)
             if out is None:
                 out = log_probs.new_empty(starts[-1], log_probs.shape[-1])
             device = log_probs.device
