@@ -130,6 +130,24 @@ def farther_from_half(table: PairTable) -> TestResult:
     return TestResult(two_sided(p), "exact sign tests on discordant and concordant pairs (intersection-union)")
 
 
+def overshoots_half(table: PairTable) -> TestResult:
+    """Exact test that the candidate was pushed past 1/2: it significantly prefers one side (exact binomial test of
+    its proportion against 1/2) *and* moved significantly towards that side from the baseline (exact McNemar).
+
+    Intersection-union per side (p = the larger), the two sides Bonferroni-combined, two-sided convention: the
+    overshoot a debiasing method can win an overall score with (a type at 49 moved to 41) is refused, even where
+    |p - 1/2| did not grow significantly because the baseline was itself off 1/2.
+    """
+    successes = table.both + table.candidate_only
+    trials = table.both + table.candidate_only + table.baseline_only + table.neither
+    towards_one = max(binomial_bound_p(successes, trials, 0.5, "above"),
+                      sign_test_p(table.candidate_only, table.baseline_only))
+    towards_zero = max(binomial_bound_p(successes, trials, 0.5, "below"),
+                       sign_test_p(table.baseline_only, table.candidate_only))
+    p = min(1.0, 2.0 * min(towards_one, towards_zero))
+    return TestResult(two_sided(p), "exact binomial test against 1/2 and McNemar towards that side (intersection-union)")
+
+
 # --- bootstrap -------------------------------------------------------------------------------------------------
 
 
