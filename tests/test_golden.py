@@ -10,7 +10,7 @@ not matched; a real change of weights (lr x 1.01) fails there too.
 
 Record a new CPU kind from the pre-redesign code only: run 66d151f's own tests/test_golden.py there (with this
 file's EVAL_CASES) under DEBIAS_WRITE_GOLDEN=1 and copy its values in under machine_kind(); then this file under
-DEBIAS_WRITE_GOLDEN=1 must add nothing but equal values (docs/RESULTS.md, "CI at the ninth session").
+DEBIAS_WRITE_GOLDEN=1 must add nothing but equal values (docs/RESULTS.md, "Golden digests per CPU kind (issue 10)").
 """
 
 from __future__ import annotations
