@@ -11,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from debias_plugin.errors import DataError, DebiasError
 from debias_plugin.scoring.specs import find_spec, spec
-from debias_plugin.yamlfile import (ConfigFileError, TaskMetric, field_text, line_of, read_yaml, schema_keys,
-                                    validation_problems)
+from debias_plugin.yamlfile import (ConfigFileError, Count, TaskMetric, config_text, field_text, line_of, read_yaml,
+                                    schema_keys, validation_problems)
 
 CHECK_KINDS = ("within", "min", "max", "not_worse_than_baseline", "max_relative_increase", "types_not_worse")
 BASELINE_KINDS = ("not_worse_than_baseline", "max_relative_increase", "types_not_worse")
@@ -101,7 +101,7 @@ class GateConfig(BaseModel):
     checks: list[CheckConfig] = Field(min_length=1)
     alpha: float = Field(0.05, gt=0, le=0.5)
     limit: int | None = Field(None, ge=1)
-    batch_size: int | Literal["auto"] = 16
+    batch_size: Count | Literal["auto"] = 16
     device: str | None = None
     model_class: str | None = None  # lm-eval model name; default from the config: hf-bias (causal) or hf-mlm (masked)
     model_args: dict[str, str | int | float | bool] = Field(default_factory=dict)
@@ -144,12 +144,10 @@ class GateFileError(ConfigFileError):
 
 def load_gate(path: str | Path) -> Gate:
     """Read and validate a gate file; raises GateFileError / DataError (exit code 2 in the CLI)."""
-    from debias_plugin.data._io import read_text
-
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise DebiasError(f"{path}: the gate file does not exist.")
-    data, lines = read_yaml(path, read_text(path), "gate", " (model, tasks, checks, ...)", GateFileError)
+    data, lines = read_yaml(path, config_text(path), "gate", " (model, tasks, checks, ...)", GateFileError)
     try:
         config = GateConfig.model_validate(data)
     except ValidationError as err:
