@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from debias_plugin.data._io import csv_rows, require_field
-from debias_plugin.errors import DataError
+from debias_plugin.errors import DataError, DebiasError
 from debias_plugin.paths import data_file
 
 CROWS_RELATIVE_PATH = "crows_pairs/crows_pairs_anonymized.csv"
@@ -24,6 +24,7 @@ def crows_type_task(bias_type: str) -> str:
 
 CROWS_TYPE_TASKS = tuple(crows_type_task(bias_type) for bias_type in CROWS_BIAS_TYPES)
 DIRECTIONS = ("stereo", "antistereo")
+CROWS_HALVES = ("selection", "heldout")  # crows_split's halves; their tasks are crows_bias_<half>_<type>
 
 
 @dataclass(frozen=True)
@@ -62,3 +63,24 @@ def load_crows_pairs(path: str | Path | None = None) -> list[CrowsPair]:
             bias_type=bias_type,
         ))
     return pairs
+
+
+def crows_split(pairs: list[CrowsPair], seed: int = 0, fraction: float = 0.5) -> dict[str, list[CrowsPair]]:
+    """A seeded split stratified by bias type, so a study chooses on one half and reports the untouched other.
+
+    The rule: one numpy.random.default_rng(seed); for each bias type in CROWS_BIAS_TYPES order, that type's pairs
+    in file order are shuffled by rng.permutation, the first round(fraction * n_type) (Python's round) go to
+    "selection" and the rest to "heldout". Each half keeps file order. Seed 0's pair ids: tasks/crows_bias/split_seed0.txt.
+    """
+    import numpy as np
+
+    if not 0 < fraction < 1:
+        raise DebiasError(f"crows_split: fraction must be between 0 and 1 (exclusive), got {fraction!r}.")
+    rng = np.random.default_rng(seed)
+    chosen: set[int] = set()
+    for bias_type in CROWS_BIAS_TYPES:
+        members = [i for i, pair in enumerate(pairs) if pair.bias_type == bias_type]
+        order = rng.permutation(len(members))
+        chosen.update(members[j] for j in order[:round(fraction * len(members))])
+    return {"selection": [pair for i, pair in enumerate(pairs) if i in chosen],
+            "heldout": [pair for i, pair in enumerate(pairs) if i not in chosen]}

@@ -120,9 +120,10 @@ def leaf_metrics(summary: dict, metric: str) -> dict[str, float | None]:
     found = {}
     for key, entry in sorted(summary.items()):
         leaf, leaf_metric = key.split("/", 1)
-        if leaf.startswith(prefix) and leaf_metric == name and leaf[len(prefix):] not in _NOT_SUBTASKS:
+        if leaf.startswith(prefix) and leaf_metric == name and leaf[len(prefix):].split("_")[0] not in _NOT_SUBTASKS:
             found[leaf[len(prefix):]] = entry.get("value")
     return found
 
 
-_NOT_SUBTASKS = ("overall", "aul", "inter")  # sibling tasks over the same data, not parts of the group
+# sibling tasks over the same data (and CrowS's halves: crows_bias_selection_<type>), not parts of the group
+_NOT_SUBTASKS = ("overall", "aul", "inter", "selection", "heldout")
