@@ -702,8 +702,17 @@ def test_json_report_has_estimate_interval_and_p_value_per_check(tmp_path, faili
 
 def test_report_file_may_not_overwrite_an_input(tmp_path, failing_gate, capsys):
     code, _, err = run_cli(capsys, failing_gate, "--json", failing_gate)
-    assert code == 2 and "would overwrite the input" in err
+    assert code == 2 and "overlaps the input" in err
     assert "checks:" in failing_gate.read_text()
+
+
+def test_report_file_may_not_overwrite_the_samples_beside_a_results_file(tmp_path, failing_gate, capsys):
+    """The per-sample files lm-eval wrote beside a results JSON are inputs too, though the gate file names none."""
+    samples = sorted(tmp_path.rglob("samples_*.jsonl"))
+    assert samples, "the fixture's results have per-sample files"
+    before = samples[0].read_text()
+    code, _, err = run_cli(capsys, failing_gate, "--junit", samples[0])
+    assert code == 2 and "overlaps the input" in err and samples[0].read_text() == before
 
 
 # --- end to end: a tiny model through lm-eval, then the cache ----------------------------------------------------

@@ -21,10 +21,15 @@ __all__ = ["GateReport", "load_gate", "run_gate", "terminal_table", "markdown_su
 
 
 def gate_inputs(gate: Gate) -> list[Path]:
-    """Files and folders the gate reads (report files must not overwrite them)."""
+    """Files and folders the gate reads (report files must not overwrite them): the gate file, the models, the
+    results files and the per-sample files lm-eval wrote beside them, and the data folder an evaluation reads."""
+    from debias_plugin.paths import data_root
+
     config = gate.config
-    return [gate.path] + [gate.resolve(value) for value in (config.model, config.results, config.baseline)
-                          if value and not is_builtin(value)]
+    named = [gate.resolve(value) for value in (config.model, config.results, config.baseline)
+             if value and not is_builtin(value)]
+    beside = [sample for path in named if path.suffix == ".json" for sample in path.parent.glob("samples_*.jsonl")]
+    return [gate.path, *named, *beside, *([data_root()] if data_root() else [])]
 
 
 def _results_file(gate: Gate, field: str, value: str) -> tuple[Results, str]:

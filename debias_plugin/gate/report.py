@@ -12,7 +12,7 @@ from pathlib import Path
 
 from debias_plugin.errors import DebiasError
 from debias_plugin.gate.checks import CheckResult
-from debias_plugin.outputs import write_text_atomically
+from debias_plugin.outputs import refuse_overlap, write_text_atomically
 
 STEP_SUMMARY_ENV = "GITHUB_STEP_SUMMARY"
 REPORT_SCHEMA = "debias_plugin.gate-report/1"
@@ -193,9 +193,7 @@ def check_report_path(path: str | Path, option: str, inputs: list[Path]) -> Path
     path = Path(path).expanduser().resolve()
     if path.is_dir():
         raise DebiasError(f"{option} {path} is a folder; give a file name.")
-    for given in inputs:
-        if path == given or given in path.parents:
-            raise DebiasError(f"{option} {path} would overwrite the input {given}; choose another file.")
+    refuse_overlap(path, inputs, option)
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
         raise DebiasError(f"{option} {path}: the folder {path.parent} does not exist or is not writable.")
     return path
