@@ -11,6 +11,14 @@ the naive run of the same model and task.
 
     python benchmarks/bench_sweep_cost.py                           # tiny GPT-2 + a perturbed copy, --limit 40
     python benchmarks/bench_sweep_cost.py --base default --adapter DIR --limit 0 --device cuda   # SmolLM2
+
+--sequential-vs-full [SWEEP_FILE]: the same sweep twice, `evaluation: full` and `evaluation: sequential`, each
+`debias sweep` a child process under /usr/bin/time -v with its own empty evaluation cache, side by side: the chosen
+setting (equal?), the reported metrics (identical?), documents scored per point, evaluation CPU seconds (user +
+sys of the child) and peak RSS of each, and their ratio. Without a file: the tiny GPT-2 negation grid below.
+
+    python benchmarks/bench_sweep_cost.py --sequential-vs-full                          # tiny GPT-2, --limit 8
+    python benchmarks/bench_sweep_cost.py --sequential-vs-full sweeps/negate_smollm2.yml    # SmolLM2, full sets
 """
 
 from __future__ import annotations
@@ -70,7 +78,103 @@ def naive_run(model: Path, tasks: list[str], limit: int | None, device: str, bat
     return results, requests
 
 
+def timed_sweep(sweep_file: Path, out: Path, cache: Path) -> dict:
+    """`debias sweep FILE --out DIR` in a child under /usr/bin/time -v: its CPU seconds, peak RSS and wall time."""
+    import re
+    import subprocess
+
+    command = ["/usr/bin/time", "-v", sys.executable, "-c", "from debias_plugin.cli import main; main()",
+               "sweep", str(sweep_file), "--out", str(out)]
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "DEBIAS_CACHE_DIR": str(cache)})
+    wall = time.monotonic() - started
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
+
+    def field(name: str) -> float:
+        return float(re.search(rf"{re.escape(name)}: ([0-9.]+)", done.stderr).group(1))
+
+    return {"cpu_seconds": round(field("User time (seconds)") + field("System time (seconds)"), 1),
+            "peak_rss_mib": round(field("Maximum resident set size (kbytes)") / 1024, 1), "wall_seconds": round(wall, 1),
+            "progress": [line for line in done.stderr.splitlines() if "% of " in line and " → " in line]}
+
+
+def documents_scored(content: dict) -> dict[str, str]:
+    """Per point: units scored by the sequential screen per task (of the full set), or 'full sets'."""
+    scored = {}
+    for entry in content.get("stopped", []) + [dict(p["screening"], name=p["name"]) for p in content["points"]
+                                                if "screening" in p]:
+        counts = ", ".join(f"{task} {n}/{entry['population'][task]}" for task, n in entry["documents_scored"].items())
+        scored[entry["name"]] = f"{entry['verdict']} after {counts}" + (" + full sets" if entry["verdict"] == "passed" else "")
+    for point in content["points"]:
+        scored.setdefault(point["name"], "full sets")
+    return scored
+
+
+def sequential_vs_full(sweep_file: Path | None, work: Path, lambdas: str, limit: int | None) -> int:
+    """The same sweep with `evaluation: full` and sequential, side by side; exit status 1 if the choice or a
+    reported number differs."""
+    import yaml
+
+    if sweep_file is None:
+        base, biased = tiny_models(work)
+        config = {"name": "cost", "base": str(base), "method": "negate", "fixed": {"biased": str(biased)},
+                  "grid": {"lambda": [float(x) for x in lambdas.split(",")]},
+                  "evaluate": ["crows_bias_gender", "wikitext2_ppl"], "objective": "crows_bias_gender/pct_stereotype",
+                  "budget": {"wikitext2_ppl/word_perplexity": {"max_relative_increase": 0.05}}, "limit": limit}
+    else:
+        config = yaml.safe_load(sweep_file.read_text())
+    runs = {}
+    for mode in ("full", "sequential"):
+        path = work / f"sweep_{mode}.yml"
+        path.write_text(json.dumps({**config, "evaluation": mode}, indent=1))  # JSON is YAML
+        cost = timed_sweep(path, work / mode, work / f"cache_{mode}")
+        runs[mode] = {"content": json.loads((work / mode / "sweep.json").read_text()), **cost}
+        print(f"{mode}: {cost['cpu_seconds']} CPU s, peak RSS {cost['peak_rss_mib']} MiB, {cost['wall_seconds']} s wall",
+              flush=True)
+    full, sequential = runs["full"]["content"], runs["sequential"]["content"]
+    chosen = {mode: runs[mode]["content"]["best_name"] for mode in runs}
+    reported = {p["name"]: p["metrics"] for p in full["points"]}
+    same = {p["name"]: p["metrics"] == reported.get(p["name"]) for p in sequential["points"]}
+    print("
+progress lines of the sequential run:", *runs["sequential"]["progress"], sep="
+  ")
+    print(f"
+chosen setting: full {chosen['full']}, sequential {chosen['sequential']} "
+          f"({'equal' if chosen['full'] == chosen['sequential'] else 'DIFFERENT'})")
+    print(f"reported metrics: {'identical' if all(same.values()) else 'DIFFERENT'} on the {len(same)} points the "
+          f"sequential report shows as numbers ({', '.join(f'{n}: {s}' for n, s in same.items())})")
+    scored = {mode: documents_scored(runs[mode]["content"]) for mode in runs}
+    print("
+documents scored per point:")
+    for name in scored["full"]:
+        print(f"  {name:<16} full: {scored['full'][name]:<10}  sequential: {scored['sequential'].get(name, 'not run')}")
+    ratio = runs["full"]["cpu_seconds"] / max(runs["sequential"]["cpu_seconds"], 1e-9)
+    print(f"
+evaluation CPU (whole `debias sweep` child, user + sys): full {runs['full']['cpu_seconds']} s, "
+          f"sequential {runs['sequential']['cpu_seconds']} s, ratio full / sequential {ratio:.2f}x")
+    print(f"peak RSS: full {runs['full']['peak_rss_mib']} MiB, sequential {runs['sequential']['peak_rss_mib']} MiB")
+    screening = sequential["run"].get("screening")
+    if screening:
+        print(f"sequential report's own account: {screening}")
+    return 0 if chosen["full"] == chosen["sequential"] and all(same.values()) else 1
+
+
 def main() -> None:
+    if "--sequential-vs-full" in sys.argv:
+        compare = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        compare.add_argument("--sequential-vs-full", nargs="?", const="", metavar="SWEEP_FILE")
+        compare.add_argument("--lambdas", default="0.5,0.75,4", help="The tiny sweep's grid (without a file).")
+        compare.add_argument("--limit", type=int, default=8, help="The tiny sweep's lm-eval limit (without a file).")
+        compare.add_argument("--work", help="Working folder (default: a temporary one, removed afterwards).")
+        args = compare.parse_args()
+        work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_sequential_"))
+        work.mkdir(parents=True, exist_ok=True)
+        status = sequential_vs_full(Path(args.sequential_vs_full) if args.sequential_vs_full else None, work,
+                                    args.lambdas, args.limit or None)
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+        sys.exit(status)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", help="Model folder or 'default' (SmolLM2-135M); default: a tiny GPT-2.")
     parser.add_argument("--biased", help="Fully fine-tuned biased model (with --base).")

@@ -34,6 +34,7 @@ objective: crows_bias_gender/pct_stereotype
 budget: {{wikitext2_ppl/word_perplexity: {{max_relative_increase: {budget}}}}}
 limit: {limit}
 resamples: 200
+evaluation: full
 """
 SEARCH_SWEEP = """\
 base: {base}
@@ -601,6 +602,7 @@ checkpoints: [1, 3]
 evaluate: [crows_bias_gender]
 objective: crows_bias_gender/pct_stereotype
 limit: {limit}
+evaluation: full
 """
 
 

@@ -59,11 +59,13 @@ def _point_entry(sweep: Sweep, trial, full, reference_summary: dict, front: set)
 
 def search_step(sweep: Sweep, points: list[tuple[str, dict, dict]], reference: dict) -> SearchResult:
     """The budget search's next step from the recorded points' (role, params, summary): the run and the report
-    replay the same observations."""
+    replay the same observations. A point stopped over budget by the sequential screen has summary None."""
     knob, at_base = sweep.search_knob, sweep.reference_knob_value
     observations = {}
     for role, params, summary in points:
-        if role == "search":
+        if role == "search" and summary is None:
+            observations[float(params[knob])] = Observation(float("nan"), False)
+        elif role == "search":
             observations[float(params[knob])] = observation(summary, reference, sweep)
         elif role == "reference" and at_base is not None:
             observations[at_base] = observation(summary, reference, sweep)
@@ -80,11 +82,14 @@ def observation(summary: dict, reference: dict, sweep: Sweep) -> Observation:
     return Observation(value, all(check["holds"] for check in metrics.feasibility(summary, reference, sweep).values()))
 
 
-def search_summary(sweep: Sweep, points: list[dict], reference_summary: dict) -> dict | None:
-    """The budget search replayed from the recorded points (the runner stopped at exactly this state)."""
+def search_summary(sweep: Sweep, points: list[dict], reference_summary: dict, stopped: list[dict] = ()) -> dict | None:
+    """The budget search replayed from the recorded points and those the sequential screen stopped over budget (the
+    runner stopped at exactly this state)."""
     if not sweep.config.search:
         return None
-    result = search_step(sweep, [(p["role"], p["params"], p["metrics"]) for p in points], reference_summary)
+    result = search_step(sweep, [(p["role"], p["params"], p["metrics"]) for p in points]
+                         + [(p["role"], p["params"], None) for p in stopped if p["verdict"] == "violated"],
+                         reference_summary)
     low, high = sweep.config.search[sweep.search_knob]
     return {"knob": sweep.search_knob, "range": [low, high], "max_evaluations": sweep.config.max_evaluations,
             "tolerance": sweep.config.tolerance, "finished": result.proposal is None, "next": result.proposal,
@@ -156,7 +161,7 @@ def collect(sweep: Sweep, studies: Studies, *, base: Path | None = None, screens
         "tasks": {"screen": sweep.screen_tasks, "full": sweep.config.evaluate},
         "points": points, "pareto_front": [p["key"] for p in points if p["pareto"]], "best": chosen,
         "best_name": next((p["name"] for p in points if p["key"] == chosen), None),
-        "search": search_summary(sweep, points, reference_summary),
+        "search": search_summary(sweep, points, reference_summary, stopped),
         "evaluations": counts, "pending": pending,
     }
     if screening is not None:

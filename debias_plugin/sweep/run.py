@@ -299,8 +299,10 @@ class SweepRun:
         sweep = self.sweep
         while True:
             recorded = [trial.user_attrs for trial in recorded_points(self.studies.results).values()]
-            step = search_step(sweep, [(a.get("role"), a.get("params"), a.get("summary", {})) for a in recorded],
-                               self._reference())
+            stopped = [(t.user_attrs["role"], t.user_attrs["params"], None)  # over budget: no values, infeasible
+                       for t in sequential_eval.screens(self.screens).values() if t.state.name == "PRUNED"]
+            step = search_step(sweep, [(a.get("role"), a.get("params"), a.get("summary", {})) for a in recorded]
+                               + stopped, self._reference())
             if step.proposal is None:
                 return step
             logger.info("Budget search: %s = %g (%s).", sweep.search_knob, step.proposal, step.reason)

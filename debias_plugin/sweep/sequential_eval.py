@@ -217,7 +217,7 @@ def trackers(sweep: Sweep, reference: dict, incumbent: dict | None, leaf_tasks: 
     spec = find_spec(name)
     current = value_of(incumbent or {}, config.objective)
     if (incumbent is not None and current is not None and spec is not None and spec.estimator == "proportion"
-            and task in leaf_tasks):
+            and task in leaf_tasks and not config.search):  # the bisection reads every feasible point's value
         found.append(Tracker("objective", task, name, DOCUMENTS, offset=current, scale=spec.scale,
                              center=config.target))
     alpha = bonferroni(config.alpha, len(found))
@@ -366,11 +366,12 @@ def screens(study) -> dict[str, object]:
 
 
 def screens_this_point(sweep: Sweep, point, model: Path) -> bool:
-    """Sequential screening applies to grid and checkpoint points of causal LMs unless the file says evaluation: full
-    (the budget search's bisection and sampled searches read every point's full-set values)."""
+    """Sequential screening applies to grid, checkpoint and budget-search points of causal LMs unless the file says
+    evaluation: full (the sampled searches' samplers read every trial's values); the bisection reads an over-budget
+    point as infeasible, so its search points are screened on the budget only."""
     from debias_plugin.evaluation import CAUSAL_MODEL_CLASS, resolve_model_class
 
-    return (sweep.config.evaluation == "sequential" and point.role in ("grid", "checkpoint")
+    return (sweep.config.evaluation == "sequential" and point.role in ("grid", "checkpoint", "search")
             and resolve_model_class(model) == CAUSAL_MODEL_CLASS)
 
 
