@@ -139,6 +139,7 @@ class SweepConfig(BaseModel):
     evaluation: Literal["sequential", "full"] = "sequential"  # sequential: points screened on growing chunks
     order_seed: int = 0  # the one document order of a sequential screen
     sampling: KnobSearch | None = None  # written as `search:` with knobs (see _knob_search)
+    types_not_worse: bool = False  # a point with a CrowS type / StereoSet domain worse than the base is infeasible
 
     @model_validator(mode="before")
     @classmethod
@@ -151,10 +152,12 @@ class SweepConfig(BaseModel):
 
     @model_serializer(mode="wrap")
     def _without_unused_sampling(self, handler):
-        """A sweep without several knobs dumps (and hashes) exactly as before the field existed."""
+        """A sweep without several knobs or types_not_worse dumps (and hashes) exactly as before those fields existed."""
         dumped = handler(self)
         if isinstance(dumped, dict) and dumped.get("sampling") is None:
             dumped.pop("sampling", None)
+        if isinstance(dumped, dict) and not dumped.get("types_not_worse"):
+            dumped.pop("types_not_worse", None)
         return dumped
 
 
