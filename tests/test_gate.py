@@ -835,3 +835,19 @@ def test_model_class_follows_the_config_not_the_name(tiny_model, tmp_path):
     masked = shutil.copytree(tiny_model("bert"), tmp_path / "gpt2-looking-name")
     assert resolve_model_class(masked) == "hf-mlm"
     assert resolve_model_class(tiny_model("gpt2")) == "hf-bias"
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), None, True, "57.1"])
+@pytest.mark.parametrize("role", ["results", "baseline"])
+def test_a_non_finite_or_null_metric_is_an_error_naming_the_file(value, role, tmp_path, capsys):
+    """A NaN in the candidate's or the baseline's results must never pass a check (comparisons with NaN are false)."""
+    good = {"results": {"crows_bias": {"pct_stereotype,none": 55.0}}}
+    bad = {"results": {"crows_bias": {"pct_stereotype,none": value}}}
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    (tmp_path / "bad.json").write_text(json.dumps(bad))  # json writes NaN/Infinity as Python's json reads them
+    results, baseline = ("bad.json", "good.json") if role == "results" else ("good.json", "bad.json")
+    gate = tmp_path / "gate.yml"
+    gate.write_text(f"results: {results}\nbaseline: {baseline}\nchecks:\n"
+                    "  - {metric: crows_bias/pct_stereotype, not_worse_than_baseline: true}\n")
+    code, _, err = run_cli(capsys, gate)
+    assert code == 2 and "bad.json" in err and "pct_stereotype,none" in err and "not a finite number" in err

@@ -105,9 +105,6 @@ def _single(check, index: int, gate: Gate, candidate: Results) -> CheckResult:
         bounds = [(check.within[0], "below"), (check.within[1], "above")]
     else:
         bounds = [(check.min, "below")] if check.kind == "min" else [(check.max, "above")]
-    if math.isnan(measured.value):
-        result.passed, result.note = False, "the metric is NaN"
-        return result
     if measured.samples is None:
         result.passed = all(measured.value >= bound if side == "below" else measured.value <= bound
                             for bound, side in bounds)
@@ -173,9 +170,6 @@ def _compared(check, index: int, gate: Gate, candidate: Results, baseline: Resul
         pairing = stats.difference
     result.delta_label, result.delta = label, delta
     point_passes = not (delta > bound if worse_side == "above" else delta < bound)
-    if math.isnan(c):
-        result.passed, result.note = False, "the metric is NaN"
-        return result
     if mine.samples is None or theirs.samples is None:
         result.passed, result.method = point_passes, "point estimate"
         result.note = mine.note or f"baseline: {theirs.note}"

@@ -83,11 +83,22 @@ def metric_key(results: Results, task: str, metric: str) -> str | None:
 
 
 def reported_value(results: Results, task: str, key: str) -> float:
+    """The reported number; null, text, booleans and NaN/infinity are errors naming the file and field (a NaN in a
+    candidate's or a baseline's results must never pass a check by comparing false)."""
     value = results.data["results"][task][key]
+    number = finite_or_none(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if number is None:
+        raise DebiasError(f"{results.source}: results[{task!r}][{key!r}] is {value!r}, not a finite number; a check "
+                          "cannot be decided on it (re-run the evaluation, or check on another metric).")
+    return number
+
+
+def finite_or_none(value) -> float | None:
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
-        raise DebiasError(f"{results.source}: results[{task!r}][{key!r}] is {value!r}, not a number.") from None
+        return None
+    return number if math.isfinite(number) else None
 
 
 def higher_is_better(results: Results, task: str, metric: str) -> bool | None:
