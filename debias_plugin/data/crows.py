@@ -23,6 +23,15 @@ def crows_type_task(bias_type: str) -> str:
 
 
 CROWS_TYPE_TASKS = tuple(crows_type_task(bias_type) for bias_type in CROWS_BIAS_TYPES)
+CROWS_OVERALL_TASK = "crows_bias_overall"  # all pairs as one task, with type_mean_gap / worst_type_gap
+
+
+def crows_half_task(half: str, bias_type: str | None = None, *, overall: bool = False) -> str:
+    """A task on one half of crows_split (seed 0): crows_bias_heldout, crows_bias_heldout_race_color,
+    crows_bias_overall_heldout."""
+    if overall:
+        return f"{CROWS_OVERALL_TASK}_{half}"
+    return f"{CROWS_TASK}_{half}" + ("" if bias_type is None else f"_{bias_type.replace('-', '_')}")
 DIRECTIONS = ("stereo", "antistereo")
 CROWS_HALVES = ("selection", "heldout")  # crows_split's halves; their tasks are crows_bias_<half>_<type>
 

@@ -4,6 +4,8 @@
     models: {smollm2-135m: default, gemma3-270m: "builtin:gemma3-270m"}
     objective: crows_bias/pct_stereotype  # optional: one objective and budget for every sweep
     budget: {wikitext2_ppl/word_perplexity: {max_relative_increase: 0.02}}
+    types_not_worse: true        # optional: a point with a CrowS type (or StereoSet domain) worse than the base fails
+    selection: {split_seed: 0}   # optional: choose on one half of CrowS-Pairs, report the held-out half
     prepare:                     # stage outputs the sweeps read, trained once per model
       dghs_lora: {method: finetune, options: {corpus: ..., column: text, lora: true, steps: 100}}
     sweeps:                      # label -> a sweep file (relative to this file) and the fixed options it changes
@@ -18,6 +20,13 @@ folder) is written to DIR/<model>/<sweep>.yml and run into DIR/<model>/<sweep>/ 
 kill, sharing a study storage and the results cache are the sweep's own. DIR/study.json, study.csv and study.md
 hold the table (per model: the base and each sweep's chosen point, CrowS-Pairs per type with the sweeps' exact
 intervals, StereoSet, WikiText-2 perplexity, costs); plots/tradeoff_<model>.png/.svg every evaluated point.
+
+With `selection:`, every derived sweep evaluates CrowS-Pairs as its two halves (data.crows.crows_split: the sweep
+file's crows_bias / crows_bias_overall / per-type tasks become crows_bias_selection, crows_bias_heldout and their
+crows_bias_overall_<half> tasks) and screens only the selection half (the objective's task, crows_bias_selection
+for types_not_worse) and the budget's tasks, so the choice never sees the held-out pairs or StereoSet; the table's
+CrowS columns are the held-out half's. The objective should then read a selection task, e.g.
+crows_bias_overall_selection/type_mean_gap with `target: 0`.
 """
 
 from __future__ import annotations
@@ -25,8 +34,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 
+from debias_plugin.data.crows import (CROWS_HALVES, CROWS_OVERALL_TASK, CROWS_TASK, CROWS_TYPE_TASKS,
+                                      crows_half_task)
 from debias_plugin.errors import DebiasError
 from debias_plugin.sweep.schema import BudgetRule
 from debias_plugin.yamlfile import (ConfigFileError, Label, TaskMetric, field_text, line_of, read_yaml,
@@ -50,6 +61,28 @@ class SweepEntry(BaseModel):
     models: dict[Label, dict[str, Any]] = {}  # per model: sweep-file keys replaced (fixed: merged), e.g. a range
 
 
+class Selection(BaseModel):
+    """Choose on the selection half of a seeded CrowS-Pairs split; report the held-out half."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    split_seed: int = 0
+
+
+SPLIT_SEEDS_WITH_TASKS = (0,)  # tasks/crows_bias/crows_bias_{selection,heldout}*.yaml: dataset_kwargs split_seed
+
+
+def half_tasks(task: str) -> list[str] | None:
+    """The split tasks that replace a full-set CrowS task in a sweep's evaluate list (None: not a CrowS task)."""
+    if task in (CROWS_TASK, CROWS_OVERALL_TASK, *CROWS_TYPE_TASKS):
+        return [crows_half_task(half, overall=overall) for overall in (False, True) for half in CROWS_HALVES]
+    return None
+
+
+def _on_selection_half(task: str) -> bool:
+    group, overall = crows_half_task(CROWS_HALVES[0]), crows_half_task(CROWS_HALVES[0], overall=True)
+    return task in (group, overall) or task.startswith(group + "_")
+
+
 class StudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     name: Label | None = None
@@ -58,6 +91,18 @@ class StudyConfig(BaseModel):
     sweeps: dict[Label, SweepEntry] = Field(min_length=1)
     objective: TaskMetric | None = None  # one rule for every sweep (each sweep file's own when absent)
     budget: dict[TaskMetric, BudgetRule] | None = None
+    target: float | None = None  # the objective's target (each sweep file's own when absent)
+    types_not_worse: bool | None = None  # passed to every sweep (gate.types.types_not_worse on the screen)
+    selection: Selection | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset_additions(self, handler):
+        """A study without the issue-38 keys dumps (into study.json) exactly as before they existed."""
+        dumped = handler(self)
+        for key in ("target", "types_not_worse", "selection"):
+            if dumped.get(key) is None:
+                dumped.pop(key, None)
+        return dumped
 
 
 class Study:
@@ -70,8 +115,21 @@ class Study:
             self.config = StudyConfig.model_validate(data)
         except ValidationError as err:
             raise ConfigFileError(path, validation_problems(err, self.lines, KEYS_AT), "study") from None
-        problems = []
-        own = {"base", "method"} | {key for key in ("objective", "budget") if getattr(self.config, key) is not None}
+        problems: list = []
+        own = {"base", "method"} | {key for key in ("objective", "budget", "target", "types_not_worse")
+                                    if getattr(self.config, key) is not None}
+        if self.config.selection is not None:
+            own |= {"evaluate", "screen"}
+            if self.config.selection.split_seed not in SPLIT_SEEDS_WITH_TASKS:
+                problems.append((("selection", "split_seed"), f"only seed {SPLIT_SEEDS_WITH_TASKS[0]} has tasks "
+                                 "(tasks/crows_bias/crows_bias_selection*.yaml); add include files with another "
+                                 "split_seed to use it"))
+            for key, metric in [("objective", self.config.objective), *(("budget", m) for m in self.config.budget or {})]:
+                task = (metric or "").split("/")[0]
+                if task.startswith(CROWS_TASK) and not _on_selection_half(task):
+                    problems.append(((key,) if key == "objective" else (key, metric), f"'{metric}' reads "
+                                     "CrowS-Pairs pairs outside the selection half; with `selection:` read a "
+                                     "selection task (e.g. crows_bias_overall_selection/type_mean_gap)"))
         for label, entry in self.config.sweeps.items():
             fixed = [(("sweeps", label, "fixed", key), value) for key, value in entry.fixed.items()]
             for model, override in entry.models.items():
@@ -124,8 +182,25 @@ class Study:
             data["objective"] = self.config.objective
         if self.config.budget is not None:
             data["budget"] = {metric: rule.model_dump(exclude_none=True) for metric, rule in self.config.budget.items()}
+        for key in ("target", "types_not_worse"):
+            if getattr(self.config, key) is not None:
+                data[key] = getattr(self.config, key)
+        if self.config.selection is not None:
+            data.update(self._selection_tasks(data))
         return f"# {label} of {self.path.name} for {model}, derived from {self.sweep_file(label)}\n" + \
             yaml.safe_dump(data, sort_keys=False)
+
+    def _selection_tasks(self, data: dict) -> dict:
+        """evaluate with CrowS-Pairs as its two halves; screen: the selection half and the budget's tasks only."""
+        evaluate: list[str] = []
+        for task in data.get("evaluate") or []:
+            evaluate += [name for name in half_tasks(task) or [task] if name not in evaluate]
+        read = [data["objective"].split("/")[0]] + \
+            ([crows_half_task(CROWS_HALVES[0])] if data.get("types_not_worse") else [])
+        budget = [metric.split("/")[0] for metric in data.get("budget") or {}]
+        read += [task for task in evaluate if task in budget or any(b.startswith(task + "_") for b in budget)]
+        evaluate += [task for task in read if task not in evaluate]
+        return {"evaluate": evaluate, "screen": list(dict.fromkeys(read))}
 
     def selected(self, only: list[str] | None) -> dict[str, list[str]]:
         """{model: [sweep labels]} of the selectors MODEL or MODEL/SWEEP (None: everything)."""

@@ -9,7 +9,7 @@ import io
 import json
 from pathlib import Path
 
-from debias_plugin.data.crows import CROWS_TASK, CROWS_TYPE_TASKS
+from debias_plugin.data.crows import CROWS_BIAS_TYPES, CROWS_HALVES, CROWS_TASK, CROWS_TYPE_TASKS, crows_half_task
 from debias_plugin.outputs import write_text_atomically
 from debias_plugin.scoring.gap import gap, type_mean_gap
 from debias_plugin.scoring.specs import SPECS
@@ -29,13 +29,27 @@ def _stereoset_columns() -> dict[str, str]:
             if spec.part is not None and spec.domain is None}
 
 
-def _type_tasks(rows: list[dict]) -> list[str]:
+def crows_group(study: Study) -> str:
+    """The CrowS-Pairs group of the table's headline columns: the held-out half where the study chose on the other."""
+    return crows_half_task(CROWS_HALVES[1]) if study.config.selection is not None else CROWS_TASK
+
+
+def _type_tasks(rows: list[dict], group: str = CROWS_TASK) -> list[str]:
     """CrowS-Pairs' bias-type tasks, the most pairs first (the pair counts the summaries' intervals record)."""
+    tasks = list(CROWS_TYPE_TASKS) if group == CROWS_TASK else [f"{group}_{t.replace('-', '_')}" for t in CROWS_BIAS_TYPES]
+
     def pairs(task: str) -> int:
         return max((((row.get("metrics") or {}).get(f"{task}/{BIAS}") or {}).get("units") or 0 for row in rows),
                    default=0)
 
-    return sorted(CROWS_TYPE_TASKS, key=lambda task: (-pairs(task), CROWS_TYPE_TASKS.index(task)))
+    return sorted(tasks, key=lambda task: (-pairs(task), tasks.index(task)))
+
+
+def _split_columns() -> dict[str, str]:
+    """Header -> metric key of the split's gap columns: the held-out half's type gaps, the selection half's."""
+    held_out, selection = (crows_half_task(half, overall=True) for half in CROWS_HALVES)
+    return {"type-mean gap": f"{held_out}/type_mean_gap", "worst-type gap": f"{held_out}/worst_type_gap",
+            "selection all": f"{selection}/{BIAS}", "selection type-mean gap": f"{selection}/type_mean_gap"}
 
 
 def _gap(metrics: dict, key: str) -> float | None:
@@ -88,9 +102,12 @@ def table_rows(out: Path, study: Study, results: dict[tuple[str, str], dict]) ->
             recorded = content.get("run", {}).get("stage_seconds", {}).get(best["name"])
             chosen.append({**row, "setting": setting or "base", "metrics": best["metrics"], "suite": best["suite"],
                            "stage_seconds": stage_seconds(folder, best, recorded)})
+            if study.config.selection is not None:
+                chosen[-1]["types"] = best.get("types")
         rows.append({"model": model, "method": "base", "setting": "-", "metrics": base_metrics})
         rows += chosen
-    type_tasks = _type_tasks(rows)
+    group = crows_group(study)
+    type_tasks = _type_tasks(rows, group)
     for row in rows:
         metrics = row.get("metrics")
         if metrics is None:
@@ -98,8 +115,7 @@ def table_rows(out: Path, study: Study, results: dict[tuple[str, str], dict]) ->
         base = next(r for r in rows if r["model"] == row["model"] and r["method"] == "base")["metrics"]
         types, base_types = ([(m.get(f"{task}/{BIAS}") or {}).get("value") for task in type_tasks]
                              for m in (metrics, base))
-        row["gap_reduction_overall"] = _reduction(_gap(base, f"{CROWS_TASK}/{BIAS}"),
-                                                  _gap(metrics, f"{CROWS_TASK}/{BIAS}"))
+        row["gap_reduction_overall"] = _reduction(_gap(base, f"{group}/{BIAS}"), _gap(metrics, f"{group}/{BIAS}"))
         if None not in types + base_types:
             row["gap_reduction_type_mean"] = _reduction(type_mean_gap(base_types), type_mean_gap(types))
         ppl, base_ppl = ((m.get(PERPLEXITY) or {}).get("value") for m in (metrics, base))
@@ -123,19 +139,40 @@ def _number(value, digits=1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _worse_types(row: dict) -> str:
+    """The chosen point's types_not_worse verdict: none, the worse types, or '-' where not recorded."""
+    if row["method"] == "base":
+        return "-"
+    types = row.get("types")
+    if not types:
+        return "-"
+    return ", ".join(f"{t['name']} {t['reference']:.1f} -> {t['value']:.1f}" for t in types["worse"]) or "none"
+
+
 def render_study(out: Path, study: Study | None = None) -> Path:
     """study.json, study.csv, study.md and plots/ from the sweeps' folders alone (no evaluation)."""
     study = study or load_study(out / STUDY_FILE)
     results = sweep_results(out, study)
     rows = table_rows(out, study, results)
-    type_tasks, columns = _type_tasks(rows), {**_stereoset_columns(), PERPLEXITY_LABEL: PERPLEXITY}
-    header = ["model", "method", "setting", "all", *(task.removeprefix(f"{CROWS_TASK}_") for task in type_tasks),
+    group, split = crows_group(study), study.config.selection is not None
+    type_tasks, columns = _type_tasks(rows, group), {**_stereoset_columns(), PERPLEXITY_LABEL: PERPLEXITY}
+    gaps = _split_columns() if split else {}
+    header = ["model", "method", "setting", "held-out all" if split else "all",
+              *(task.removeprefix(f"{group}_") for task in type_tasks), *gaps,
               *columns, f"{PERPLEXITY_LABEL} change %", "gap cut % (all)",
-              "gap cut % (type mean)", "stage s", "sweep eval s (points)"]
-    lines = [f"# Study {study.config.name or study.path.stem}", "",
-             "CrowS-Pairs pct_stereotype with exact 95 % intervals (ideal 50); StereoSet SS, LMS and ICAT with "
+              "gap cut % (type mean)", *(["worse types"] if split else []), "stage s", "sweep eval s (points)"]
+    intro = ("CrowS-Pairs pct_stereotype with exact 95 % intervals (ideal 50); StereoSet SS, LMS and ICAT with "
              "95 % bootstrap intervals over target terms; gap cut = reduction of |x - 50| against the base; every "
-             "method at the setting its sweep chose within its budget.", "",
+             "method at the setting its sweep chose within its budget.")
+    if split:
+        intro = (f"Every setting chosen on the selection half of CrowS-Pairs (seed {study.config.selection.split_seed}"
+                 ", stratified by bias type: tasks/crows_bias/README.md); the CrowS columns up to the worst-type gap "
+                 "and the gap cuts are the HELD-OUT half, with exact 95 % intervals (pct, ideal 50) and 95 % "
+                 "bootstrap intervals resampling pairs within types (type gaps, ideal 0); 'selection' columns are "
+                 "the half the choice saw. StereoSet SS, LMS and ICAT (95 % bootstrap intervals over target terms) "
+                 "were never used to choose: the independent check. Gap cut = reduction against the base; worse "
+                 "types = types_not_worse on the selection half (Holm-adjusted p below the sweep's alpha).")
+    lines = [f"# Study {study.config.name or study.path.stem}", "", intro, "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -143,11 +180,13 @@ def render_study(out: Path, study: Study | None = None) -> Path:
     for row in rows:
         metrics = row.get("metrics")
         cells = [row["model"], row["method"], row.get("setting", row.get("note", "-")),
-                 _cell(metrics, f"{CROWS_TASK}/{BIAS}"),
+                 _cell(metrics, f"{group}/{BIAS}"),
                  *(_cell(metrics, f"{task}/{BIAS}") for task in type_tasks),
+                 *(_cell(metrics, key) for key in gaps.values()),
                  *(_cell(metrics, key, interval=key != PERPLEXITY) for key in columns.values()),
                  _number(row.get("ppl_change_percent"), 2), _number(row.get("gap_reduction_overall")),
-                 _number(row.get("gap_reduction_type_mean")), _number(row.get("stage_seconds"), 0),
+                 _number(row.get("gap_reduction_type_mean")), *([_worse_types(row)] if split else []),
+                 _number(row.get("stage_seconds"), 0),
                  "-" if "evaluated" not in row else f"{_number(row.get('evaluation_seconds'), 0)} ({row['evaluated']})"]
         lines.append("| " + " | ".join(cells) + " |")
         writer.writerow(cells)
@@ -177,6 +216,7 @@ def plot_tradeoffs(out: Path, study: Study, results: dict[tuple[str, str], dict]
             if content is None:
                 continue
             objective, budget = content["sweep"]["objective"], next(iter(content["sweep"]["budget"]), None)
+            target = content["sweep"].get("target", 50.0)
             base = next(p for p in content["points"] if p["role"] == "reference")["metrics"]
             points = [p for p in content["points"] if budget and (p["metrics"].get(budget) or {}).get("value")]
             xs = [100 * (p["metrics"][budget]["value"] / base[budget]["value"] - 1) for p in points]
@@ -197,7 +237,7 @@ def plot_tradeoffs(out: Path, study: Study, results: dict[tuple[str, str], dict]
                 axis.set_xlim(left=lowest - 2)
                 scale = ", linear up to ±10 %, then log"
             axis.set_xlabel(f"perplexity change vs base (%){scale}")
-            axis.set_ylabel(f"|{objective} - 50|")
+            axis.set_ylabel(f"|{objective} - {target:g}|")
             axis.set_title(f"{model}: bias against perplexity (star: chosen, dashed: budget)")
             axis.legend(fontsize=8)
             save_plot(figure, out / "plots", f"tradeoff_{model}", bbox_inches="tight")

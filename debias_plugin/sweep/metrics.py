@@ -88,15 +88,66 @@ def feasibility(summary: dict, reference: dict, sweep) -> dict[str, dict]:
     return checks
 
 
-def constraints(summary: dict, reference: dict, sweep) -> dict[str, float] | None:
-    """Optuna constraints of a point, one per budget rule, <= 0 where it holds; None when one cannot be judged."""
+def constraints(summary: dict, reference: dict, sweep, types: dict | None = None) -> dict[str, float] | None:
+    """Optuna constraints of a point, one per budget rule, <= 0 where it holds; None when one cannot be judged.
+    With types_not_worse, one more: the number of worse types (`types`: types_check's record)."""
     found = {}
     for metric, check in feasibility(summary, reference, sweep).items():
         if check["value"] is None or check["limit"] is None:
             return None
         over = check["value"] - check["limit"]
         found[metric] = -over if sweep.config.budget[metric].kind == "min" else over
+    if sweep.config.types_not_worse:
+        if types is None:
+            return None
+        found[TYPES_NOT_WORSE] = float(len(types["worse"]))
     return found
+
+
+TYPES_NOT_WORSE = "types_not_worse"
+
+
+def types_check(results: dict, reference: dict, sweep, source: str = "results") -> dict | None:
+    """gate.types.types_not_worse of a point's screen results against the base's, as a JSON record (passed, the
+    worse types with both values and Holm-adjusted p); None where the sweep does not ask for it."""
+    from debias_plugin.gate.results import results_from_dict
+    from debias_plugin.gate.types import types_not_worse
+
+    if not sweep.config.types_not_worse:
+        return None
+    candidate, base = (_selection_as_full(results_from_dict(dict(data), where))
+                       for data, where in ((results, source), (reference, "the base's results")))
+    verdict = types_not_worse(candidate, base, sweep.config.alpha, resamples=sweep.config.resamples,
+                              seed=sweep.config.seed)
+    return {"passed": verdict.passed, "alpha": verdict.alpha, "tested": [row.name for row in verdict.rows],
+            "worse": [{"name": row.name, "value": row.candidate, "reference": row.baseline,
+                       "adjusted_p": row.adjusted_p} for row in verdict.worse]}
+
+
+def types_hold(types: dict | None, sweep) -> bool:
+    """Whether a point passes types_not_worse (always, where the sweep does not ask; never, where unjudged)."""
+    return not sweep.config.types_not_worse or bool(types and types["passed"])
+
+
+def _selection_as_full(results):
+    """The selection half's per-type tasks under the full set's names, which gate.types tests (a study screens the
+    selection half only); results without them unchanged."""
+    from debias_plugin.data.crows import CROWS_BIAS_TYPES, CROWS_HALVES, crows_half_task, crows_type_task
+    from debias_plugin.gate.results import Results
+
+    names = {crows_half_task(CROWS_HALVES[0], t): crows_type_task(t) for t in CROWS_BIAS_TYPES}
+    if not names.keys() & set(results.data.get("results", {})) or names.values() & set(results.data["results"]):
+        return results
+
+    def renamed(value):
+        if isinstance(value, dict):
+            return {names.get(key, key): renamed(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [names.get(item, item) if isinstance(item, str) else renamed(item) for item in value]
+        return value
+
+    data = {key: renamed(value) if key != "samples" else value for key, value in results.data.items()}
+    return Results(results.source, data, {names.get(task, task): rows for task, rows in results.samples.items()})
 
 
 def choose(points: Iterable[dict]) -> str | None:
