@@ -149,18 +149,18 @@ def test_the_replay_proposes_the_same_settings_from_the_results_alone(tmp_path, 
     from debias_plugin.sweep.search import sample_step
     from debias_plugin.sweep.storage import distributions
 
-    sweep = _load(tmp_path, VALID.replace("sampler: tpe, trials: 6", f"sampler: {sampler}, trials: 8, batch: 2"))
+    sweep = _load(tmp_path, VALID.replace("sampler: tpe, trials: 6", f"sampler: {sampler}, trials: 6, batch: 2"))
     knobs = distributions(sweep)
     results, rounds = {}, 0
     while True:
         state = sample_step(sweep.sampling, knobs, results, sweep.sampled_key, sweep.directions)
         if state.finished:
             break
-        assert len(state.pending) <= 2 and len(state.proposals) <= 8
+        assert len(state.pending) <= 2 and len(state.proposals) <= 6
         for params in reversed(state.pending):  # evaluated in any order
             results[sweep.sampled_key(params)] = _synthetic(params)
         rounds += 1
-    assert len(state.proposals) == 8 and rounds >= 3
+    assert len(state.proposals) == 6 and rounds == 3
     again = sample_step(sweep.sampling, knobs, dict(reversed(list(results.items()))), sweep.sampled_key,
                         sweep.directions)
     assert again.proposals == state.proposals and again.finished
