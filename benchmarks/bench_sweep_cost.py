@@ -96,7 +96,16 @@ def timed_sweep(sweep_file: Path, out: Path, cache: Path) -> dict:
 
     return {"cpu_seconds": round(field("User time (seconds)") + field("System time (seconds)"), 1),
             "peak_rss_mib": round(field("Maximum resident set size (kbytes)") / 1024, 1), "wall_seconds": round(wall, 1),
-            "progress": [line for line in done.stderr.splitlines() if "% of " in line and " → " in line]}
+            "progress": [line for line in done.stderr.splitlines()
+                         if "% of " in line and " → " in line and not line.startswith("INFO:")]}
+
+
+def evaluation_cpu(content: dict) -> float:
+    """CPU seconds the sweep itself measured around its evaluations: full evaluations plus sequential screens."""
+    run = content["run"]
+    full = sum((cost or {}).get("cpu_seconds", 0.0) for entry in run["cost"].values() for cost in entry.values())
+    screens = run.get("screening", {}).get("cpu_seconds", {})
+    return round(full + screens.get("stopped", 0.0) + screens.get("passed", 0.0), 1)
 
 
 def documents_scored(content: dict) -> dict[str, str]:
@@ -136,24 +145,23 @@ def sequential_vs_full(sweep_file: Path | None, work: Path, lambdas: str, limit:
     chosen = {mode: runs[mode]["content"]["best_name"] for mode in runs}
     reported = {p["name"]: p["metrics"] for p in full["points"]}
     same = {p["name"]: p["metrics"] == reported.get(p["name"]) for p in sequential["points"]}
-    print("
-progress lines of the sequential run:", *runs["sequential"]["progress"], sep="
-  ")
-    print(f"
-chosen setting: full {chosen['full']}, sequential {chosen['sequential']} "
+    print("\nprogress lines of the sequential run:", *runs["sequential"]["progress"], sep="\n  ")
+    print(f"\nchosen setting: full {chosen['full']}, sequential {chosen['sequential']} "
           f"({'equal' if chosen['full'] == chosen['sequential'] else 'DIFFERENT'})")
     print(f"reported metrics: {'identical' if all(same.values()) else 'DIFFERENT'} on the {len(same)} points the "
           f"sequential report shows as numbers ({', '.join(f'{n}: {s}' for n, s in same.items())})")
     scored = {mode: documents_scored(runs[mode]["content"]) for mode in runs}
-    print("
-documents scored per point:")
+    print("\ndocuments scored per point:")
     for name in scored["full"]:
         print(f"  {name:<16} full: {scored['full'][name]:<10}  sequential: {scored['sequential'].get(name, 'not run')}")
     ratio = runs["full"]["cpu_seconds"] / max(runs["sequential"]["cpu_seconds"], 1e-9)
-    print(f"
-evaluation CPU (whole `debias sweep` child, user + sys): full {runs['full']['cpu_seconds']} s, "
+    print(f"\nevaluation CPU (whole `debias sweep` child, user + sys): full {runs['full']['cpu_seconds']} s, "
           f"sequential {runs['sequential']['cpu_seconds']} s, ratio full / sequential {ratio:.2f}x")
     print(f"peak RSS: full {runs['full']['peak_rss_mib']} MiB, sequential {runs['sequential']['peak_rss_mib']} MiB")
+    inside = {mode: evaluation_cpu(runs[mode]["content"]) for mode in runs}
+    print(f"CPU inside the evaluations alone (sweep.json's own per-evaluation and per-screen process times; no "
+          f"imports, stage or report): full {inside['full']} s, sequential {inside['sequential']} s, ratio "
+          f"{inside['full'] / max(inside['sequential'], 1e-9):.2f}x")
     screening = sequential["run"].get("screening")
     if screening:
         print(f"sequential report's own account: {screening}")

@@ -11,7 +11,7 @@ import functools
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from debias_plugin.errors import DebiasError
@@ -159,6 +159,7 @@ class LoadedModel:
     model_args: dict
     batch_size: int | str
     device: str
+    managers: dict = field(default_factory=dict)  # task tuple -> TaskManager: indexed once per model, not per run
 
 
 def load_model(model_dir: Path, *, model_class: str | None, model_args: dict, batch_size: int | str,
@@ -182,7 +183,9 @@ def evaluate_loaded(loaded: LoadedModel, tasks: list[str], *, limit: int | float
     indices}, lm-eval's own selection)."""
     import lm_eval
 
-    manager = manager or task_manager(tasks, metadata=loaded.model_args)
+    if manager is None and tuple(tasks) not in loaded.managers:
+        loaded.managers[tuple(tasks)] = task_manager(tasks, metadata=loaded.model_args)
+    manager = manager or loaded.managers[tuple(tasks)]
     results = lm_eval.simple_evaluate(model=loaded.lm, model_args=loaded.model_args, tasks=list(tasks),
                                       task_manager=manager, limit=limit, samples=samples, log_samples=True,
                                       bootstrap_iters=0, batch_size=loaded.batch_size, device=loaded.device)

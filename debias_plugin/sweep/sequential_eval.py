@@ -334,6 +334,7 @@ def screen_point(label: str, point: UnitScorer, base: UnitScorer, incumbent_resu
 # ------------------------------------------------------------------------------------------------ the sweep's side
 
 SCREEN_SUFFIX = ".screen"
+_BASE_SCORERS: dict[tuple, UnitScorer] = {}
 
 
 def screen_study(storage, sweep: Sweep, *, create: bool = True):
@@ -424,7 +425,11 @@ def screen(sweep: Sweep, study, point, model: Path, base: Path, recorded: dict, 
         trial.set_user_attr(name, value)
     label = ", ".join(f"{'λ' if k == 'lambda' else k}={v:g}" if isinstance(v, float) else f"{k}={v}"
                       for k, v in point.params.items()) or point.name
-    base_scorer = UnitScorer(base, sweep)
+    key = (str(base), sweep.sha256)
+    if key not in _BASE_SCORERS:  # the base's model is loaded once per process, not once per point
+        _BASE_SCORERS.clear()
+        _BASE_SCORERS[key] = UnitScorer(base, sweep)
+    base_scorer = _BASE_SCORERS[key]
     result = screen_point(label, UnitScorer(model, sweep), base_scorer, best_results, decisions,
                           out / "trials" / "base" / "results", sweep.config.order_seed, trial)
     trial.set_user_attr("screen", result.record())
