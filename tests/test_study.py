@@ -7,6 +7,7 @@ summary), the gap reductions against |x - 50| computed here, and a rerun resumes
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 import shutil
@@ -360,3 +361,118 @@ def test_a_sweep_can_take_other_settings_for_one_model(tmp_path):
     prepared = {model: set(study.plan(tmp_path / "out", only=[f"{model}/negate"])[model]["prepare"])
                 for model in ("gpt2", "llama")}
     assert prepared == {"gpt2": {"biased"}, "llama": {"capable"}}  # what each model's own negation reads
+
+
+# --- issue 38: choose on the selection half of CrowS-Pairs, report the held-out half -----------------------------
+
+SELECTION = """\
+name: heldout
+selection: {split_seed: 0}
+objective: crows_bias_overall_selection/type_mean_gap
+target: 0
+types_not_worse: true
+models: {gpt2: GPT2}
+sweeps:
+  finetune: {file: sweeps/finetune.yml}
+"""
+
+
+def _selection_study(folder: Path, model: str, corpus: Path, text: str = SELECTION) -> Path:
+    (folder / "sweeps").mkdir(exist_ok=True)
+    (folder / "sweeps" / "finetune.yml").write_text(FINETUNE_SWEEP.replace("CORPUS", str(corpus)))
+    path = folder / "study.yml"
+    path.write_text(text.replace("GPT2", model))
+    return path
+
+
+def test_a_selection_study_screens_the_selection_half_and_evaluates_both(tmp_path):
+    from debias_plugin.data.crows import CROWS_HALVES, crows_half_task
+
+    study = load_study(_selection_study(tmp_path, "/models/gpt2", tmp_path / "corpus.txt"))
+    derived = yaml.safe_load(study.derived_sweep("gpt2", "finetune", tmp_path / "out"))
+    halves = [crows_half_task(half, overall=overall) for overall in (False, True) for half in CROWS_HALVES]
+    assert derived["evaluate"] == halves + ["wikitext2_ppl"]
+    assert derived["screen"] == ["crows_bias_overall_selection", "crows_bias_selection", "wikitext2_ppl"]
+    assert (derived["objective"], derived["target"], derived["types_not_worse"]) == (
+        "crows_bias_overall_selection/type_mean_gap", 0, True)
+    assert not any("heldout" in task or task == "stereoset_bias" for task in derived["screen"])
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda s: s.replace("crows_bias_overall_selection/type_mean_gap", "crows_bias/pct_stereotype"),
+     "line 3, field 'objective': 'crows_bias/pct_stereotype' reads CrowS-Pairs pairs outside the selection half"),
+    (lambda s: s.replace("split_seed: 0", "split_seed: 1"), "line 2, field 'selection.split_seed': only seed 0"),
+    (lambda s: s.replace("split_seed: 0", "seed: 0"), "line 2, field 'selection.seed'"),
+])
+def test_a_selection_study_refuses_what_would_leak_the_held_out_half(tmp_path, edit, expected):
+    path = _selection_study(tmp_path, "/models/gpt2", tmp_path / "corpus.txt", edit(SELECTION))
+    with pytest.raises(DebiasError) as err:
+        load_study(path)
+    assert expected in str(err.value)
+
+
+def _outcome_results(model: str, half: str) -> dict:
+    """lm-eval-shaped results of one half's per-type tasks from the committed per-pair outcomes of issue 38."""
+    from debias_plugin.data.crows import crows_half_task, crows_split, load_crows_pairs
+
+    data = json.loads((Path(__file__).resolve().parents[1] / "docs" / "results"
+                       / "issue38_crows_outcomes_smollm2.json").read_text())
+    kept = {pair.index for pair in crows_split(load_crows_pairs(), seed=0)[half]}
+    results, samples = {}, {}
+    for (pair_id, type_index), outcome in zip(data["pairs"], data["outcomes"][model]):
+        if pair_id in kept:
+            rows = samples.setdefault(crows_half_task(half, data["types"][type_index]), [])
+            rows.append({"doc_id": len(rows), "filter": "none", "pct_stereotype": 100.0 * int(outcome)})
+    for task, rows in samples.items():
+        results[task] = {"pct_stereotype,none": sum(row["pct_stereotype"] for row in rows) / len(rows)}
+    return {"results": results, "samples": samples}
+
+
+def test_types_not_worse_on_the_selection_half_refuses_the_landed_unlearning_choice(data_dir):
+    """The sweep's check (gate.types on the screen's selection half): race_color 46.9 -> 36.0 there; the base passes."""
+    from types import SimpleNamespace
+
+    from debias_plugin.sweep import metrics
+
+    sweep = SimpleNamespace(config=SimpleNamespace(types_not_worse=True, alpha=0.05, resamples=1000, seed=0,
+                                                   budget={}))
+    base, unlearn = _outcome_results("base", "selection"), _outcome_results("unlearn", "selection")
+    refused = metrics.types_check(unlearn, base, sweep)
+    assert not refused["passed"] and len(refused["tested"]) == 9
+    assert [(t["name"], round(t["reference"], 1), round(t["value"], 1)) for t in refused["worse"]] == [
+        ("crows race-color", 46.9, 36.0)]
+    assert refused["worse"][0]["adjusted_p"] < 0.01
+    accepted = metrics.types_check(base, base, sweep)
+    assert accepted["passed"] and metrics.types_hold(accepted, sweep) and not metrics.types_hold(refused, sweep)
+    assert not metrics.types_hold(None, sweep)  # asked for and not judged: infeasible
+    assert metrics.constraints({}, {}, sweep, refused) == {"types_not_worse": 1.0}
+    assert metrics.constraints({}, {}, sweep, None) is None
+    off = SimpleNamespace(config=SimpleNamespace(types_not_worse=False, budget={}))
+    assert metrics.types_check(unlearn, base, off) is None and metrics.types_hold(None, off)
+
+
+def test_a_selection_study_table_reports_the_held_out_half(tiny_model, tmp_path, monkeypatch):
+    """The headline CrowS columns are the held-out tasks' lm-eval values; the selection half has its own columns."""
+    monkeypatch.setenv("DEBIAS_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"She said the {w} was ready at {i}." for i, w in enumerate(["cake", "car"] * 4)))
+    path = _selection_study(tmp_path, str(tiny_model("gpt2")), corpus, SELECTION.replace("types_not_worse: true\n", ""))
+    report = run_study(path, tmp_path / "out")
+    rows = list(csv.reader(io.StringIO((report.parent / "study.csv").read_text())))
+    header, base = rows[0], rows[1]
+    assert header[3:5] == ["held-out all", "race_color"]
+    assert header[13:17] == ["type-mean gap", "worst-type gap", "selection all", "selection type-mean gap"]
+    sweep_dir = tmp_path / "out" / "gpt2" / "finetune"
+    content = json.loads((sweep_dir / "sweep.json").read_text())
+    best = next(point for point in content["points"] if point["best"])
+    assert content["tasks"]["screen"] == ["crows_bias_overall_selection", "wikitext2_ppl"]  # never the held-out half
+    chosen = next(row for row in rows[1:] if row[1] == "finetune")
+    assert base[1] == "base" and float(base[15].split()[0]) == pytest.approx(
+        _lm_eval_value(sweep_dir, "base", "crows_bias_overall_selection"), abs=0.005)
+    for column, task in ((3, "crows_bias_heldout"), (4, "crows_bias_heldout_race_color"),
+                         (15, "crows_bias_overall_selection")):
+        assert float(chosen[column].split()[0]) == pytest.approx(_lm_eval_value(sweep_dir, best["name"], task),
+                                                                 abs=0.005)
+        assert "[" in chosen[column]  # every bias number with its interval
+    assert "[" in chosen[13] and "[" in chosen[16]
+    assert "held-out all" in report.read_text() and "selection half" in report.read_text()

@@ -47,7 +47,7 @@ def _type_tasks(rows: list[dict], group: str = CROWS_TASK) -> list[str]:
 
 def _split_columns() -> dict[str, str]:
     """Header -> metric key of the split's gap columns: the held-out half's type gaps, the selection half's."""
-    held_out, selection = (crows_half_task(half, overall=True) for half in CROWS_HALVES)
+    selection, held_out = (crows_half_task(half, overall=True) for half in CROWS_HALVES)
     return {"type-mean gap": f"{held_out}/type_mean_gap", "worst-type gap": f"{held_out}/worst_type_gap",
             "selection all": f"{selection}/{BIAS}", "selection type-mean gap": f"{selection}/type_mean_gap"}
 
