@@ -28,7 +28,8 @@ search:
     lambda: {{low: 0.05, high: 1, step: 0.05}}
     mu: {{low: 0.05, high: 1, step: 0.05}}
 evaluate: [crows_bias_gender, wikitext2_ppl]
-objective: crows_bias_gender/pct_stereotype
+objective: crows_bias_gender/{objective}
+target: {target}
 budget: {{wikitext2_ppl/word_perplexity: {{max_relative_increase: {budget}}}}}
 limit: 3
 resamples: 200
@@ -72,12 +73,14 @@ def models(tiny_model, tmp_path_factory):
     return (base, *made)
 
 
-def _sweep_file(folder: Path, models, *, sampler: str = "tpe", trials: int = 6) -> Path:
+def _sweep_file(folder: Path, models, *, sampler: str = "tpe", trials: int = 6, budget: float = BUDGET,
+                target: float = 50, objective: str = "pct_stereotype") -> Path:
     base, biased, capability = models
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "sweep.yml"
     path.write_text(KNOBS_SWEEP.format(base=base, biased=biased, capability=capability, sampler=sampler,
-                                       trials=trials, budget=BUDGET))
+                                       trials=trials, budget=budget, target=target,
+                                       objective=objective))
     return path
 
 
@@ -264,11 +267,14 @@ def test_kill_mid_trial_then_rerun_gives_the_same_sweep_json(tpe_run, models, tm
 def test_nsga2_front_is_non_dominated(env, models, tmp_path):
     from debias_plugin.sweep import run_sweep
 
-    out = run_sweep(_sweep_file(tmp_path, models, sampler="nsga2", trials=6), tmp_path / "out")
+    out = run_sweep(_sweep_file(tmp_path, models, sampler="nsga2", trials=6, budget=0.25, target=0,
+                                objective="likelihood_diff"), tmp_path / "out")  # continuous on 3 pairs
     content = _deterministic(out / "sweep.json")
     assert content["sampling"]["sampler"] == "nsga2" and content["sampling"]["batch"] == 4
     assert len(content["sampling"]["proposals"]) == 6
+    assert len(content["pareto_front"]) >= 2  # a front worth checking: more than the base
     _front_is_brute_force_non_dominated(content)
+    assert "Optuna's NSGA-II sampler (seed 0, populations of 4)" in (out / "report.md").read_text()
 
 
 # ------------------------------------------------------------------------------------------------ baselines as stages

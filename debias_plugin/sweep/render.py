@@ -317,7 +317,8 @@ def sampling_summary(sweep: Sweep, content: dict, sampled) -> dict:
     names = [sweep.sample_job(settings).name if sweep.sampled_key(settings) != "base" else "base"
              for settings in sampled.proposals]
     return {"sampler": sampling.sampler, "trials": sampling.trials, "seed": sampling.seed,
-            "batch": sampling.batch_size, "startup": sampling.startup_trials, "knobs": list(sampling.knobs),
+            "batch": sampling.batch_size, "knobs": list(sampling.knobs),
+            "startup": None if sampling.sampler == "nsga2" else sampling.startup_trials,
             "proposals": names, "finished": sampled.finished, "ruled_out": ruled_out(sweep, content)}
 
 
@@ -325,8 +326,10 @@ def _front_lines(content: dict) -> list[str]:
     s = content["sampling"]
     sampler = {"tpe": "TPE", "gp": "GP", "nsga2": "NSGA-II"}[s["sampler"]]
     distinct = len(dict.fromkeys(s["proposals"]))
+    how = (f"populations of {s['batch']}" if s["sampler"] == "nsga2" else
+           f"{s['startup']} random start-up trial(s), batches of {s['batch']}")
     lines = [f"Sampled search over {', '.join(f'`{k}`' for k in s['knobs'])}: Optuna's {sampler} sampler (seed "
-             f"{s['seed']}, {s['startup']} random start-up trial(s), batches of {s['batch']}), {len(s['proposals'])} "
+             f"{s['seed']}, {how}), {len(s['proposals'])} "
              f"of {s['trials']} trials proposed ({distinct} distinct settings)"
              + ("." if s["finished"] else "; not finished."), "", "## Front", "",
              "The points within the budget that no other such point beats on both the distance to the target and "
