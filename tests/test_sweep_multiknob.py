@@ -27,7 +27,7 @@ search:
   knobs:
     lambda: {{low: 0.05, high: 1, step: 0.05}}
     mu: {{low: 0.05, high: 1, step: 0.05}}
-evaluate: [crows_bias_gender, wikitext2_ppl]
+evaluate: [crows_bias_gender, wikitext2_ppl{more_tasks}]
 objective: crows_bias_gender/{objective}
 target: {target}
 budget: {{wikitext2_ppl/word_perplexity: {{max_relative_increase: {budget}}}}}
@@ -74,13 +74,13 @@ def models(tiny_model, tmp_path_factory):
 
 
 def _sweep_file(folder: Path, models, *, sampler: str = "tpe", trials: int = 6, budget: float = BUDGET,
-                target: float = 50, objective: str = "pct_stereotype") -> Path:
+                target: float = 50, objective: str = "pct_stereotype", more_tasks: str = "") -> Path:
     base, biased, capability = models
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "sweep.yml"
     path.write_text(KNOBS_SWEEP.format(base=base, biased=biased, capability=capability, sampler=sampler,
                                        trials=trials, budget=budget, target=target,
-                                       objective=objective))
+                                       objective=objective, more_tasks=more_tasks))
     return path
 
 
@@ -268,11 +268,13 @@ def test_nsga2_front_is_non_dominated(env, models, tmp_path):
     from debias_plugin.sweep import run_sweep
 
     out = run_sweep(_sweep_file(tmp_path, models, sampler="nsga2", trials=6, budget=0.25, target=0,
-                                objective="likelihood_diff"), tmp_path / "out")  # continuous on 3 pairs
+                                objective="likelihood_diff", more_tasks=", stereoset_bias"), tmp_path / "out")
     content = _deterministic(out / "sweep.json")
     assert content["sampling"]["sampler"] == "nsga2" and content["sampling"]["batch"] == 4
     assert len(content["sampling"]["proposals"]) == 6
-    assert len(content["pareto_front"]) >= 2  # a front worth checking: more than the base
+    assert len(content["pareto_front"]) >= 2  # a front worth checking (likelihood_diff: continuous on 3 pairs)
+    assert {p["key"] for p in content["points"] if p["suite"] == "full"} == set(content["pareto_front"])
+    assert all(any(k.startswith("stereoset_bias/") for k in p["metrics"]) == p["pareto"] for p in content["points"])
     _front_is_brute_force_non_dominated(content)
     assert "Optuna's NSGA-II sampler (seed 0, populations of 4)" in (out / "report.md").read_text()
 

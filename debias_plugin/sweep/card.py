@@ -53,11 +53,14 @@ def _interval(entry: dict | None) -> str:
     return text + (f" [{_number(entry['low'])}, {_number(entry['high'])}]" if entry.get("low") is not None else "")
 
 
-def _rows(point: dict, prefix: str, metric_names: tuple[str, ...]) -> list[str]:
+def _rows(point: dict, prefix: str, metric_names: tuple[str, ...], *, per_domain: bool = False) -> list[str]:
+    """The card's table rows of one data set: the named metrics (and, per_domain, their `_<domain>` variants)."""
     rows = []
     for key, entry in sorted(point["metrics"].items()):
         task, metric = key.split("/", 1)
-        if task.startswith(prefix) and any(metric == n or metric.startswith(n + "_") for n in metric_names):
+        named = metric in metric_names or (per_domain and "_gap" not in metric
+                                            and any(metric.startswith(n + "_") for n in metric_names))
+        if task.startswith(prefix) and named:
             rows.append(f"| {task} | {metric} | {_interval(entry)} |")
     return rows
 
@@ -95,7 +98,7 @@ def model_card_text(content: dict, chosen: dict, manifest: dict) -> str:
               f"Budget: {budget}. Intervals: {100 * (1 - sweep['alpha']):g}% (Clopper-Pearson for pair outcomes, "
               "percentile bootstrap otherwise).", "", "| task | metric | value [interval] |", "|---|---|---:|"]
     lines += _rows(chosen, "crows", ("pct_stereotype",))
-    lines += _rows(chosen, "stereoset", ("ss", "lms", "icat"))
+    lines += _rows(chosen, "stereoset", ("ss", "lms", "icat"), per_domain=True)
     lines += _rows(chosen, "wikitext", ("word_perplexity",))
     lines += ["", "Every number here is also in the card's `model-index` and in the sweep's `sweep.json` / "
               "`report.md`; the model-index lists every metric the sweep recorded for this point.", ""]
