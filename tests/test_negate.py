@@ -434,7 +434,9 @@ def test_bundled_configs_validate():
     bias = {"negate.yml": [BIASED_PLACEHOLDER], "negate_lora.yml": [f"{BASE_PLACEHOLDER}+{ADAPTER_PLACEHOLDER}"],
             "negate_and_retain.yml": [BIASED_PLACEHOLDER],
             "negate_and_retain_lora.yml": [f"{BASE_PLACEHOLDER}+{ADAPTER_PLACEHOLDER}"],
-            "negate_multi.yml": [f"/path/to/{t}_biased_model" for t in ("gender", "race", "religion")]}
+            "negate_multi.yml": [f"/path/to/{t}_biased_model" for t in ("gender", "race", "religion")],
+            "negate_multi_lambda.yml": [f"/path/to/{t}_biased_model" for t in ("race", "religion", "gender")],
+            "negate_ties.yml": [BIASED_PLACEHOLDER], "negate_ties_lora.yml": [f"{BASE_PLACEHOLDER}+{ADAPTER_PLACEHOLDER}"]}
     assert sorted(p.name for p in merge_configs_dir().glob("*.yml")) == sorted(bias)
     for name, bias_models in bias.items():
         config = yaml.safe_load((merge_configs_dir() / name).read_text())

@@ -15,6 +15,8 @@ from debias_plugin.data._io import read_text
 from debias_plugin.errors import DataError, DebiasError
 
 NEGATION_FORMULA = "theta = base - lambda * (biased - base)"
+MULTI_FORMULA = "theta = base - sum_k lambda_k * (biased_k - base)"
+TIES_FORMULA = "theta = base - TIES(lambda_k * (biased_k - base)): trimmed to density, majority sign, summed"
 BASE_PLACEHOLDER = "/path/to/base_model"
 BIASED_PLACEHOLDER = "/path/to/biased_model"
 ADAPTER_PLACEHOLDER = "/path/to/bias_adapter"
@@ -150,10 +152,12 @@ def _numbers(setting, where: str) -> list[float]:
 
 
 def validate_negation_config(config: dict, bias_models: Iterable[str], source: str = "config",
-                             exact_lambda: float | None = None, exact_mu: tuple[str, float] | None = None) -> None:
+                             exact_lambda: float | dict[str, float] | None = None,
+                             exact_mu: tuple[str, float] | None = None) -> None:
     """Refuse a config that would not subtract every bias vector (mergekit #213, TIES signs), or with
-    exact_lambda anything but base - exact_lambda * (biased - base) from one task_arithmetic model (plus, with
-    exact_mu = (capability model, mu), exactly + mu * (capable - base))."""
+    exact_lambda anything but base - exact_lambda * (biased - base) from one task_arithmetic model (a dict
+    {bias model: lambda}: base - sum_k lambda_k * (biased_k - base), task_arithmetic or ties with normalize: false;
+    plus, with exact_mu = (capability model, mu), exactly + mu * (capable - base))."""
     from mergekit import merge_methods
 
     method = config.get("merge_method")
@@ -202,9 +206,16 @@ def validate_negation_config(config: dict, bias_models: Iterable[str], source: s
             )
     if exact_lambda is None:
         return
-    expected = {key: -exact_lambda for key in bias_models} | (dict([exact_mu]) if exact_mu else {})
+    several = isinstance(exact_lambda, dict)
+    per_model = exact_lambda if several else {key: exact_lambda for key in bias_models}
+    expected = {key: -lam for key, lam in per_model.items()} | (dict([exact_mu]) if exact_mu else {})
+    if several and (set(weights) != set(expected) or any(len(ws) != 1 for ws in weights.values())
+                    or len(lambdas) != 1 or method == "ties" and normalize):
+        raise DebiasError(f"{source}: `debias negate` renders its bias models (and optionally one capability model) "
+                          f"with task_arithmetic, or ties with normalize: false; found {len(weights)} model(s) with "
+                          f"{method}{' (normalize: true)' * normalize}. Run other configs with mergekit-yaml.")
     if set(weights) != set(expected) or any(len(ws) != 1 for ws in weights.values()) or len(lambdas) != 1 \
-            or method != "task_arithmetic":
+            or method != "task_arithmetic" and not several:
         raise DebiasError(f"{source}: `debias negate` renders one bias model (and optionally one capability model) "
                           f"with task_arithmetic; found {len(weights)} model(s) with {method}. Run other multi-vector "
                           "configs with mergekit-yaml.")
@@ -217,13 +228,20 @@ def validate_negation_config(config: dict, bias_models: Iterable[str], source: s
 
 # ----------------------------------------------------------------------------------------------- render
 
-def render_negation(template: dict, *, base: str, lam: float, biased: str | None = None,
-                    adapter: str | None = None, capability: str | None = None, mu: float | None = None,
-                    source: str = "template") -> tuple[dict, str]:
+def render_negation(template: dict, *, base: str, lam: float | list[float], biased: str | list[str] | None = None,
+                    adapter: str | list[str] | None = None, capability: str | None = None, mu: float | None = None,
+                    source: str = "template") -> tuple[dict, str | list[str]]:
     """Fill a template's placeholder paths and scale its bias weight by lambda (and set the capability model's
-    weight to mu); returns (config, bias key)."""
+    weight to mu); returns (config, bias key). With lists of sources and lambdas, the bias entry is repeated once
+    per source, each scaled by its own lambda; the bias keys come back as a list."""
     placeholder = f"{BASE_PLACEHOLDER}+{ADAPTER_PLACEHOLDER}" if adapter else BIASED_PLACEHOLDER
-    bias_key = f"{base}+{adapter}" if adapter else str(biased)
+    several = isinstance(adapter if adapter else biased, list)
+    sources, lams = (adapter if adapter else biased), lam
+    if not several:
+        sources, lams = [sources], [lam]
+    if len(lams) != len(sources):
+        raise DebiasError(f"{len(sources)} bias sources but {len(lams)} lambdas: pass one lambda per source.")
+    keys = [f"{base}+{path}" if adapter else str(path) for path in sources]
     config = copy.deepcopy(template)
     if config.get("base_model") != BASE_PLACEHOLDER:
         raise DataError(source, "base_model", f"the placeholder {BASE_PLACEHOLDER}", repr(config.get("base_model")))
@@ -233,12 +251,18 @@ def render_negation(template: dict, *, base: str, lam: float, biased: str | None
         raise DataError(source, "models", f"exactly one model entry `model: {placeholder}`",
                         f"{len(entries)} such entries")
     entry = entries[0]
-    entry["model"] = bias_key
     weight = (entry.get("parameters") or {}).get("weight")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise DataError(source, f"weight of {placeholder}", "a number (-1.0 means theta = base - lambda*tau)",
                         repr(weight))
-    entry["parameters"]["weight"] = float(weight) * lam
+    position = config["models"].index(entry)
+    rendered = []
+    for key, value in zip(keys, lams):
+        copied = copy.deepcopy(entry)
+        copied["model"] = key
+        copied["parameters"]["weight"] = float(weight) * value
+        rendered.append(copied)
+    config["models"][position:position + 1] = rendered
     if capability is not None:
         kept = [e for e in config["models"] if isinstance(e, dict) and e.get("model") == CAPABILITY_PLACEHOLDER]
         if len(kept) != 1:
@@ -246,6 +270,6 @@ def render_negation(template: dict, *, base: str, lam: float, biased: str | None
                             f"{len(kept)} such entries")
         kept[0].update(model=str(capability), parameters={**(kept[0].get("parameters") or {}), "weight": float(mu)})
     for other in config["models"]:
-        if other is not entry and other.get("model") == BASE_PLACEHOLDER:
+        if other not in rendered and other.get("model") == BASE_PLACEHOLDER:
             other["model"] = str(base)
-    return config, bias_key
+    return config, keys if several else keys[0]

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from debias_plugin.options import InputPath, Options
+
+
+LAMBDAS = ("lambda_", "lambda_2", "lambda_3", "lambda_4", "lambda_5", "lambda_6")  # one per source, sweep knobs
 
 
 class NegateOptions(Options):
@@ -17,18 +20,30 @@ class NegateOptions(Options):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
-    biased: InputPath | None = Field(None, description="The fully fine-tuned biased model (from `debias finetune`).")
-    adapter: InputPath | None = Field(None, description="A LoRA adapter of the base instead.")
+    biased: InputPath | list[InputPath] | None = Field(
+        None, description="The fully fine-tuned biased model (from `debias finetune`), or a list of several: "
+                          "theta = base - lambda * tau_1 - lambda_2 * tau_2 - ...")
+    adapter: InputPath | list[InputPath] | None = Field(None, description="A LoRA adapter of the base instead "
+                                                                          "(or a list).")
     lambda_: float = Field(alias="lambda", description="Negation strength: theta = base - lambda * (biased - base); "
                            "0 is the base model itself (with capability: base + mu * capability vector).")
+    lambda_2: float | None = Field(None, description="Strength of the second source of a list (each is a knob).")
+    lambda_3: float | None = Field(None, description="Strength of the third source.")
+    lambda_4: float | None = Field(None, description="Strength of the fourth source.")
+    lambda_5: float | None = Field(None, description="Strength of the fifth source.")
+    lambda_6: float | None = Field(None, description="Strength of the sixth source.")
+    method: Literal["task_arithmetic", "ties"] = Field(
+        "task_arithmetic", description="ties: mergekit's TIES over the scaled vectors (merge_configs/negate_ties.yml).")
     template: InputPath | None = Field(None, description="A mergekit YAML instead of the bundled one.")
     shard_size: str | int = Field("auto", description="Output shard size (`--max-shard-size`).")
     capability: InputPath | None = Field(None, description="Negate-and-retain: the base fine-tuned on neutral text.")
     mu: float | None = Field(None, description="Weight > 0 of the capability vector (with capability).")
 
-    @field_validator("lambda_", mode="before")
+    @field_validator("lambda_", "lambda_2", "lambda_3", "lambda_4", "lambda_5", "lambda_6", mode="before")
     @classmethod
-    def _lambda(cls, value):
+    def _lambda(cls, value, info):
+        if value is None and info.field_name != "lambda_":
+            return value
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError("lambda must be a number >= 0 (0 is the base model)")
         return value
@@ -65,7 +80,24 @@ class NegateOptions(Options):
         if len(given) != 1:
             raise ValueError("negate needs exactly one of biased (a fine-tuned model folder) and adapter (a LoRA "
                              f"adapter) (found {', '.join(given) or 'none'})")
+        count = len(self.sources)
+        if not 1 <= count <= len(LAMBDAS):
+            raise ValueError(f"{given[0]} lists {count} sources; negate takes 1 to {len(LAMBDAS)}")
+        wanted, found = list(LAMBDAS[1:count]), [name for name in LAMBDAS[1:] if getattr(self, name) is not None]
+        if found != wanted:
+            raise ValueError(f"{count} {given[0]} source(s) need one lambda each: "
+                             f"{', '.join(['lambda', *wanted])} (found {', '.join(['lambda', *found])})")
         return self
+
+    @property
+    def sources(self) -> list[str]:
+        given = self.biased if self.biased is not None else self.adapter
+        return list(given) if isinstance(given, list) else [given]
+
+    @property
+    def lambdas(self) -> list[float]:
+        """One lambda per source, in order: lambda, lambda_2, ..."""
+        return [self.lambda_ if name == "lambda_" else getattr(self, name) for name in LAMBDAS[:len(self.sources)]]
 
 
 class NegateStage:
@@ -79,13 +111,25 @@ class NegateStage:
 
     @staticmethod
     def base_settings(fixed: dict) -> dict | None:
-        """The setting that leaves the base unchanged: lambda 0, unless a capability vector is added back."""
-        return None if fixed.get("capability") else {"lambda": 0.0}
+        """The setting that leaves the base unchanged: every lambda 0, unless a capability vector is added back."""
+        if fixed.get("capability"):
+            return None
+        given = fixed.get("biased", fixed.get("adapter"))
+        count = len(given) if isinstance(given, list) else 1
+        return {"lambda": 0.0, **{f"lambda_{k}": 0.0 for k in range(2, count + 1)}}
 
     def make(self, base: Path, out: Path, *, progress: bool = True) -> Path:
+        from debias_plugin.errors import DebiasError
         from debias_plugin.merge.negate import negate  # mergekit: imported only when a model is made
 
         opts = self.opts
-        return negate(base, lambdas=[opts.lambda_], out=out, biased=opts.biased, adapter=opts.adapter,
+        kept = [(source, lam) for source, lam in zip(opts.sources, opts.lambdas) if lam > 0]  # lambda 0: left out
+        if len(opts.sources) > 1 and not kept:
+            raise DebiasError("negate: every lambda is 0, which is the base model itself.")
+        kept = kept if len(opts.sources) > 1 else list(zip(opts.sources, opts.lambdas))
+        sources = [source for source, _ in kept]
+        sources = sources[0] if len(sources) == 1 else sources
+        role = "biased" if opts.biased is not None else "adapter"
+        return negate(base, lambdas=[lam for _, lam in kept], out=out, **{role: sources}, method=opts.method,
                       template=opts.template, capability=opts.capability, mu=opts.mu, shard_size=opts.shard_size,
                       progress=progress)[0]
