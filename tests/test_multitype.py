@@ -274,3 +274,28 @@ budget: {wikitext2_ppl/word_perplexity: {max_relative_increase: 0.02}}
     path.write_text(text.replace(", lambda_3: 0.1", ""))
     with pytest.raises(Exception, match="need one lambda each"):
         load_sweep(path)
+
+
+def test_unlearning_word_list_is_the_union_of_several_domains():
+    from debias_plugin.data import domain_words, load_attribute_words
+    from debias_plugin.methods.unlearn import load_word_list
+
+    table = load_attribute_words()
+    words, _ = load_word_list(None, ["race", "religion"])
+    assert words == domain_words(table, "race") | domain_words(table, "religion")
+    assert {"black", "muslims", "synagogue"} <= words and "women" not in words
+
+
+@pytest.mark.parametrize("stage", ["unlearn", "npo"])
+def test_repeated_domain_flags_unlearn_every_domain(stage, tiny_model, tmp_path):
+    from debias_plugin.cli import main
+
+    corpus = tmp_path / "forget.txt"
+    corpus.write_text("The muslims went home early.\nBlack cats are said to be unlucky.\nShe likes tea today.\n")
+    out = tmp_path / stage
+    main([stage, "--model", str(tiny_model("llama")), "--output", str(out), "--corpus", str(corpus),
+          "--domain", "race", "--domain", "religion", "--steps", "1", "--batch-size", "2", "--max-length", "32"])
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    text = json.dumps(manifest)
+    assert '"domains": ["race", "religion"]' in text
+    assert '"texts_with_targets": 2' in text and '"texts_without_targets": 1' in text

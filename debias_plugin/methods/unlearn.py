@@ -55,7 +55,9 @@ class UnlearnOptions(LoraOptions):
     words: InputPath | None = Field(None, description="Word list: domain-keyed JSON (bias_attribute_words.json layout) "
                                                 "or .txt, one word per line (default: bias_attribute_words.json "
                                                 "in $DEBIAS_DATA_DIR).")
-    domains: list[str] = Field(["gender"], min_length=1, description="Domain(s) of the JSON word list (repeatable).",
+    domains: list[str] = Field(["gender"], min_length=1,
+                               description="Domain(s) of the JSON word list (repeatable): several unlearn the union "
+                                           "of their words (bundled list: gender, race, religion).",
                                json_schema_extra={"flag": "--domain"})
     heldout: InputPath | None = Field(None, description="Held-out corpus for perplexity logging.")
     heldout_column: str | None = None
