@@ -10,6 +10,7 @@ Every step is cached in OUT (fine-tunes, negated models, per-pair outcomes), so 
 
     nice python benchmarks/transfer_heatmap.py --out runs/transfer [--model default] [--lambda 0.25]
         # -> docs/results/issue38_transfer_<model>.{png,json}
+    python benchmarks/transfer_heatmap.py --out runs/transfer --report-only   # tabulate the finished cells only
     python benchmarks/transfer_heatmap.py --out /tmp/t --model TINY --steps 2 --limit 4 --results /tmp/t  # smoke
 """
 
@@ -67,11 +68,13 @@ def finetune(base: Path, name: str, out: Path, steps: int) -> tuple[Path, dict]:
 def negated(base: Path, adapter: Path, name: str, lam: float, out: Path) -> tuple[Path, dict]:
     """base - lam * (base+adapter - base) (cached)."""
     folder = out / "negated" / f"{name}_lambda_{lam:g}"
-    if (folder / "debias_manifest.json").is_file():
-        return folder, {}
+    timing_file = out / "negated" / f"{name}_lambda_{lam:g}.timing.json"
+    if (folder / "debias_manifest.json").is_file() and timing_file.is_file():
+        return folder, json.loads(timing_file.read_text())
     from debias_plugin.merge import negate
 
     _, timing = _timed(lambda: negate(base, adapter=adapter, lambdas=[lam], out=folder, force=True, progress=False))
+    timing_file.write_text(json.dumps(timing))
     return folder, timing
 
 
@@ -169,6 +172,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=None, help="Pairs per CrowS type (smoke only; never reported).")
     parser.add_argument("--vectors", default=",".join(VECTORS), help="Comma-separated subset of the vectors.")
     parser.add_argument("--results", default=str(REPO / "docs/results"), help="Where the PNG and JSON go.")
+    parser.add_argument("--report-only", action="store_true",
+                        help="Tabulate what OUT holds already (the rest listed as pending); train and evaluate nothing "
+                             "but the base.")
     args = parser.parse_args(argv)
     from debias_plugin.data.crows import CROWS_BIAS_TYPES
 
@@ -184,6 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
     base_record = outcomes(base, "base", out, args.limit)
     rows, timings, pending = {}, {}, []
     for name in args.vectors.split(","):
+        if args.report_only and not (out / "outcomes" / f"{name}_lambda_{args.lam:g}.json").is_file():
+            continue  # not evaluated yet: pending
         try:
             adapter, train_time = finetune(base, name, out, args.steps)
             model, merge_time = negated(base, adapter, name, args.lam, out)

@@ -250,7 +250,10 @@ def test_transfer_heatmap_smoke(tiny_model, work, tmp_path):
     assert cell["discordant"] == [gained, lost]
     assert cell["p_change"] == min(1.0, 2 * min(stats.sign_test_p(gained, lost), stats.sign_test_p(lost, gained)))
     again = transfer_heatmap.main(args)  # every step cached: the same table
-    assert again["cells"] == report["cells"]
+    assert again["cells"] == report["cells"] and again["timings"] == report["timings"]
+    partial = transfer_heatmap.main([*args[:-1], "reddit_race_black,reddit_religion_jews", "--report-only"])
+    assert list(partial["cells"]) == ["reddit_race_black"] and partial["pending"] == ["reddit_religion_jews"]
+    assert not (work / "heatmap/adapters/reddit_religion_jews").exists()
 
 
 def test_a_sweep_searches_the_lambdas_jointly(tmp_path):
