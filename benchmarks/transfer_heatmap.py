@@ -132,7 +132,8 @@ def table(base: dict, rows: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-def plot(cells: dict[str, dict], types: list[str], title: str, folder: Path, stem: str) -> None:
+def plot(cells: dict[str, dict], types: list[str], base: dict[str, float], title: str, folder: Path,
+         stem: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,12 +154,13 @@ def plot(cells: dict[str, dict], types: list[str], title: str, folder: Path, ste
             axes.text(j, i, f"{entry['change']:+.1f}{mark}", ha="center", va="center", fontsize=8)
             if VECTORS.get(name, (None,) * 4)[3] == bias_type:
                 axes.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=1.5, ec="black"))
-    axes.set_xticks(range(len(types)), [t.replace("-", "-\n") for t in types], fontsize=8)
+    axes.set_xticks(range(len(types)), [f"{t.replace('-', '-' + chr(10))}\nbase {base[t]:.1f}" for t in types],
+                    fontsize=8)
     axes.set_yticks(range(len(names)), names, fontsize=8)
     axes.set_title(title, fontsize=9)
     figure.colorbar(image, ax=axes, label="change of pct_stereotype (points)")
     figure.tight_layout()
-    save_plot(figure, folder, stem)
+    save_plot(figure, folder, stem, bbox_inches="tight")
     plt.close(figure)
 
 
@@ -220,8 +222,9 @@ def main(argv: list[str] | None = None) -> dict:
     stem = f"issue38_transfer_{label}"
     (results / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     if cells:
-        plot(cells, list(CROWS_BIAS_TYPES), f"{base.name}: change of CrowS pct_stereotype after negating one "
-             f"vector (lambda = {args.lam:g}); box = its target type, * Holm p < .05", results, stem)
+        title = (f"{base.name}: change of CrowS pct_stereotype after negating one vector (lambda = {args.lam:g}); "
+                 "box = its target type, * Holm p < .05")
+        plot(cells, list(CROWS_BIAS_TYPES), report["base"], title, results, stem)
     return report
 
 
