@@ -95,7 +95,8 @@ def test_the_halves_outcomes_are_crows_bias_outcomes(tiny_model):
         assert {**selection, **heldout} == full, bias_type
     for half in CROWS_HALVES:
         overall = outcomes(f"crows_bias_overall_{half}")
-        per_type = {k: v for t in CROWS_BIAS_TYPES for k, v in outcomes(f"crows_bias_{half}_{t.replace('-', '_')}").items()}
+        per_type = {pair: outcome for t in CROWS_BIAS_TYPES
+                    for pair, outcome in outcomes(f"crows_bias_{half}_{t.replace('-', '_')}").items()}
         assert overall == per_type
         results = out["results"][f"crows_bias_overall_{half}"]
         assert results["pct_stereotype,none"] == pytest.approx(sum(overall.values()) / len(overall))

@@ -403,6 +403,8 @@ def test_a_selection_study_screens_the_selection_half_and_evaluates_both(tmp_pat
      "line 3, field 'objective': 'crows_bias/pct_stereotype' reads CrowS-Pairs pairs outside the selection half"),
     (lambda s: s.replace("split_seed: 0", "split_seed: 1"), "line 2, field 'selection.split_seed': only seed 0"),
     (lambda s: s.replace("split_seed: 0", "seed: 0"), "line 2, field 'selection.seed'"),
+    (lambda s: s.replace("objective: crows_bias_overall_selection/type_mean_gap\n", ""),
+     "field 'selection': needs the study's objective"),
 ])
 def test_a_selection_study_refuses_what_would_leak_the_held_out_half(tmp_path, edit, expected):
     path = _selection_study(tmp_path, "/models/gpt2", tmp_path / "corpus.txt", edit(SELECTION))

@@ -79,7 +79,8 @@ def crows_split(pairs: list[CrowsPair], seed: int = 0, fraction: float = 0.5) ->
 
     The rule: one numpy.random.default_rng(seed); for each bias type in CROWS_BIAS_TYPES order, that type's pairs
     in file order are shuffled by rng.permutation, the first round(fraction * n_type) (Python's round) go to
-    "selection" and the rest to "heldout". Each half keeps file order. Seed 0's pair ids: tasks/crows_bias/split_seed0.txt.
+    "selection" and the rest to "heldout". Each half keeps file order. Seed 0's pair ids are in
+    tasks/crows_bias/split_seed0.txt.
     """
     import numpy as np
 

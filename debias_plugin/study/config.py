@@ -124,7 +124,11 @@ class Study:
                 problems.append((("selection", "split_seed"), f"only seed {SPLIT_SEEDS_WITH_TASKS[0]} has tasks "
                                  "(tasks/crows_bias/crows_bias_selection*.yaml); add include files with another "
                                  "split_seed to use it"))
-            for key, metric in [("objective", self.config.objective), *(("budget", m) for m in self.config.budget or {})]:
+            if self.config.objective is None:
+                problems.append((("selection",), "needs the study's objective, on a selection task (each sweep "
+                                 "file's own reads the full set)"))
+            read = [("objective", self.config.objective), *(("budget", m) for m in self.config.budget or {})]
+            for key, metric in read:
                 task = (metric or "").split("/")[0]
                 if task.startswith(CROWS_TASK) and not _on_selection_half(task):
                     problems.append(((key,) if key == "objective" else (key, metric), f"'{metric}' reads "

@@ -36,7 +36,8 @@ def crows_group(study: Study) -> str:
 
 def _type_tasks(rows: list[dict], group: str = CROWS_TASK) -> list[str]:
     """CrowS-Pairs' bias-type tasks, the most pairs first (the pair counts the summaries' intervals record)."""
-    tasks = list(CROWS_TYPE_TASKS) if group == CROWS_TASK else [f"{group}_{t.replace('-', '_')}" for t in CROWS_BIAS_TYPES]
+    tasks = list(CROWS_TYPE_TASKS) if group == CROWS_TASK else \
+        [crows_half_task(group.removeprefix(f"{CROWS_TASK}_"), bias_type) for bias_type in CROWS_BIAS_TYPES]
 
     def pairs(task: str) -> int:
         return max((((row.get("metrics") or {}).get(f"{task}/{BIAS}") or {}).get("units") or 0 for row in rows),

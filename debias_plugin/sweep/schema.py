@@ -152,7 +152,7 @@ class SweepConfig(BaseModel):
 
     @model_serializer(mode="wrap")
     def _without_unused_sampling(self, handler):
-        """A sweep without several knobs or types_not_worse dumps (and hashes) exactly as before those fields existed."""
+        """A sweep without several knobs or types_not_worse dumps (and hashes) exactly as before they existed."""
         dumped = handler(self)
         if isinstance(dumped, dict) and dumped.get("sampling") is None:
             dumped.pop("sampling", None)
