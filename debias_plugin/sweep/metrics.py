@@ -136,7 +136,8 @@ def _selection_as_full(results):
     from debias_plugin.gate.results import Results
 
     names = {crows_half_task(CROWS_HALVES[0], t): crows_type_task(t) for t in CROWS_BIAS_TYPES}
-    if not names.keys() & set(results.data.get("results", {})) or names.values() & set(results.data["results"]):
+    present = set(results.data.get("results", {}))
+    if not names.keys() & present or set(names.values()) & present:
         return results
 
     def renamed(value):
