@@ -25,7 +25,7 @@ def test_each_type_is_halved_disjointly_and_covers_every_pair(pairs):
     ids = _ids(halves)
     assert not set(ids["selection"]) & set(ids["heldout"])
     assert sorted(ids["selection"] + ids["heldout"]) == sorted(pair.index for pair in pairs)
-    assert len(pairs) == 1508
+    assert (len(pairs), len(ids["selection"]), len(ids["heldout"])) == (1508, 755, 753)
     counts = {half: Counter(pair.bias_type for pair in halves[half]) for half in CROWS_HALVES}
     for bias_type in CROWS_BIAS_TYPES:
         assert abs(counts["selection"][bias_type] - counts["heldout"][bias_type]) <= 1, bias_type
