@@ -47,6 +47,7 @@ objective: crows_bias_gender/pct_stereotype
 budget: {{wikitext2_ppl/word_perplexity: {{max_relative_increase: {budget}}}}}
 limit: {limit}
 resamples: 200
+evaluation: full
 """
 
 

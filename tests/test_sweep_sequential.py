@@ -192,3 +192,26 @@ def test_a_screen_killed_mid_chunk_resumes_without_rescoring_saved_chunks(runs, 
     screened = content["stopped"] + [p["screening"] for p in content["points"] if "screening" in p]
     assert len(screened) == 1 and screened[0]["documents_scored"]["wikitext2_ppl"] > max(
         len(indices) for name, indices in saved.items() if name.startswith("wikitext2_ppl"))
+
+
+def test_budget_search_reads_a_stopped_point_as_over_budget(runs, models, tmp_path):
+    """The bisection's points are screened on the budget: lambda 1 stops over budget (an infeasible observation,
+    no values), and the search ends where the `evaluation: full` search ends, with the same numbers."""
+    from debias_plugin.sweep import run_sweep
+
+    found = {}
+    for mode in ("sequential", "full"):
+        (tmp_path / mode).mkdir()
+        path = tmp_path / mode / "sweep.yml"
+        path.write_text(SWEEP.format(base=models[0], biased=models[1], budget=BUDGET, evaluation=mode, lambdas="0")
+                        .replace("grid: {lambda: [0]}", "search: {lambda: [0, 1]}\nmax_evaluations: 3"))
+        found[mode] = _content(run_sweep(path, tmp_path / mode / "out"))
+    sequential, full = found["sequential"], found["full"]
+    assert [(p["name"], p["verdict"]) for p in sequential["stopped"]] == [("lambda_1", "violated")]
+    assert not next(p for p in full["points"] if p["name"] == "lambda_1")["feasible"]
+    keys = ("finished", "evaluations", "bracket", "best_value", "reason")
+    assert {k: sequential["search"][k] for k in keys} == {k: full["search"][k] for k in keys}
+    assert sequential["search"]["finished"]
+    assert sequential["best_name"] == full["best_name"]
+    for point in sequential["points"]:
+        assert point["metrics"] == next(p for p in full["points"] if p["name"] == point["name"])["metrics"]

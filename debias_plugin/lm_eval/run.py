@@ -113,6 +113,25 @@ def leaf_tasks(tasks: list[str]) -> set[str]:
             and manager.task_index[name].kind.name not in ("GROUP", "TAG")}
 
 
+def pooled_members(task: str, metric: str) -> list[str] | None:
+    """The single tasks whose documents, pooled, give `task`'s `metric`: [task] for a single task, a group's members
+    where it aggregates the metric as a size-weighted mean (CrowS's crows_bias); None otherwise."""
+    manager = _task_catalog((task,))
+    entry = manager.task_index.get(task)
+    if entry is None:
+        return None
+    if entry.kind.name not in ("GROUP", "TAG"):
+        return [task]
+    config = entry.cfg or {}
+    pooled = any(item.get("metric") == metric and item.get("aggregation") == "mean" and item.get("weight_by_size")
+                 for item in config.get("aggregate_metric_list") or [] if isinstance(item, dict))
+    members = config.get("task")
+    if not pooled or not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+        return None
+    single = [m for m in members if m in manager.task_index and manager.task_index[m].kind.name not in ("GROUP", "TAG")]
+    return members if len(single) == len(members) else None
+
+
 def parse_model_args(values: list[list[str]]) -> dict:
     """--model_args as lm-eval merges them: JSON objects or key=value,key=value strings, later ones winning."""
     from lm_eval.utils import simple_parse_args_string

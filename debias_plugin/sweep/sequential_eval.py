@@ -117,6 +117,41 @@ class UnitScorer:
                                      if isinstance(row.get(name), (int, float))} for row in rows}
 
 
+class _Pool:
+    """The documents of one or more single tasks as one population (a group's size-weighted mean is their pooled
+    mean): unit i is document i - offset of the member whose range holds it, members in the group's order."""
+
+    def __init__(self, members: tuple[str, ...], scorer: UnitScorer):
+        self.members, self.offsets, self.size = members, {}, 0
+        for member in members:
+            self.offsets[member] = self.size
+            self.size += scorer.population(member, DOCUMENTS)
+
+    def _locate(self, index: int) -> tuple[str, int]:
+        member = next(m for m in reversed(self.members) if self.offsets[m] <= index)
+        return member, index - self.offsets[member]
+
+    def values(self, scorer: UnitScorer, indices: list[int]) -> dict[int, dict]:
+        wanted: dict[str, list[int]] = {}
+        for index in indices:
+            member, local = self._locate(index)
+            wanted.setdefault(member, []).append(local)
+        found = {}
+        for member, local in wanted.items():
+            found.update({self.offsets[member] + i: value
+                          for i, value in scorer.values(member, DOCUMENTS, local).items()})
+        return found
+
+    def results(self, results_dir: Path) -> dict[int, dict] | None:
+        found = {}
+        for member in self.members:
+            rows = results_values(results_dir, member)
+            if rows is None:
+                return None
+            found.update({self.offsets[member] + i: value for i, value in rows.items()})
+        return found
+
+
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -142,6 +177,7 @@ class Tracker:
     task: str
     metric: str
     unit: str
+    members: tuple[str, ...] = ()  # documents: the single tasks pooled (the task itself, or a group's members)
     side: str = "below"
     limit: float = 0.0  # on the tracked scale: relative change (perplexity) or value (proportion)
     offset: float = 0.0  # the reference's full-set value a paired difference is added to
@@ -201,25 +237,29 @@ def trackers(sweep: Sweep, reference: dict, incumbent: dict | None, leaf_tasks: 
     from debias_plugin.scoring.specs import find_spec
     from debias_plugin.sweep.metrics import value_of
 
+    from debias_plugin.lm_eval.run import pooled_members
+
     config, found = sweep.config, []
     for metric, rule in config.budget.items():
         task, name = metric.split("/", 1)
         unit, base = _unit(name), value_of(reference, metric)
-        if unit is None or task not in leaf_tasks or base is None or rule.limit(base) is None:
+        members = tuple(pooled_members(task, name) or ()) if unit == DOCUMENTS else ()
+        if unit is None or base is None or rule.limit(base) is None or (unit == WINDOWS and task not in leaf_tasks) \
+                or (unit == DOCUMENTS and not members):
             continue
         side = "above" if rule.kind == "min" else "below"
         if unit == WINDOWS:
             limit = rule.max_relative_increase if rule.kind == "max_relative_increase" else rule.limit(base) / base - 1
-            found.append(Tracker(metric, task, name, unit, side, limit))
+            found.append(Tracker(metric, task, name, unit, side=side, limit=limit))
         else:
-            found.append(Tracker(metric, task, name, unit, side, rule.limit(base), base, find_spec(name).scale))
+            found.append(Tracker(metric, task, name, unit, members, side, rule.limit(base), base, find_spec(name).scale))
     task, name = config.objective.split("/", 1)
     spec = find_spec(name)
     current = value_of(incumbent or {}, config.objective)
-    if (incumbent is not None and current is not None and spec is not None and spec.estimator == "proportion"
-            and task in leaf_tasks and not config.search):  # the bisection reads every feasible point's value
-        found.append(Tracker("objective", task, name, DOCUMENTS, offset=current, scale=spec.scale,
-                             center=config.target))
+    members = tuple(pooled_members(task, name) or ()) if spec is not None and spec.estimator == "proportion" else ()
+    if incumbent is not None and current is not None and members and not config.search:  # the bisection reads
+        found.append(Tracker("objective", task, name, DOCUMENTS, members, offset=current,  # every feasible value
+                             scale=spec.scale, center=config.target))
     alpha = bonferroni(config.alpha, len(found))
     for tracker in found:
         tracker.sequence = (RatioSequence(alpha) if tracker.unit == WINDOWS else
@@ -264,9 +304,10 @@ def screen_point(label: str, point: UnitScorer, base: UnitScorer, incumbent_resu
 
     tasks = list(dict.fromkeys(tracker.task for tracker in decisions))
     units = {tracker.task: tracker.unit for tracker in decisions}
-    population = {task: point.population(task, units[task]) for task in tasks}
+    pools = {tracker.task: _Pool(tracker.members, point) for tracker in decisions if tracker.unit == DOCUMENTS}
+    population = {task: pools[task].size if task in pools else point.population(task, units[task]) for task in tasks}
     for task in tasks:
-        if base.population(task, units[task]) != population[task]:
+        if task not in pools and base.population(task, units[task]) != population[task]:
             from debias_plugin.errors import DebiasError
 
             raise DebiasError(f"{task}: this point's model splits the task into {population[task]} {units[task]}, "
@@ -275,13 +316,17 @@ def screen_point(label: str, point: UnitScorer, base: UnitScorer, incumbent_resu
     orders = {task: unit_order(population[task], seed) for task in tasks}
     ends = {task: chunk_ends(population[task]) for task in tasks}
     full_values = {}  # per-document values of fully evaluated models (base and incumbent): their results folders
-    for task in tasks:
-        if units[task] == DOCUMENTS:
-            full_values[("base", task)] = results_values(base_results, task)
-            if incumbent_results is not None:
-                full_values[("incumbent", task)] = results_values(incumbent_results, task)
+    for task, pool in pools.items():
+        full_values[("base", task)] = pool.results(base_results)
+        if incumbent_results is not None:
+            full_values[("incumbent", task)] = pool.results(incumbent_results)
+    decisions = [t for t in decisions if t.unit == WINDOWS  # a fully evaluated model without the task's samples
+                 or full_values.get(("incumbent" if t.center is not None else "base", t.task)) is not None]
+    tasks = [task for task in tasks if any(t.task == task for t in decisions)]
     done = {task: 0 for task in tasks}
-    screen = Screen("passed", population=population)
+    screen = Screen("passed", population={task: population[task] for task in tasks})
+    if not decisions:
+        return screen
     for step in range(max(len(chunks) for chunks in ends.values())):
         for task in tasks:
             end = ends[task][min(step, len(ends[task]) - 1)]
@@ -289,7 +334,7 @@ def screen_point(label: str, point: UnitScorer, base: UnitScorer, incumbent_resu
             if not chunk:
                 continue
             done[task] = end
-            mine = point.values(task, units[task], chunk)
+            mine = pools[task].values(point, chunk) if task in pools else point.values(task, units[task], chunk)
             for tracker in (t for t in decisions if t.task == task):
                 if units[task] == WINDOWS:
                     reference = base.values(task, WINDOWS, chunk)
@@ -436,5 +481,6 @@ def screen(sweep: Sweep, study, point, model: Path, base: Path, recorded: dict, 
     if result.stopped:
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         return True
-    study.tell(trial, decisions[0].estimate)
+    value = decisions[0].estimate
+    study.tell(trial, value if math.isfinite(value) else 0.0)  # a NaN value would mark the trial failed
     return False
