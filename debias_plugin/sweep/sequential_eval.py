@@ -13,7 +13,8 @@ Decisions (each at alpha / k by Bonferroni over the k tracked ones):
   perplexity budget (word/byte, per window)   RatioSequence of ll_base - ll_point over the windows' unit weights
   a proportion metric's budget (CrowS pct)     BoundedSequence of the paired per-document differences from the base
   the objective (a centered proportion)        BoundedSequence of paired differences from the incumbent: dominated?
-Metrics of other kinds (group tasks, bootstrap metrics) are not screened: they are decided on the full evaluation.
+A group whose metric is its members' size-weighted mean (crows_bias) is screened as its members' pooled documents.
+Other metrics (bootstrap ones, other groups) are not screened: they are decided on the full evaluation.
 """
 
 from __future__ import annotations
