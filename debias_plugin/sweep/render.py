@@ -257,8 +257,10 @@ def _screening_lines(content: dict, run: dict) -> list[str]:
         scored = ", ".join(f"{task} {count} of {entry['population'][task]}"
                            for task, count in entry["documents_scored"].items())
         low, high = entry["interval"]
+        bounds = (f"{100 * low:+.1f} %, {100 * high:+.1f} %" if entry.get("interval_of", "").startswith("relative")
+                  else f"{low:+.4g}, {high:+.4g}")
         lines.append(f"- `{entry['name']}`: stopped at look {entry['look'] + 1}, {entry['verdict']} on "
-                     f"`{entry['metric']}` (interval [{low:+.4g}, {high:+.4g}]) after {scored} scored")
+                     f"`{entry['metric']}` ({entry.get('interval_of') or 'value'} in [{bounds}]) after {scored} scored")
     if not content["stopped"]:
         lines.append("- no point stopped early")
     screening = run.get("screening")

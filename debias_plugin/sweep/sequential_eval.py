@@ -278,6 +278,7 @@ class Screen:
     look: int | None = None
     metric: str | None = None
     interval: list[float] | None = None
+    interval_of: str | None = None  # what the interval bounds
     estimate: float | None = None
     documents_scored: dict[str, int] = field(default_factory=dict)
     population: dict[str, int] = field(default_factory=dict)
@@ -292,7 +293,7 @@ class Screen:
 
     def record(self) -> dict:
         return {"verdict": self.verdict, "look": self.look, "metric": self.metric, "interval": self.interval,
-                "estimate": self.estimate, "documents_scored": self.documents_scored, "population": self.population,
+                "interval_of": self.interval_of, "estimate": self.estimate, "documents_scored": self.documents_scored, "population": self.population,
                 "cpu_seconds": {task: round(seconds, 3) for task, seconds in self.cpu_seconds.items()},
                 "looks": self.looks}
 
@@ -364,6 +365,9 @@ def screen_point(label: str, point: UnitScorer, base: UnitScorer, incumbent_resu
         if stopping is not None and (trial is None or trial.should_prune()):
             screen.verdict, screen.metric = stopping.verdict, stopping.name
             screen.interval, screen.estimate = [stopping.interval.low, stopping.interval.high], stopping.estimate
+            screen.interval_of = ("relative change from the base" if stopping.unit == WINDOWS else
+                                  "distance from the target minus the incumbent's" if stopping.center is not None
+                                  else "value")
             screen.look = step
             break
         constraints = [t for t in decisions if t.center is None]
