@@ -184,10 +184,18 @@ class Tracker:
     offset: float = 0.0  # the reference's full-set value a paired difference is added to
     scale: float = 1.0
     center: float | None = None  # the objective's target: a distance change vs the incumbent
-    sequence: object = None
+    alpha: float = 0.05  # its share of the sweep's alpha
+    sequence: object = None  # its confidence sequence, made once the population is known (start)
     estimate: float = math.nan
     interval: Interval | None = None
     verdict: str = "undecided"
+
+    def start(self, population: int) -> None:
+        """A confidence sequence over `population` units sampled without replacement (exact once all are seen)."""
+        from debias_plugin.gate.sequential import BoundedSequence, RatioSequence
+
+        self.sequence = (RatioSequence(self.alpha, population) if self.unit == WINDOWS else
+                         BoundedSequence(self.alpha, population, bounds=(-self.scale, self.scale)))
 
     def update(self, point: list, reference: list, weights: list | None) -> None:
         from debias_plugin.gate import sequential
@@ -234,7 +242,7 @@ def _unit(metric: str) -> str | None:
 def trackers(sweep: Sweep, reference: dict, incumbent: dict | None, leaf_tasks: set[str]) -> list[Tracker]:
     """The decisions a point's screen can make: budget rules on screened metrics, and the objective against the
     incumbent's full-set value (`incumbent`: its summary; None before any feasible point)."""
-    from debias_plugin.gate.sequential import BoundedSequence, RatioSequence, bonferroni
+    from debias_plugin.gate.sequential import bonferroni
     from debias_plugin.scoring.specs import find_spec
     from debias_plugin.sweep.metrics import value_of
 
@@ -261,10 +269,8 @@ def trackers(sweep: Sweep, reference: dict, incumbent: dict | None, leaf_tasks: 
     if incumbent is not None and current is not None and members and not config.search:  # the bisection reads
         found.append(Tracker("objective", task, name, DOCUMENTS, members, offset=current,  # every feasible value
                              scale=spec.scale, center=config.target))
-    alpha = bonferroni(config.alpha, len(found))
     for tracker in found:
-        tracker.sequence = (RatioSequence(alpha) if tracker.unit == WINDOWS else
-                            BoundedSequence(alpha, bounds=(-tracker.scale, tracker.scale)))
+        tracker.alpha = bonferroni(config.alpha, len(found))
     return found
 
 
@@ -325,6 +331,8 @@ def screen_point(label: str, point: UnitScorer, base: UnitScorer, incumbent_resu
     decisions = [t for t in decisions if t.unit == WINDOWS  # a fully evaluated model without the task's samples
                  or full_values.get(("incumbent" if t.center is not None else "base", t.task)) is not None]
     tasks = [task for task in tasks if any(t.task == task for t in decisions)]
+    for tracker in decisions:
+        tracker.start(population[tracker.task])
     done = {task: 0 for task in tasks}
     screen = Screen("passed", population={task: population[task] for task in tasks})
     if not decisions:
