@@ -158,6 +158,9 @@ class SweepConfig(BaseModel):
             dumped.pop("sampling", None)
         if isinstance(dumped, dict) and not dumped.get("types_not_worse"):
             dumped.pop("types_not_worse", None)
+        if isinstance(dumped, dict) and dumped.get("evaluation") == "sequential" and not dumped.get("order_seed"):
+            dumped.pop("evaluation", None)  # the defaults: a sweep folder made before them resumes (same study)
+            dumped.pop("order_seed", None)
         return dumped
 
 
