@@ -69,8 +69,8 @@ def negated(base: Path, adapter: Path, name: str, lam: float, out: Path) -> tupl
     """base - lam * (base+adapter - base) (cached)."""
     folder = out / "negated" / f"{name}_lambda_{lam:g}"
     timing_file = out / "negated" / f"{name}_lambda_{lam:g}.timing.json"
-    if (folder / "debias_manifest.json").is_file() and timing_file.is_file():
-        return folder, json.loads(timing_file.read_text())
+    if (folder / "debias_manifest.json").is_file():
+        return folder, json.loads(timing_file.read_text()) if timing_file.is_file() else {}
     from debias_plugin.merge import negate
 
     _, timing = _timed(lambda: negate(base, adapter=adapter, lambdas=[lam], out=folder, force=True, progress=False))
