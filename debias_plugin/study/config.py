@@ -40,7 +40,7 @@ from debias_plugin.data.crows import (CROWS_HALVES, CROWS_OVERALL_TASK, CROWS_TA
                                       crows_half_task)
 from debias_plugin.errors import DebiasError
 from debias_plugin.sweep.schema import BudgetRule
-from debias_plugin.yamlfile import (ConfigFileError, Label, TaskMetric, field_text, line_of, read_yaml,
+from debias_plugin.yamlfile import (ConfigFileError, Label, TaskMetric, config_text, field_text, line_of, read_yaml,
                                     schema_keys, validation_problems)
 
 STUDY_FILE = "study.yml"
@@ -159,6 +159,16 @@ class Study:
         return ConfigFileError(self.path, [(line_of(self.lines, loc), field_text(loc), message)
                                            for loc, message in problems], "study")
 
+    def inputs(self) -> list[Path]:
+        """Everything the study reads (its output folder may hold none of them): its file, the sweep files, the
+        models given by folder, the data folder."""
+        from debias_plugin.default_model import is_builtin
+        from debias_plugin.paths import data_root
+
+        models = [Path(model).expanduser() for model in self.config.models.values() if not is_builtin(model)]
+        return [self.path, *(self.sweep_file(label) for label in self.config.sweeps), *models,
+                *([data_root()] if data_root() else [])]
+
     def sweep_file(self, label: str) -> Path:
         return (self.path.parent / self.config.sweeps[label].file).resolve()
 
@@ -171,10 +181,8 @@ class Study:
         """The sweep file's text for one model: base replaced, fixed options merged, "@NAME" resolved."""
         import yaml
 
-        from debias_plugin.data._io import read_text
-
         path = self.sweep_file(label)
-        data, _ = read_yaml(path, read_text(path), "sweep")  # a broken file: its own line-numbered error
+        data, _ = read_yaml(path, config_text(path), "sweep")  # a broken file: its own line-numbered error
         entry = self.config.sweeps[label]
         override = {key: value for key, value in entry.models.get(model, {}).items() if key != "fixed"}
         fixed = {key: str(out / model / PREPARED / value[1:]) if isinstance(value, str) and value.startswith("@")
@@ -268,9 +276,7 @@ KEYS_AT = schema_keys(StudyConfig, {"prepare": PrepareEntry, "sweeps": SweepEntr
 
 
 def load_study(path: str | Path) -> Study:
-    from debias_plugin.data._io import read_text
-
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise DebiasError(f"{path}: the study file does not exist.")
-    return Study(path, read_text(path))
+    return Study(path, config_text(path))

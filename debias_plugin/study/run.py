@@ -18,7 +18,7 @@ def run_study(path: str | Path, out: str | Path, *, force: bool = False, only: l
 
     study, out = load_study(path), Path(out).expanduser().resolve()
     plan = study.plan(out, only)  # every sweep and stage option validated before any model loads
-    claim_run_folder(out, resumes=(out / STUDY_FILE).is_file(), force=force,
+    claim_run_folder(out, resumes=(out / STUDY_FILE).is_file(), force=force, inputs=study.inputs(),
                      refusal=f"--out {out} is not empty and does not hold a study (no {STUDY_FILE}); pass --force to "
                      "replace it, or choose another folder. A study folder is resumed (and extended by an edited "
                      "study file: each sweep and prepared stage checks its own settings).")

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from debias_plugin.errors import DebiasError
 from debias_plugin.sweep.schema import SweepConfig, SweepFileError, KEYS_AT, expand_variables
 from debias_plugin.sweep.stage import stage_class, stage_problems
-from debias_plugin.yamlfile import describe_error, field_text, line_of, read_yaml, validation_problems
+from debias_plugin.yamlfile import config_text, describe_error, field_text, line_of, read_yaml, validation_problems
 
 STEP = "step"
 SCHEMA = "debias_plugin.sweep/1"
@@ -238,20 +238,27 @@ def _read_metrics(config: SweepConfig) -> list[tuple[tuple, str]]:
 
 
 def _covers(group: str, tasks: list[str]) -> bool:
-    """Our task naming: crows_bias covers crows_bias_gender, ... (lm-eval confirms in check_tasks)."""
-    return any(task.startswith(group + "_") for task in tasks)
+    """Our task naming: crows_bias covers crows_bias_gender, ... (lm-eval confirms in check_tasks); not the split's
+    or the overall tasks (crows_bias_selection_gender, crows_bias_overall_heldout: other pairs or another task)."""
+    return any(task.startswith(group + "_") and not _sibling_task(group, task) for task in tasks)
+
+
+def _sibling_task(group: str, task: str) -> bool:
+    from debias_plugin.data.crows import CROWS_HALVES, CROWS_OVERALL_TASK
+
+    rest = task[len(group) + 1:]
+    return task.startswith(CROWS_OVERALL_TASK) or any(rest == half or rest.startswith(half + "_")
+                                                      for half in CROWS_HALVES)
 
 
 
 def load_sweep(path: str | Path, *, text: str | None = None) -> Sweep:
     """Read and validate a sweep file (structure, the stage's own options); raises SweepFileError / DataError."""
-    from debias_plugin.data._io import read_text
-
     path = Path(path).expanduser().resolve()
     if text is None:
         if not path.is_file():
             raise DebiasError(f"{path}: the sweep file does not exist.")
-        text = read_text(path)
+        text = config_text(path)
     data, lines = read_yaml(path, text, "sweep", error=SweepFileError)
     problems: list[tuple[int, str, str]] = []
     if "sampling" in data:  # the field behind `search: {knobs: ...}`, not a key of the file

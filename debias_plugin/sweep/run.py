@@ -26,7 +26,8 @@ from pathlib import Path
 
 from debias_plugin.default_model import is_builtin, resolve_model
 from debias_plugin.errors import DebiasError
-from debias_plugin.outputs import MANIFEST_NAME, claim_run_folder, overlaps, write_text_atomically
+from debias_plugin.outputs import MANIFEST_NAME, claim_run_folder, refuse_overlap, write_text_atomically
+from debias_plugin.paths import data_root
 from debias_plugin.sweep import metrics, sequential_eval
 from debias_plugin.sweep.evaluate import evaluate_model, weights_sha256
 from debias_plugin.sweep.plan import Job, Point, Sweep, check_tasks, load_sweep
@@ -66,9 +67,7 @@ class Shard:
 
 def prepare_folder(sweep: Sweep, out: Path, *, force: bool, inputs: list[Path]) -> None:
     """DIR is new, or holds this same sweep (resume); another sweep's folder is replaced only with --force."""
-    for given in inputs:
-        if overlaps(out, given.resolve()):
-            raise DebiasError(f"--out {out} overlaps the input {given}: choose an output folder outside every input.")
+    refuse_overlap(out, _outside_own_copy(out, inputs), "--out")
     if out.is_file():
         raise DebiasError(f"--out {out} is a file; choose a folder.")
     claim_run_folder(out, resumes=_same_sweep(out / SWEEP_FILE, sweep), force=force,
@@ -99,8 +98,14 @@ def resolve_base(sweep: Sweep) -> Path:
 
 
 def _inputs(sweep: Sweep) -> list[Path]:
+    """Everything the sweep reads: its file, the base model, the stage's input files, the data folder."""
     base = [] if is_builtin(sweep.config.base) else [Path(sweep.config.base).expanduser()]
-    return base + input_paths(sweep)
+    return [sweep.path, *base, *input_paths(sweep), *([data_root()] if data_root() else [])]
+
+
+def _outside_own_copy(out: Path, inputs: list[Path]) -> list[Path]:
+    """A sweep run from the copy it keeps in its own folder (out/sweep.yml) resumes there: that copy is no input."""
+    return [path for path in inputs if Path(path).expanduser().resolve() != (out / SWEEP_FILE).resolve()]
 
 
 # ------------------------------------------------------------------------------------------------ the run

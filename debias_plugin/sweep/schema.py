@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
-from debias_plugin.yamlfile import ConfigFileError, Label, TaskMetric, field_text, line_of, schema_keys
+from debias_plugin.yamlfile import ConfigFileError, Count, Label, TaskMetric, field_text, line_of, schema_keys
 
 _VARIABLE = re.compile(r"\$\{(\w+)\}")
 
@@ -130,7 +130,7 @@ class SweepConfig(BaseModel):
     target: float = 50.0
     budget: dict[TaskMetric, BudgetRule] = Field(default_factory=dict)
     limit: int | None = Field(None, ge=1)
-    batch_size: int | Literal["auto"] = 16
+    batch_size: Count | Literal["auto"] = 16
     device: str | None = None
     model_args: dict[str, str | int | float | bool] = Field(default_factory=dict)
     alpha: float = Field(0.05, gt=0, le=0.5)
