@@ -132,8 +132,9 @@ def table(base: dict, rows: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-def plot(cells: dict[str, dict], types: list[str], base: dict[str, float], title: str, folder: Path,
-         stem: str) -> None:
+def plot(cells: dict[str, dict], pending: list[str], types: list[str], base: dict[str, float], title: str,
+         folder: Path, stem: str) -> None:
+    """Rows: vectors (pending ones blank), columns: CrowS types; a box marks each vector's own type."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,24 +143,28 @@ def plot(cells: dict[str, dict], types: list[str], base: dict[str, float], title
 
     from debias_plugin.sweep.plots import save_plot
 
-    names = list(cells)
-    values = np.array([[cells[n][t]["change"] for t in types] for n in names])
+    names = [*cells, *pending]
+    values = np.array([[cells[n][t]["change"] if n in cells else np.nan for t in types] for n in names])
     limit = max(1.0, float(np.nanmax(np.abs(values))))
-    figure, axes = plt.subplots(figsize=(9.6, 1.2 + 0.55 * len(names)))
+    figure, axes = plt.subplots(figsize=(9.6, 1.9 + 0.5 * len(names)))
     image = axes.imshow(values, cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     for i, name in enumerate(names):
         for j, bias_type in enumerate(types):
+            if name not in cells:
+                axes.text(j, i, "pending", ha="center", va="center", fontsize=7, color="0.5")
+                continue
             entry = cells[name][bias_type]
             mark = "**" if entry["p_change_holm"] < 0.01 else "*" if entry["p_change_holm"] < 0.05 else ""
-            axes.text(j, i, f"{entry['change']:+.1f}{mark}", ha="center", va="center", fontsize=8)
+            dark = abs(entry["change"]) > 0.6 * limit
+            axes.text(j, i, f"{entry['change']:+.1f}{mark}", ha="center", va="center", fontsize=8,
+                      color="white" if dark else "black")
             if VECTORS.get(name, (None,) * 4)[3] == bias_type:
                 axes.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=1.5, ec="black"))
     axes.set_xticks(range(len(types)), [f"{t.replace('-', '-' + chr(10))}\nbase {base[t]:.1f}" for t in types],
                     fontsize=8)
     axes.set_yticks(range(len(names)), names, fontsize=8)
     axes.set_title(title, fontsize=9)
-    figure.colorbar(image, ax=axes, label="change of pct_stereotype (points)")
-    figure.tight_layout()
+    figure.colorbar(image, ax=axes, label="change of\npct_stereotype (points)", fraction=0.04)
     save_plot(figure, folder, stem, bbox_inches="tight")
     plt.close(figure)
 
@@ -222,9 +227,10 @@ def main(argv: list[str] | None = None) -> dict:
     stem = f"issue38_transfer_{label}"
     (results / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
     if cells:
-        title = (f"{base.name}: change of CrowS pct_stereotype after negating one vector (lambda = {args.lam:g}); "
-                 "box = its target type, * Holm p < .05")
-        plot(cells, list(CROWS_BIAS_TYPES), report["base"], title, results, stem)
+        title = (f"{base.name}: change of each CrowS type's pct_stereotype after negating one bias vector "
+                 f"(lambda = {args.lam:g})\nbox: the vector's own type; exact McNemar, Holm within a row: "
+                 "* p < .05, ** p < .01")
+        plot(cells, pending, list(CROWS_BIAS_TYPES), report["base"], title, results, stem)
     return report
 
 
