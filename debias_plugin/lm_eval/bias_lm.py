@@ -24,9 +24,6 @@ from debias_plugin.options import Options, validated
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "hf-bias"
-# Every instance's counts summed over the process: kept only until sweep/run.py::evaluate_model reads its run's
-# counts through evaluation.evaluate(on_counts=...); delete it (and its line in _once) then.
-REQUEST_COUNTS: Counter = Counter()
 _PROBE_TEXT = "The old lighthouse keeper walked slowly along the harbour wall at dawn"
 # a shortcut stays on while its largest log-prob error on the probes is below this share of how much their
 # log-probs move with the context: float32 rounding is ~4e-6 of it (SmolLM2-135M), bfloat16's ~1e-2, while a
@@ -115,8 +112,7 @@ class BiasLM(HFLM):
 
     def score_windows(self, windows: list, disable_tqdm: bool = True) -> list[float]:
         """Log-likelihoods of rolling_windows' requests, scored as loglikelihood_rolling scores them (counted)."""
-        for tally in (self.request_counts, REQUEST_COUNTS):
-            tally["window_scored"] += len(windows)
+        self.request_counts["window_scored"] += len(windows)
         return [log_likelihood for log_likelihood, _ in self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)]
 
     def _rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
@@ -149,7 +145,6 @@ def _once(score, kind: str, requests, disable_tqdm: bool, counts: Counter):
     unique = list(first.values())
     answers = score(unique, disable_tqdm=disable_tqdm) if unique else []
     by_args = {request.args: answer for request, answer in zip(unique, answers)}
-    for tally in (counts, REQUEST_COUNTS):
-        tally[f"{kind}_received"] += len(requests)
-        tally[f"{kind}_scored"] += len(unique)
+    counts[f"{kind}_received"] += len(requests)
+    counts[f"{kind}_scored"] += len(unique)
     return [by_args[request.args] for request in requests]

@@ -8,40 +8,28 @@ from pathlib import Path
 from debias_plugin.sweep.plan import Sweep
 
 
-def evaluate_model(model_dir: Path, tasks: list[str], sweep: Sweep, output_dir: Path) -> tuple[dict, dict]:
+def evaluate_model(model_dir: Path, tasks: list[str], sweep: Sweep, output_dir: Path, *,
+                   model_class: str | None = None, model_args: dict | None = None) -> tuple[dict, dict]:
     """lm-eval results of `tasks` on a model folder (through debias_plugin.evaluation), and what it cost.
 
     A published results folder is read back instead (resume). Causal LMs go through `hf-bias`, which scores
-    identical requests once and counts what it scored; evaluation's cache answers repeated requests for the same
-    model content without scoring anything.
+    identical requests once and counts what it scored (this run's counts, through on_counts); evaluation's cache
+    answers repeated requests for the same model content without scoring anything. `model_class`/`model_args`:
+    a stage that is scored another way (a direction: the base through hf-steered-safe with its steering file).
     """
-    from debias_plugin.evaluation import (
-        CAUSAL_MODEL_CLASS,
-        RESULTS_NAME,
-        evaluate,
-        read_results_folder,
-        resolve_model_class,
-    )
+    from debias_plugin.evaluation import RESULTS_NAME, evaluate, read_results_folder, resolve_model_class
 
     if (output_dir / RESULTS_NAME).is_file():
         return read_results_folder(output_dir), {"from": "results folder"}
     config = sweep.config
-    model_class = resolve_model_class(model_dir)
-    counts = None
-    if model_class == CAUSAL_MODEL_CLASS:
-        from debias_plugin.lm_eval import bias_lm, register_models
-
-        register_models()
-        counts = bias_lm.REQUEST_COUNTS
-    before = dict(counts or {})
+    model_class = model_class or resolve_model_class(model_dir)
+    counts: dict = {}
     started, cpu = time.monotonic(), time.process_time()
-    results = evaluate(model_dir, tasks, model_class=model_class, model_args=dict(config.model_args),
-                       batch_size=config.batch_size, limit=config.limit, device=config.device, output_dir=output_dir)
-    cost = {"seconds": round(time.monotonic() - started, 3), "cpu_seconds": round(time.process_time() - cpu, 3),
-            "model_class": model_class}
-    if counts is not None:
-        cost.update({key: counts[key] - before.get(key, 0) for key in counts})
-    return results, cost
+    results = evaluate(model_dir, tasks, model_class=model_class,
+                       model_args={**config.model_args, **(model_args or {})}, batch_size=config.batch_size,
+                       limit=config.limit, device=config.device, output_dir=output_dir, on_counts=counts.update)
+    return results, {"seconds": round(time.monotonic() - started, 3),
+                     "cpu_seconds": round(time.process_time() - cpu, 3), "model_class": model_class, **counts}
 
 
 def weights_sha256(folder: Path) -> str:

@@ -176,6 +176,8 @@ def point_budget(point: dict) -> str:
 def markdown(sweep: Sweep, content: dict, run: dict, plots: list[str]) -> str:
     config = sweep.config
     budget_text = "; ".join(f"`{m}` {rule.describe()}" for m, rule in config.budget.items()) or "none"
+    if config.types_not_worse:
+        budget_text += "; no CrowS type or StereoSet domain significantly worse than the base (types_not_worse)"
     lines = [f"# Sweep: {config.name or config.method} ({config.method} on {content['base']})", "",
              f"Objective: |`{config.objective}` − {config.target:g}| minimised. Budget: {budget_text}. "
              f"Intervals: {100 * (1 - config.alpha):g}% (Clopper-Pearson for pair outcomes, percentile bootstrap "
@@ -305,6 +307,11 @@ def ruled_out(sweep: Sweep, content: dict) -> dict[str, str]:
                   for m, c in p["budget"].items() if not c["holds"]]
         if broken:
             reasons[p["name"]] = "budget: " + "; ".join(broken)
+            continue
+        if not metrics.types_hold(p.get("types"), sweep):
+            reasons[p["name"]] = "types_not_worse: " + (", ".join(
+                f"{t['name']} {t['reference']:.1f} -> {t['value']:.1f} (Holm p {t['adjusted_p']:.2g})"
+                for t in p["types"]["worse"]) if p.get("types") else "not judged")
             continue
         mine = _values(p, sweep.directions)
         winner = next((q for q in front if mine is not None and (v := _values(q, sweep.directions)) is not None

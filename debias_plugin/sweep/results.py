@@ -45,6 +45,7 @@ def _point_entry(sweep: Sweep, trial, full, reference_summary: dict, front: set)
     objective = metrics.value_of(summary, sweep.config.objective)
     checks = metrics.feasibility(summary, reference_summary, sweep)
     error = attrs.get("error")
+    types = {"types": attrs.get("types")} if sweep.config.types_not_worse else {}
     return {
         "key": attrs["key"], "name": attrs["name"], "role": attrs["role"], "params": attrs.get("params", {}),
         "model": attrs.get("model"), "model_sha256": attrs.get("model_sha256"),
@@ -52,7 +53,9 @@ def _point_entry(sweep: Sweep, trial, full, reference_summary: dict, front: set)
         "metrics": {key: summary[key] for key in sorted(summary)},
         "objective": {"metric": sweep.config.objective, "value": objective, "target": sweep.config.target,
                       "distance": None if objective is None else abs(objective - sweep.config.target)},
-        "budget": checks, "feasible": error is None and objective is not None and all(c["holds"] for c in checks.values()),
+        "budget": checks, **types,
+        "feasible": error is None and objective is not None and all(c["holds"] for c in checks.values())
+        and metrics.types_hold(attrs.get("types"), sweep),
         "pareto": attrs["key"] in front, "error": error, "notes": notes,
     }
 

@@ -34,7 +34,7 @@ from debias_plugin.sweep.plan import Job, Point, Sweep, check_tasks, load_sweep
 from debias_plugin.sweep.render import link_best, render
 from debias_plugin.sweep.results import full_suite_keys, search_step
 from debias_plugin.sweep.search import SearchResult
-from debias_plugin.sweep.stage import input_paths, stage_class, stage_settings, trains
+from debias_plugin.sweep.stage import evaluated_as, input_paths, stage_class, stage_settings, trains
 from debias_plugin.sweep.storage import (JobBoard, Studies, add_point, distributions, open_storage, quiet_optuna,
                                          recorded_points, storage_url, sync_sampled, write_state)
 
@@ -219,15 +219,30 @@ class SweepRun:
 
     def _record(self, study, point: Point, model: Path, tasks: list[str], folder: str, suite: str) -> None:
         config, results_dir = self.sweep.config, self.out / "trials" / point.name / folder
-        results, cost = evaluate_model(model, tasks, self.sweep, results_dir)
+        scored, model_class, model_args = evaluated_as(self.sweep, point.params, model, self.base)
+        results, cost = evaluate_model(scored, tasks, self.sweep, results_dir, model_class=model_class,
+                                       model_args=model_args)
+        types = self._types(point, results, results_dir) if suite == "screen" else \
+            recorded_points(self.studies.results)[point.key].user_attrs.get("types")  # summarize takes the samples
         summary = metrics.summarize(results, alpha=config.alpha, resamples=config.resamples, seed=config.seed,
                                     source=str(results_dir))
         screened = self._screened(point.key) if suite == "full" else summary
         reference = screened if point.role == "reference" else self._reference()
         attrs = {"summary": summary, "suite": suite, "tasks": tasks, "model": self._relative(model),
                  "model_sha256": weights_sha256(model), "cost": cost}
+        if types is not None and suite == "screen":
+            attrs["types"] = types
         add_point(study, point, metrics.point_values(screened, self.sweep), attrs, self.known,
-                  metrics.constraints(screened, reference, self.sweep))
+                  metrics.constraints(screened, reference, self.sweep, types))
+
+    def _types(self, point: Point, results: dict, results_dir: Path) -> dict | None:
+        """types_not_worse of a point's screen results against the base's (None where the sweep does not ask)."""
+        if not self.sweep.config.types_not_worse:
+            return None
+        from debias_plugin.evaluation import read_results_folder
+
+        base = results if point.role == "reference" else read_results_folder(self.out / "trials" / "base" / "results")
+        return metrics.types_check(results, base, self.sweep, source=str(results_dir))
 
     def _reference(self) -> dict:
         if self._reference_summary is None:

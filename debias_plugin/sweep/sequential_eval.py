@@ -431,7 +431,7 @@ def screens_this_point(sweep: Sweep, point, model: Path) -> bool:
     from debias_plugin.evaluation import CAUSAL_MODEL_CLASS, resolve_model_class
 
     return (sweep.config.evaluation == "sequential" and point.role in ("grid", "checkpoint", "search")
-            and resolve_model_class(model) == CAUSAL_MODEL_CLASS)
+            and (model / "config.json").is_file() and resolve_model_class(model) == CAUSAL_MODEL_CLASS)
 
 
 def incumbent(sweep: Sweep, recorded: dict, out: Path) -> tuple[dict | None, Path | None]:
