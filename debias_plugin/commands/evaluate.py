@@ -7,7 +7,6 @@ include path, registration, the run) is lm_eval/run.py's, shared with evaluation
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import time
@@ -158,6 +157,7 @@ def run_lm_eval(args: list[str]) -> None:
 
 def show_summary(output: Path, since: float) -> None:
     """After lm-eval's tables: our summary of the results file this run wrote, and where it is."""
+    from debias_plugin.gate.results import read_results
     from debias_plugin.summary import summarize
 
     folder, pattern = (output.parent, f"{output.stem}_*.json") if output.suffix == ".json" else \
@@ -166,7 +166,8 @@ def show_summary(output: Path, since: float) -> None:
     if not written:
         return
     latest = max(written, key=lambda path: path.stat().st_mtime)
-    text = summarize(json.loads(latest.read_text()))
+    loaded = read_results(latest)  # with the per-sample files beside it (--log_samples): the type gaps' intervals
+    text = summarize({**loaded.data, "samples": loaded.samples})
     click.echo(f"{text}\n\nResults saved to {latest}" if text else f"Results saved to {latest}")
 
 
