@@ -193,6 +193,16 @@ def test_a_folder_holding_something_else_is_replaced_only_with_force(tmp_path):
     assert (out / "trials").is_dir()
 
 
+def test_an_unusable_storage_fails_before_the_output_folder_is_made(tmp_path):
+    from debias_plugin.errors import DebiasError
+    from debias_plugin.sweep.run import SweepRun
+
+    sweep, out = _load(tmp_path, VALID), tmp_path / "out"
+    with pytest.raises(DebiasError, match="--storage nosuchdriver://x: Optuna could not open it"):
+        SweepRun(sweep, out, storage="nosuchdriver://x").run()
+    assert not out.exists()
+
+
 def test_negate_and_retain_evaluates_its_own_lambda_zero(tmp_path):
     """Its lambda 0 is base + mu * capability, not the base: neither a grid nor a search may stand the base in."""
     retain = VALID.replace("fixed: {biased: /b}", "fixed: {biased: /b, capability: /c, mu: 0.5}")

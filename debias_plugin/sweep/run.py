@@ -128,10 +128,12 @@ class SweepRun:
     def run(self) -> Path:
         sweep = self.sweep
         check_tasks(sweep)  # lm-eval knows every task and metric: before any model loads
+        url = storage_url(self.storage, self.out)
+        # an unusable --storage fails before the output folder is made; the default SQLite file lives inside it
+        storage = open_storage(url) if self.storage is not None else None
         prepare_folder(sweep, self.out, force=self.force, inputs=_inputs(sweep))
         self.base = resolve_base(sweep)
-        url = storage_url(self.storage, self.out)
-        storage = open_storage(url)
+        storage = storage or open_storage(url)
         self.studies = Studies.open(storage, sweep.study_name, sweep.directions)
         self.screens = sequential_eval.screen_study(storage, sweep) if sweep.config.evaluation == "sequential" else None
         write_state(self.out, sweep, url, external=self.storage is not None)
