@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_models import perturbed_copy
 
 SWEEP = """\
 base: {base}
@@ -56,20 +57,8 @@ def postgres():
 
 @pytest.fixture(scope="module")
 def models(tiny_model, tmp_path_factory):
-    import torch
-    from transformers import AutoModelForCausalLM
-
     base = tiny_model("gpt2")
-    biased = tmp_path_factory.mktemp("pg_models") / "biased"
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    model.save_pretrained(biased, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (biased / name).write_bytes((base / name).read_bytes())
-    return base, biased
+    return base, perturbed_copy(base, tmp_path_factory.mktemp("pg_models") / "biased")
 
 
 def _deterministic(out: Path) -> tuple[dict, str]:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_models import perturbed_copy
 
 from debias_plugin.sweep.plan import load_sweep
 from debias_plugin.sweep.schema import SweepFileError
@@ -82,20 +83,8 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(tiny_model, tmp_path_factory):
     """(base, biased): a tiny GPT-2 and a copy with every weight perturbed (the 'bias vector')."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     base = tiny_model("gpt2")
-    biased = tmp_path_factory.mktemp("sweep_models") / "biased"
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    model.save_pretrained(biased, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (biased / name).write_bytes((base / name).read_bytes())
-    return base, biased
+    return base, perturbed_copy(base, tmp_path_factory.mktemp("sweep_models") / "biased")
 
 
 def _sweep_file(folder: Path, template: str, models, **extra) -> Path:

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_models import perturbed_copy
 
 from debias_plugin.sweep.plan import load_sweep
 from debias_plugin.sweep.schema import SweepFileError
@@ -54,23 +55,9 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def models(tiny_model, tmp_path_factory):
     """(base, biased, capability): a tiny GPT-2 and two copies with every weight perturbed (two task vectors)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     base = tiny_model("gpt2")
-    made = []
-    for name, seed in (("biased", 3), ("capability", 4)):
-        folder = tmp_path_factory.mktemp("multiknob_models") / name
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-        model.save_pretrained(folder, safe_serialization=True)
-        for file in ("tokenizer.json", "tokenizer_config.json"):
-            (folder / file).write_bytes((base / file).read_bytes())
-        made.append(folder)
-    return (base, *made)
+    return (base, *(perturbed_copy(base, tmp_path_factory.mktemp("multiknob_models") / name, seed=seed)
+                    for name, seed in (("biased", 3), ("capability", 4))))
 
 
 def _sweep_file(folder: Path, models, *, sampler: str = "tpe", trials: int = 6, budget: float = BUDGET,

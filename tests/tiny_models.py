@@ -100,3 +100,21 @@ def build_tiny_model(kind: str, out_dir: str | Path, texts: list[str] | None = N
     model_class.from_config(config).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def perturbed_copy(base: str | Path, out: str | Path, *, seed: int = 3, scale: float = 0.05) -> Path:
+    """`base` with every weight moved by scale * N(0, 1) (seeded): a stand-in for a fine-tuned model, whose
+    difference from the base is a task vector to negate."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base, out = Path(base), Path(out)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    model.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (out / name).write_bytes((base / name).read_bytes())
+    return out
