@@ -130,7 +130,7 @@ budget: {wikitext2_ppl/word_perplexity: {max_relative_increase: 0.02}}
     (("fixed: {biased: /b}", "fixed: {}"), 3, "fixed", "exactly one of biased"),
     (("fixed: {biased: /b}", "fixed: {biased: /b, capability: /c}"), 3, "fixed", "needs both capability"),
     (("grid: {lambda: [0.1, 0.2]}", "grid: {k: [0.1]}"), 4, "grid.k", "unknown option 'k' of negate; known: adapter, "
-     "biased, capability, lambda, mu, shard_size, template"),
+     "biased, capability, lambda, lambda_2, lambda_3, lambda_4, lambda_5, lambda_6, method, mu, shard_size, template"),
     (("{max_relative_increase: 0.02}", "{max_relative_increase: 0.02, max: 3}"), 7,
      "budget.wikitext2_ppl/word_perplexity", "exactly one of"),
     (("objective: crows_bias/pct_stereotype", "objective: pct_stereotype"), 6, "objective",
