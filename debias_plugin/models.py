@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 from typing import Literal
 
-from debias_plugin.errors import DebiasError, one_line
+from debias_plugin.errors import DataError, DebiasError, one_line
 
 ModelKind = Literal["causal", "masked"]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -62,8 +62,8 @@ def _check_safetensors_headers(model_dir: Path) -> None:
             with safe_open(path, framework="numpy"):
                 pass
         except (SafetensorError, OSError) as err:
-            raise DebiasError(f"{path}: the safetensors file is truncated or corrupt ({one_line(err)}); expected a "
-                              "complete file (re-download or re-save the model).") from None
+            raise DataError(path, "header", "complete safetensors (re-download or re-save the model)",
+                            f"a truncated or corrupt file ({one_line(err)})") from None
 
 
 def load_model(model_dir: str | Path, *, allow_pickle: bool = False, trust_remote_code: bool = False, dtype=None):

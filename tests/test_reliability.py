@@ -85,7 +85,7 @@ def test_broken_model_folders_are_one_paragraph(case, tiny_model, corpus, tmp_pa
 def test_a_truncated_weights_file_is_named_by_every_command(command, tiny_model, tmp_path):
     model = broken_copy(tiny_model, tmp_path, "model", CORRUPTIONS["truncated_safetensors"][0])
     result = subprocess.run([DEBIAS, *(part.format(model=model) for part in command)], capture_output=True, text=True)
-    assert_one_paragraph(result, f"{model / 'model.safetensors'}: the safetensors file is truncated")
+    assert_one_paragraph(result, f"{model / 'model.safetensors'}, header: expected complete safetensors")
 
 
 def test_unwritable_output_location_fails_before_training(tiny_model, corpus, tmp_path):
