@@ -148,8 +148,9 @@ class Study:
                     continue
                 fixed += [(loc + ("fixed", key), value) for key, value in (override.get("fixed") or {}).items()]
             for loc, value in fixed:
-                if isinstance(value, str) and value.startswith("@") and value[1:] not in self.config.prepare:
-                    problems.append((loc, f"{value} names no prepare entry"))
+                for name in _prepared_names(value):
+                    if name not in self.config.prepare:
+                        problems.append((loc, f"@{name} names no prepare entry"))
             if not self.sweep_file(label).is_file():
                 problems.append((("sweeps", label, "file"), f"{self.sweep_file(label)} does not exist"))
         if problems:
@@ -185,8 +186,7 @@ class Study:
         data, _ = read_yaml(path, config_text(path), "sweep")  # a broken file: its own line-numbered error
         entry = self.config.sweeps[label]
         override = {key: value for key, value in entry.models.get(model, {}).items() if key != "fixed"}
-        fixed = {key: str(out / model / PREPARED / value[1:]) if isinstance(value, str) and value.startswith("@")
-                 else value for key, value in self.fixed(model, label).items()}
+        fixed = {key: _resolved(value, out / model / PREPARED) for key, value in self.fixed(model, label).items()}
         data.update(override)
         data.update(base=self.config.models[model], fixed={**(data.get("fixed") or {}), **fixed},
                     method=entry.method or data.get("method"))  # the Optuna study's name hashes all of it
@@ -248,8 +248,8 @@ class Study:
                     raise DebiasError(f"{self.path}: sweeps.{label} (from {self.sweep_file(label)}) for model "
                                       f"'{model}': {err}") from None
             prepare = {}
-            needed = {value[1:] for label in labels for value in self.fixed(model, label).values()
-                      if isinstance(value, str) and value.startswith("@")}
+            needed = {name for label in labels for value in self.fixed(model, label).values()
+                      for name in _prepared_names(value)}
             for name, entry in self.config.prepare.items():
                 if name not in needed:
                     continue
@@ -280,3 +280,16 @@ def load_study(path: str | Path) -> Study:
     if not path.is_file():
         raise DebiasError(f"{path}: the study file does not exist.")
     return Study(path, config_text(path))
+
+
+def _prepared_names(value) -> list[str]:
+    """The prepare entries a fixed option names: "@NAME", or a list of them (several bias vectors)."""
+    values = value if isinstance(value, list) else [value]
+    return [item[1:] for item in values if isinstance(item, str) and item.startswith("@")]
+
+
+def _resolved(value, prepared: Path):
+    """"@NAME" (alone or in a list) -> that model's prepared folder; other values as they are."""
+    if isinstance(value, list):
+        return [_resolved(item, prepared) for item in value]
+    return str(prepared / value[1:]) if isinstance(value, str) and value.startswith("@") else value

@@ -136,8 +136,9 @@ def input_paths(sweep) -> list[Path]:
     paths = []
     for key, marker in input_options(stage_class(sweep.config.method).Options).items():
         value = sweep.config.fixed.get(key)
-        if isinstance(value, str) and (not marker.or_name or Path(value).expanduser().exists()):
-            paths.append(Path(value).expanduser())
+        for item in value if isinstance(value, list) else [value]:  # several bias vectors: a list of folders
+            if isinstance(item, str) and (not marker.or_name or Path(item).expanduser().exists()):
+                paths.append(Path(item).expanduser())
     return paths
 
 
