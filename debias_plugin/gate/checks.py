@@ -14,7 +14,8 @@ from debias_plugin.errors import DebiasError
 from debias_plugin.gate import stats
 from debias_plugin.gate.config import Gate
 from debias_plugin.gate.results import (
-    MetricSamples, Results, higher_is_better, metric_key, metric_names, metric_samples, reported_value, same_point,
+    MetricSamples, Results, higher_is_better, metric_key, metric_names, metric_samples, paired_order, reported_value,
+    same_point,
 )
 from debias_plugin.scoring.specs import find_spec
 
@@ -119,20 +120,17 @@ def _single(check, index: int, gate: Gate, candidate: Results) -> CheckResult:
 
 def _aligned(candidate: MetricSamples, baseline: MetricSamples, check, gate: Gate) -> np.ndarray:
     """Baseline unit order matching the candidate's; refuses a comparison on different items."""
-    position = {key: i for i, key in enumerate(baseline.keys)}
-    missing = [key for key in candidate.keys if key not in position]
-    if missing or len(position) != len(candidate.keys):
+    order, problem, key = paired_order(candidate, baseline)
+    if problem == "items":
         raise DebiasError(
             f"{gate.path}, {gate.where('baseline')}: the candidate and the baseline were evaluated on different "
             f"items for {check.metric} ({candidate.units} vs {baseline.units} {candidate.unit_name}"
-            f"{', e.g. ' + repr(missing[0]) + ' only in the candidate' if missing else ''}). Evaluate both with the "
+            f"{', e.g. ' + repr(key[0]) + ' only in the candidate' if key else ''}). Evaluate both with the "
             "same tasks and limit.")
-    order = np.array([position[key] for key in candidate.keys])
-    for i, j in enumerate(order):
-        if candidate.hashes[i] and baseline.hashes[j] and candidate.hashes[i] != baseline.hashes[j]:
-            raise DebiasError(
-                f"{gate.path}, {gate.where('baseline')}: {check.metric}: {candidate.keys[i]!r} is a different document "
-                "in the candidate and the baseline results (their doc_hash differ). Evaluate both on the same data.")
+    if problem == "document":
+        raise DebiasError(
+            f"{gate.path}, {gate.where('baseline')}: {check.metric}: {key[0]!r} is a different document "
+            "in the candidate and the baseline results (their doc_hash differ). Evaluate both on the same data.")
     return order
 
 

@@ -313,6 +313,21 @@ def metric_samples(results: Results, task: str, metric: str) -> tuple[MetricSamp
     return MetricSamples(found, keys, hashes, columns), ""
 
 
+def paired_order(candidate: MetricSamples, baseline: MetricSamples) -> tuple[np.ndarray | None, str | None, tuple]:
+    """The baseline's unit indices in the candidate's order, for paired statistics on the same items; else None and
+    why: ("items", a key only in the candidate or ()) when they hold different items, ("document", the key) when one
+    key names another document in each (their doc_hash differ)."""
+    position = {key: i for i, key in enumerate(baseline.keys)}
+    missing = [key for key in candidate.keys if key not in position]
+    if missing or len(position) != len(candidate.keys):
+        return None, "items", (missing[0],) if missing else ()
+    order = np.array([position[key] for key in candidate.keys])
+    for i, j in enumerate(order):
+        if candidate.hashes[i] and baseline.hashes[j] and candidate.hashes[i] != baseline.hashes[j]:
+            return None, "document", (candidate.keys[i],)
+    return order, None, ()
+
+
 def same_point(first: float, second: float) -> bool:
     """Recomputed and reported values agree (float rounding aside); NaN agrees with NaN."""
     if math.isnan(first) or math.isnan(second):

@@ -21,7 +21,7 @@ from debias_plugin.data import STEREOSET_DOMAINS
 from debias_plugin.data.crows import CROWS_BIAS_TYPES, crows_type_task
 from debias_plugin.errors import DebiasError
 from debias_plugin.gate import stats
-from debias_plugin.gate.results import MetricSamples, Results, metric_samples
+from debias_plugin.gate.results import MetricSamples, Results, metric_samples, paired_order
 from debias_plugin.scoring.gap import NO_PREFERENCE, gap
 
 STEREOSET_TASK = "stereoset_bias"
@@ -73,13 +73,12 @@ def _samples(results: Results, task: str, metric: str, role: str) -> MetricSampl
 
 def _aligned(candidate: MetricSamples, baseline: MetricSamples, what: str) -> np.ndarray:
     """The baseline's unit order matching the candidate's; refuses different items."""
-    position = {key: i for i, key in enumerate(baseline.keys)}
-    if len(position) != len(candidate.keys) or any(key not in position for key in candidate.keys):
+    order, problem, _ = paired_order(candidate, baseline)
+    if problem == "items":
         raise DebiasError(f"types_not_worse: {what}: the candidate and the baseline were evaluated on different items "
                           f"({candidate.units} vs {baseline.units} {candidate.unit_name}). Evaluate both on the same "
                           "tasks and limit.")
-    order = np.array([position[key] for key in candidate.keys])
-    if any(mine and baseline.hashes[j] and mine != baseline.hashes[j] for mine, j in zip(candidate.hashes, order)):
+    if problem == "document":
         raise DebiasError(f"types_not_worse: {what}: a document differs between the candidate and the baseline "
                           "(their doc_hash differ). Evaluate both on the same data.")
     return order

@@ -8,20 +8,12 @@ percentage's interval. Metrics without a spec get their value only.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
-
-
-def finite_or_none(value) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
 
 
 def _interval(samples, metric: str, alpha: float, resamples: int, seed: int) -> dict | None:
     from debias_plugin.gate import stats
+    from debias_plugin.gate.results import finite_or_none
     from debias_plugin.scoring.gap import gap_interval
     from debias_plugin.scoring.specs import spec
 
@@ -47,7 +39,7 @@ def _interval(samples, metric: str, alpha: float, resamples: int, seed: int) -> 
 
 def summarize(results: dict, *, alpha: float, resamples: int, seed: int, source: str = "results") -> dict:
     """{"task/metric": {"value", "low", "high", "method", "units"}} for every numeric metric in lm-eval results."""
-    from debias_plugin.gate.results import metric_key, metric_names, metric_samples, results_from_dict
+    from debias_plugin.gate.results import finite_or_none, metric_key, metric_names, metric_samples, results_from_dict
 
     loaded = results_from_dict(results, source)
     summary = {}
