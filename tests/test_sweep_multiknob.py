@@ -159,6 +159,25 @@ def test_the_replay_proposes_the_same_settings_from_the_results_alone(tmp_path, 
     assert partial.proposals == state.proposals[:6] and partial.pending == state.proposals[4:6]
 
 
+@pytest.mark.parametrize("sampler", ["tpe", "gp", "nsga2"])
+def test_a_stopped_screen_is_replayed_as_a_pruned_trial(tmp_path, sampler):
+    """A setting the sequential screen stopped has no full-set values: the replay tells it as Optuna's pruned trial
+    at its last look, and the proposals stay the same from the results alone, in any order."""
+    from debias_plugin.sweep.search import Stopped, sample_step
+    from debias_plugin.sweep.storage import distributions
+
+    sweep = _load(tmp_path, VALID.replace("sampler: tpe, trials: 6", f"sampler: {sampler}, trials: 8, batch: 2"))
+    knobs, results = distributions(sweep), {}
+    while not (state := sample_step(sweep.sampling, knobs, results, sweep.sampled_key, sweep.directions)).finished:
+        for params in state.pending:
+            results[sweep.sampled_key(params)] = (Stopped(2, 0.05 * params["lambda"]) if params["lambda"] > 0.4
+                                                  else _synthetic(params))
+    assert any(isinstance(r, Stopped) for r in results.values()) and len(state.proposals) == 8
+    again = sample_step(sweep.sampling, knobs, dict(reversed(list(results.items()))), sweep.sampled_key,
+                        sweep.directions)
+    assert again.proposals == state.proposals
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 def _front_is_brute_force_non_dominated(content: dict) -> None:
@@ -190,7 +209,9 @@ def test_two_knob_tpe_sweep_reports_its_front_and_a_model_card(tpe_run):
     content = _deterministic(tpe_run / "sweep.json")
     sampling = content["sampling"]
     assert sampling["finished"] and len(sampling["proposals"]) == 6 and sampling["knobs"] == ["lambda", "mu"]
-    assert {p["name"] for p in content["points"]} == {"base", *sampling["proposals"]}
+    stopped = {entry["name"] for entry in content["stopped"]}  # sequential screening stopped them: no values
+    assert stopped and {p["name"] for p in content["points"]} | stopped == {"base", *sampling["proposals"]}
+    assert not stopped & {p["name"] for p in content["points"]}
     assert all(p["role"] == "sampled" for p in content["points"][1:])
     _front_is_brute_force_non_dominated(content)
     report = (tpe_run / "report.md").read_text()
@@ -203,6 +224,11 @@ def test_two_knob_tpe_sweep_reports_its_front_and_a_model_card(tpe_run):
             assert f"| {point['name']} | {reason} |" in report
             if not point["feasible"]:
                 assert reason.startswith("budget: `wikitext2_ppl/word_perplexity`")
+    for name in stopped:
+        reason = sampling["ruled_out"][name]
+        assert reason.startswith(("stopped early: over budget on `wikitext2_ppl/word_perplexity`",
+                                  "stopped early: dominated on `objective`")), reason
+        assert f"| {name} | {reason} |" in report
     best = next(p for p in content["points"] if p["best"])
     assert (best["role"] == "reference") != (tpe_run / "best" / "README.md").is_file()  # never into the base's folder
 
@@ -236,7 +262,7 @@ def test_kill_mid_trial_then_rerun_gives_the_same_sweep_json(tpe_run, models, tm
     expected = _deterministic(tpe_run / "sweep.json")
     path = _sweep_file(tmp_path, models)
     args = ["sweep", str(path), "--out", str(tmp_path / "out")]
-    killed = subprocess.run([sys.executable, str(Path(__file__).with_name("sweep_fault.py")), "4", *args],
+    killed = subprocess.run([sys.executable, str(Path(__file__).with_name("sweep_fault.py")), "3", *args],
                             capture_output=True, text=True)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     from debias_plugin.cli import main

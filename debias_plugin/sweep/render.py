@@ -22,7 +22,7 @@ PLOTS = "plots"
 
 def render(out: Path, sweep: Sweep, studies: Studies, *, base: Path | None = None, screens=None) -> dict:
     """Write sweep.json, sweep.csv, report.md and the plots into DIR; returns the sweep.json content."""
-    sampled = sync_sampled(sweep, studies.results)  # a sampled search's proposals are part of the plan
+    sampled = sync_sampled(sweep, studies.results, screens)  # a sampled search's proposals are part of the plan
     content, run = collect(sweep, studies, base=base, screens=screens)
     if sampled is not None:
         content["sampling"] = sampling_summary(sweep, content, sampled)
@@ -246,6 +246,17 @@ def markdown(sweep: Sweep, content: dict, run: dict, plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_VERDICTS = {"violated": "over budget", "dominated": "dominated"}
+
+
+def _stopped_interval(entry: dict) -> str:
+    """A stopped point's deciding interval, as the progress lines print it."""
+    low, high = entry["interval"]
+    bounds = (f"{100 * low:+.1f} %, {100 * high:+.1f} %" if (entry.get("interval_of") or "").startswith("relative")
+              else f"{low:+.4g}, {high:+.4g}")
+    return f"{entry.get('interval_of') or 'value'} in [{bounds}]"
+
+
 def _screening_lines(content: dict, run: dict) -> list[str]:
     """Sequential evaluation: the points stopped early (a verdict and its interval, never a value) and what it saved."""
     if "stopped" not in content:
@@ -258,11 +269,8 @@ def _screening_lines(content: dict, run: dict) -> list[str]:
     for entry in content["stopped"]:
         scored = ", ".join(f"{task} {count} of {entry['population'][task]}"
                            for task, count in entry["documents_scored"].items())
-        low, high = entry["interval"]
-        bounds = (f"{100 * low:+.1f} %, {100 * high:+.1f} %" if entry.get("interval_of", "").startswith("relative")
-                  else f"{low:+.4g}, {high:+.4g}")
         lines.append(f"- `{entry['name']}`: stopped at look {entry['look'] + 1}, {entry['verdict']} on "
-                     f"`{entry['metric']}` ({entry.get('interval_of') or 'value'} in [{bounds}]) after {scored} scored")
+                     f"`{entry['metric']}` ({_stopped_interval(entry)}) after {scored} scored")
     if not content["stopped"]:
         lines.append("- no point stopped early")
     screening = run.get("screening")
@@ -317,6 +325,9 @@ def ruled_out(sweep: Sweep, content: dict) -> dict[str, str]:
         winner = next((q for q in front if mine is not None and (v := _values(q, sweep.directions)) is not None
                        and dominates(v, mine)), None)
         reasons[p["name"]] = f"dominated by `{winner['name']}`" if winner else "not on Optuna's front"
+    for entry in content.get("stopped", []):  # sequential evaluation: a verdict and its interval, never a value
+        reasons[entry["name"]] = (f"stopped early: {_VERDICTS.get(entry['verdict'], entry['verdict'])} on "
+                                  f"`{entry['metric']}` ({_stopped_interval(entry)}) at look {entry['look'] + 1}")
     return reasons
 
 

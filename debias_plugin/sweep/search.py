@@ -166,11 +166,21 @@ def make_sampler(sampling, objectives: int):
                                       multivariate=True)
 
 
-def sample_step(sampling, distributions: dict, results: Mapping[str, tuple | None],
+@dataclass(frozen=True)
+class Stopped:
+    """A sampled setting whose sequential screen stopped it: its last look, told to the sampler as Optuna's pruned
+    trial (TPE ranks pruned trials below the complete ones; GP and NSGA-II read complete trials only)."""
+
+    step: int
+    value: float
+
+
+def sample_step(sampling, distributions: dict, results: Mapping[str, tuple | Stopped | None],
                 key_of: Callable[[dict], str], directions: list[str]) -> Sampled:
     """Replay the seeded sampler over an in-memory study from the first trial: ask a batch, tell it the recorded
-    results of its settings (key_of(params) -> results[key] = (values, constraints), None for a failed point),
-    until a batch has settings without results or the trials are spent. constraints: {budget metric: value}.
+    results of its settings (key_of(params) -> results[key] = (values, constraints), a Stopped screen, None for a
+    failed point), until a batch has settings without results or the trials are spent. constraints: {budget
+    metric: value}.
 
     Each batch is proposed from the batches before it only, so the proposals are the same in every process and
     after any resume, whichever workers evaluated which point and in what order (the sampler is stateless, like
@@ -196,6 +206,11 @@ def sample_step(sampling, distributions: dict, results: Mapping[str, tuple | Non
                 outcome = results[key_of(params)]
                 if outcome is None:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    continue
+                if isinstance(outcome, Stopped):
+                    if objectives == 1:  # Optuna keeps intermediate values of single-objective trials only
+                        trial.report(outcome.value, outcome.step)
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                     continue
                 values, constraints = outcome
                 for name, value in constraints.items():

@@ -266,8 +266,11 @@ def trackers(sweep: Sweep, reference: dict, incumbent: dict | None, leaf_tasks: 
     spec = find_spec(name)
     current = value_of(incumbent or {}, config.objective)
     members = tuple(pooled_members(task, name) or ()) if spec is not None and spec.estimator == "proportion" else ()
-    if incumbent is not None and current is not None and members and not config.search:  # the bisection reads
-        found.append(Tracker("objective", task, name, DOCUMENTS, members, offset=current,  # every feasible value
+    # The bisection reads every feasible value, and NSGA-II's front may hold a point farther on the objective alone:
+    # neither stops a point on the objective.
+    pareto = sweep.sampling is not None and sweep.sampling.sampler == "nsga2"
+    if incumbent is not None and current is not None and members and not config.search and not pareto:
+        found.append(Tracker("objective", task, name, DOCUMENTS, members, offset=current,
                              scale=spec.scale, center=config.target))
     for tracker in found:
         tracker.alpha = bonferroni(config.alpha, len(found))
@@ -425,12 +428,13 @@ def screens(study) -> dict[str, object]:
 
 
 def screens_this_point(sweep: Sweep, point, model: Path) -> bool:
-    """Sequential screening applies to grid, checkpoint and budget-search points of causal LMs unless the file says
-    evaluation: full (the sampled searches' samplers read every trial's values); the bisection reads an over-budget
-    point as infeasible, so its search points are screened on the budget only."""
+    """Sequential screening applies to every point but the base (grid, checkpoint, budget-search and sampled ones) of
+    causal LMs unless the file says evaluation: full. The bisection reads an over-budget point as infeasible, so its
+    search points are screened on the budget only; a sampled point that stops is told to the sampler as a pruned
+    trial (storage.sync_sampled)."""
     from debias_plugin.evaluation import CAUSAL_MODEL_CLASS, resolve_model_class
 
-    return (sweep.config.evaluation == "sequential" and point.role in ("grid", "checkpoint", "search")
+    return (sweep.config.evaluation == "sequential" and point.role in ("grid", "checkpoint", "search", "sampled")
             and (model / "config.json").is_file() and resolve_model_class(model) == CAUSAL_MODEL_CLASS)
 
 
