@@ -81,14 +81,30 @@ class _CurrentStderr(logging.StreamHandler):
         pass
 
 
+class _OthersOnly(logging.Filter):
+    """Our records are printed by our own handler; the root's shows the other libraries' warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith("debias_plugin")
+
+
 def _show_messages() -> None:
-    """Our library logs (resume notices, skipped rows) go to stderr as plain lines when run from the CLI."""
+    """Our library logs (resume notices, skipped rows, progress) go to stderr as plain lines when run from the CLI,
+    once each: a root handler of our own keeps a library's root-level `logging.warning()` from installing
+    logging's default one, which would print every record of ours a second time."""
     logger = logging.getLogger("debias_plugin")
     if not logger.handlers:
         handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+    root = logging.getLogger()
+    if not root.handlers:
+        others = _CurrentStderr()
+        others.setLevel(logging.WARNING)
+        others.addFilter(_OthersOnly())
+        others.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+        root.addHandler(others)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -39,6 +39,19 @@ def test_user_error_is_one_paragraph_without_traceback(tmp_path):
     assert (occupied / "notes.txt").read_text() == "keep me"
 
 
+def test_progress_lines_print_once_after_a_library_logs_through_the_root_logger():
+    """A library's root-level logging.warning() (mergekit's merges call them) would install logging's default
+    handler on the root, and every line of ours would print twice; other libraries' warnings still show."""
+    code = ("import logging; from debias_plugin.cli import main\n"
+            "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+            "logging.warning('a library warning'); logging.info('a library note')\n"
+            "logging.getLogger('debias_plugin.sweep').info('λ=0.5: a progress line')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("a progress line") == 1, result.stderr
+    assert result.stderr.count("a library warning") == 1 and "a library note" not in result.stderr
+
+
 @pytest.mark.parametrize("output_path", [None, "."])  # None: our default folder; ".": the working directory
 def test_eval_picks_hf_bias_saves_results_and_prints_a_summary(tiny_model, tmp_path, output_path):
     import json
