@@ -120,9 +120,10 @@ def documents_scored(content: dict) -> dict[str, str]:
     return scored
 
 
-def sequential_vs_full(sweep_file: Path | None, work: Path, lambdas: str, limit: int | None) -> int:
+def sequential_vs_full(sweep_file: Path | None, work: Path, lambdas: str, limit: int | None,
+                       json_path: Path | None = None) -> int:
     """The same sweep with `evaluation: full` and sequential, side by side; exit status 1 if the choice or a
-    reported number differs."""
+    reported number differs. `json_path`: the measurements as JSON."""
     import yaml
 
     if sweep_file is None:
@@ -165,7 +166,23 @@ def sequential_vs_full(sweep_file: Path | None, work: Path, lambdas: str, limit:
     screening = sequential["run"].get("screening")
     if screening:
         print(f"sequential report's own account: {screening}")
+    if json_path is not None:
+        json_path.write_text(json.dumps({
+            "sweep": config, "chosen": chosen, "reported_metrics_identical": same, "documents_scored": scored,
+            "child": {mode: {k: runs[mode][k] for k in ("cpu_seconds", "peak_rss_mib", "wall_seconds")} for mode in runs},
+            "cpu_ratio_child": round(ratio, 3), "cpu_inside_evaluations": inside,
+            "progress": runs["sequential"]["progress"], "screening": screening,
+            "stopped": sequential.get("stopped"), "cpu": cpu_kind()}, indent=1) + "\n")
     return 0 if chosen["full"] == chosen["sequential"] and all(same.values()) else 1
+
+
+def cpu_kind() -> str:
+    """lscpu's model name and whether AVX-512 is there (timings are comparable on one CPU kind only)."""
+    import subprocess
+
+    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")), "?")
+    return f"{name}, {'AVX-512' if 'avx512f' in text else 'no AVX-512'}, {os.cpu_count()} CPUs"
 
 
 def main() -> None:
@@ -175,11 +192,12 @@ def main() -> None:
         compare.add_argument("--lambdas", default="0.5,0.75,4", help="The tiny sweep's grid (without a file).")
         compare.add_argument("--limit", type=int, default=8, help="The tiny sweep's lm-eval limit (without a file).")
         compare.add_argument("--work", help="Working folder (default: a temporary one, removed afterwards).")
+        compare.add_argument("--json", help="Write the measurements here.")
         args = compare.parse_args()
         work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_sequential_"))
         work.mkdir(parents=True, exist_ok=True)
         status = sequential_vs_full(Path(args.sequential_vs_full) if args.sequential_vs_full else None, work,
-                                    args.lambdas, args.limit or None)
+                                    args.lambdas, args.limit or None, Path(args.json) if args.json else None)
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
         sys.exit(status)
