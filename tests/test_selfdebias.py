@@ -189,3 +189,34 @@ def test_simple_evaluate_crows_gender(model_dir, plain):
             expected, _ = _reference(model, tokenizer, bos, *_token_request(tokenizer, bos, "", sentence), [GENDER],
                                      50.0, 0.01)
             assert response[0] == pytest.approx(expected, abs=LL_TOLERANCE)
+
+
+def test_lambda_is_a_sweep_knob_scored_through_hf_selfdebias(model_dir, tmp_path, monkeypatch):
+    """Self-Debias as a sweep stage: a grid over λ, each point the base scored by hf-selfdebias at that λ (equal to
+    a direct hf-selfdebias evaluation), its folder only a manifest."""
+    import json
+
+    import lm_eval
+
+    from debias_plugin.lm_eval import register_models, run
+    from debias_plugin.sweep import run_sweep
+
+    monkeypatch.setenv("DEBIAS_CACHE_DIR", str(tmp_path / "cache"))
+    sweep = tmp_path / "sweep.yml"
+    sweep.write_text(f"base: {model_dir}\nmethod: selfdebias\nfixed: {{bias_types: gender}}\n"
+                     "grid: {decay_constant: [10, 1000]}\nevaluate: [crows_bias_gender]\n"
+                     "objective: crows_bias_gender/likelihood_diff\ntarget: 0\nlimit: 3\nresamples: 100\n")
+    out = run_sweep(sweep, tmp_path / "out")
+    points = {p["name"]: p for p in json.loads((out / "sweep.json").read_text())["points"]}
+    assert set(points) == {"base", "decay_constant_10", "decay_constant_1000"}
+    made = out / points["decay_constant_10"]["model"]
+    assert sorted(p.name for p in made.iterdir()) == ["debias_manifest.json"]
+    register_models()
+    for name, decay in (("decay_constant_10", 10.0), ("decay_constant_1000", 1000.0)):
+        direct = lm_eval.simple_evaluate(
+            model="hf-selfdebias", model_args={"pretrained": model_dir, "decay_constant": decay, "bias_types": "gender"},
+            tasks=["crows_bias_gender"], task_manager=run.task_manager(["crows_bias_gender"]), limit=3,
+            bootstrap_iters=0, batch_size=4, device="cpu")["results"]["crows_bias_gender"]["likelihood_diff,none"]
+        assert points[name]["metrics"]["crows_bias_gender/likelihood_diff"]["value"] == pytest.approx(direct, abs=1e-5)
+    assert points["decay_constant_10"]["metrics"]["crows_bias_gender/likelihood_diff"]["value"] != pytest.approx(
+        points["base"]["metrics"]["crows_bias_gender/likelihood_diff"]["value"], abs=1e-6)

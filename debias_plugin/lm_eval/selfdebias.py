@@ -31,6 +31,8 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
+from typing import ClassVar
 
 from lm_eval.api.registry import register_model
 from pydantic import Field, field_validator
@@ -133,6 +135,37 @@ class SelfDebiasLM(BiasLM):
             for index, answer in zip(indices, score([requests[i] for i in indices], disable_tqdm=disable_tqdm)):
                 answers[index] = answer
         return answers
+
+
+class SelfDebiasStage:
+    """Self-Debias as a sweep stage, so λ (decay_constant), ε and the bias types can be searched like any knob:
+    nothing is trained, the output folder holds only a manifest, and a point is the base scored by hf-selfdebias."""
+
+    name: ClassVar[str] = "selfdebias"
+    Options: ClassVar[type[SelfDebiasOptions]] = SelfDebiasOptions
+
+    def __init__(self, options: SelfDebiasOptions):
+        self.opts = options
+
+    @staticmethod
+    def base_settings(fixed: dict) -> dict | None:
+        """The sweep's reference is the base through its own model class (bias_types none is hf-bias's scores)."""
+        return None
+
+    def evaluated_as(self, base: str | Path, out: str | Path) -> tuple[Path, str | None, dict]:
+        """(model folder, lm-eval model class, model_args): the base, through hf-selfdebias with these options."""
+        options = self.opts.model_dump()
+        options["bias_types"] = options["bias_types"].replace(",", "+")  # model_args strings split at commas
+        return Path(base), MODEL_NAME, options
+
+    def make(self, base: str | Path, out: str | Path, *, force: bool = False, progress: bool = True) -> Path:
+        from debias_plugin.outputs import OutputFolder, manifest
+
+        folder = OutputFolder(out, inputs=[base], force=force, option="--out")
+        with folder.staging() as staging:
+            record = manifest(self.name, options=self.opts.model_dump(mode="json"), inputs={"model": base},
+                              results={"model_class": MODEL_NAME, "files": []}, hash_inputs=False)
+            return folder.publish(staging, record)
 
 
 class SelfDebiasScorer:

@@ -15,6 +15,7 @@ from debias_plugin.sweep import metrics
 from debias_plugin.sweep.plan import Sweep, load_sweep
 from debias_plugin.sweep.plots import plot
 from debias_plugin.sweep.results import closest_miss, collect, stage_seconds, unfinished_work
+from debias_plugin.sweep.sequential_eval import screen_study, stopped_points
 from debias_plugin.sweep.storage import STATE_FILE, Studies, open_storage, quiet_optuna, storage_url, sync_sampled
 
 PLOTS = "plots"
@@ -22,7 +23,7 @@ PLOTS = "plots"
 
 def render(out: Path, sweep: Sweep, studies: Studies, *, base: Path | None = None, screens=None) -> dict:
     """Write sweep.json, sweep.csv, report.md and the plots into DIR; returns the sweep.json content."""
-    sampled = sync_sampled(sweep, studies.results, screens)  # a sampled search's proposals are part of the plan
+    sampled = sync_sampled(sweep, studies.results, stopped_points(screens))  # its proposals are part of the plan
     content, run = collect(sweep, studies, base=base, screens=screens)
     if sampled is not None:
         content["sampling"] = sampling_summary(sweep, content, sampled)
@@ -72,8 +73,6 @@ def render_folder(out: str | Path, storage: str | None = None) -> Path:
     with quiet_optuna():
         storage = open_storage(storage_url(url, out))
         studies = Studies.open(storage, sweep.study_name, sweep.directions, create=False)
-        from debias_plugin.sweep.sequential_eval import screen_study
-
         screens = screen_study(storage, sweep, create=False) if sweep.config.evaluation == "sequential" else None
         content = render(out, sweep, studies, base=base, screens=screens)
     link_best(out, content)

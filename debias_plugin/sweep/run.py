@@ -335,7 +335,7 @@ class SweepRun:
         are spent; workers sharing the storage take the batch's settings between them."""
         sweep, sampling = self.sweep, self.sweep.sampling
         while True:
-            state = sync_sampled(sweep, self.studies.results, self.screens)
+            state = sync_sampled(sweep, self.studies.results, sequential_eval.stopped_points(self.screens))
             if state.finished:
                 return
             logger.info("%s search: trial %d of %d (%s).", sampling.sampler.upper(), len(state.proposals),

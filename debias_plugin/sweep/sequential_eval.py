@@ -427,6 +427,22 @@ def screens(study) -> dict[str, object]:
     return found
 
 
+def stopped_points(study) -> dict[str, object]:
+    """key -> search.Stopped (the last look's step and value) of every point whose screen stopped it: what a
+    sampled search's replay tells the sampler as a pruned trial (storage.sync_sampled)."""
+    import optuna
+
+    from debias_plugin.sweep.search import Stopped
+
+    stopped = {}
+    for key, trial in screens(study).items():
+        if trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values:
+            step = max(trial.intermediate_values)
+            value = trial.intermediate_values[step]
+            stopped[key] = Stopped(step, value if math.isfinite(value) else math.inf)
+    return stopped
+
+
 def screens_this_point(sweep: Sweep, point, model: Path) -> bool:
     """Sequential screening applies to every point but the base (grid, checkpoint, budget-search and sampled ones) of
     causal LMs unless the file says evaluation: full. The bisection reads an over-budget point as infeasible, so its

@@ -1,8 +1,10 @@
-"""A sweep's stage: negation or a training stage, looked up by name, its options from fixed + varied values
-(split between the shared training config and the stage's own options), validated before any model loads."""
+"""A sweep's stage: one that makes a folder (negation, a bias direction, Self-Debias) or a training stage, looked up
+by name, its options from fixed + varied values (split between the shared training config and the stage's own
+options), validated before any model loads."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -12,23 +14,24 @@ from debias_plugin.errors import DebiasError
 from debias_plugin.sweep.schema import KEYS_AT
 from debias_plugin.yamlfile import describe_error
 
+# Stages that do not train, name -> "module:Class" (imported when used): each has make() and Options
+STAGES = {"negate": "debias_plugin.merge.stage:NegateStage",
+          "direction": "debias_plugin.methods.direction:DirectionStage",
+          "selfdebias": "debias_plugin.lm_eval.selfdebias:SelfDebiasStage"}
 # TrainConfig fields the sweep sets itself for every trial
 RESERVED_TRAINING_FIELDS = ("model", "output", "force", "snapshot_steps")
 
 
 def stage_class(name: str):
-    """The stage registered as `name`: negation (a merge), a bias direction (steering file or folded LEACE) or a
-    TrainingMethod subclass (debias_plugin.methods)."""
-    from debias_plugin.merge.stage import NegateStage
+    """The stage registered as `name`: negation (a merge), a bias direction (steering file or folded LEACE),
+    Self-Debias (the base through hf-selfdebias) or a TrainingMethod subclass (debias_plugin.methods)."""
     from debias_plugin.methods import available_methods, method_class
-    from debias_plugin.methods.direction import DirectionStage
 
-    if name == NegateStage.name:
-        return NegateStage
-    if name == DirectionStage.name:
-        return DirectionStage
+    if name in STAGES:
+        module, attribute = STAGES[name].split(":")
+        return getattr(importlib.import_module(module), attribute)
     if name not in available_methods():
-        known = sorted([NegateStage.name, DirectionStage.name, *available_methods()])
+        known = sorted([*STAGES, *available_methods()])
         raise DebiasError(f"Unknown stage '{name}'; expected one of {', '.join(known)}.")
     return method_class(name)
 

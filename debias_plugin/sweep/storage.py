@@ -291,25 +291,17 @@ def recorded_points(study) -> dict[str, object]:
     return found
 
 
-def sync_sampled(sweep, study, screens=None):
-    """A sampled search's state from the recorded points and the stopped screens (`screens`: the sequential screen
-    study, sequential_eval.screen_study), its proposals kept on the sweep (so its plan, and sweep.json's points and
-    pending work, include them); None for other sweeps."""
+def sync_sampled(sweep, study, stopped: dict | None = None):
+    """A sampled search's state from the recorded points and the settings a sequential screen stopped (`stopped`:
+    key -> search.Stopped, sequential_eval.stopped_points), its proposals kept on the sweep (so its plan, and
+    sweep.json's points and pending work, include them); None for other sweeps."""
     import optuna
 
-    from debias_plugin.sweep.search import Stopped, sample_step
+    from debias_plugin.sweep.search import sample_step
 
     if not sweep.sampling:
         return None
-    results = {}
-    if screens is not None:
-        from debias_plugin.sweep.sequential_eval import screens as finished_screens
-
-        for key, trial in finished_screens(screens).items():
-            if trial.state == optuna.trial.TrialState.PRUNED and trial.intermediate_values:
-                step = max(trial.intermediate_values)
-                value = trial.intermediate_values[step]
-                results[key] = Stopped(step, value if math.isfinite(value) else math.inf)
+    results = dict(stopped or {})
     for key, trial in recorded_points(study).items():
         complete = trial.state == optuna.trial.TrialState.COMPLETE and len(trial.constraints) == len(sweep.config.budget)
         results[key] = (trial.values, dict(trial.constraints)) if complete else None
