@@ -73,6 +73,13 @@ def _finished(folder: Path) -> bool:
     return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
 
 
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """The tokenizer without how it was loaded: HF_HUB_OFFLINE adds local_files_only to tokenizer_config.json, and
+    the folder's content (the evaluation cache key) would depend on the environment that materialized it."""
+    tokenizer.init_kwargs.pop("local_files_only", None)
+    tokenizer.save_pretrained(folder)
+
+
 def _convert_gguf(gguf: Path, folder: Path) -> int:
     """Dequantize a GGUF to a float32 transformers model saved in `folder`; returns its parameter count.
 
@@ -90,7 +97,7 @@ def _convert_gguf(gguf: Path, folder: Path) -> int:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(dequantized.state_dict())
     model.eval().save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
     return sum(parameter.numel() for parameter in model.parameters())
 
 

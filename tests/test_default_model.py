@@ -65,3 +65,12 @@ def test_builtin_names_resolve_and_unknown_names_are_refused(fake_gguf, tmp_path
     assert default_model.resolve_model("/some/folder") == "/some/folder"
     with pytest.raises(DebiasError, match="gemma3-270m"):
         default_model.resolve_model("builtin:gpt-5")
+
+
+def test_the_saved_tokenizer_does_not_record_how_it_was_loaded(tiny_model, tmp_path):
+    """Offline loading (HF_HUB_OFFLINE) must not change the folder's content: it keys the evaluation cache."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model("gpt2"), local_files_only=True)
+    default_model.save_tokenizer(tokenizer, tmp_path)
+    assert "local_files_only" not in json.loads((tmp_path / "tokenizer_config.json").read_text())
