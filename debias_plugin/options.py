@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Union, get_args, get_origin
+from typing import Annotated, Any, Callable, ClassVar, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -44,6 +44,22 @@ class Options(BaseModel):
     """Base of every option model: unknown keys are errors, and assignments are checked too."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MadeStage:
+    """A stage that makes its output without the shared training loop (negation, a bias direction, Self-Debias):
+    its validated options; the sweep adds the base model itself as the reference unless base_settings names a
+    setting that reproduces it."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[Options]]
+
+    def __init__(self, options: Options):
+        self.opts = options
+
+    @staticmethod
+    def base_settings(fixed: dict) -> dict | None:
+        return None
 
 
 def describe_errors(err: ValidationError, name_of: Callable[[str], str] = str) -> str:

@@ -39,7 +39,7 @@ from pydantic import Field, field_validator
 
 from debias_plugin.errors import DebiasError
 from debias_plugin.lm_eval.bias_lm import BiasLM
-from debias_plugin.options import Options, validated
+from debias_plugin.options import MadeStage, Options, validated
 from debias_plugin.scoring.causal import batches, pack_rows
 
 MODEL_NAME = "hf-selfdebias"
@@ -137,26 +137,18 @@ class SelfDebiasLM(BiasLM):
         return answers
 
 
-class SelfDebiasStage:
+class SelfDebiasStage(MadeStage):
     """Self-Debias as a sweep stage, so λ (decay_constant), ε and the bias types can be searched like any knob:
-    nothing is trained, the output folder holds only a manifest, and a point is the base scored by hf-selfdebias."""
+    nothing is trained, the output folder holds only a manifest, and a point is the base scored by hf-selfdebias.
+    The sweep's reference is the base through its own model class."""
 
     name: ClassVar[str] = "selfdebias"
     Options: ClassVar[type[SelfDebiasOptions]] = SelfDebiasOptions
 
-    def __init__(self, options: SelfDebiasOptions):
-        self.opts = options
-
-    @staticmethod
-    def base_settings(fixed: dict) -> dict | None:
-        """The sweep's reference is the base through its own model class (bias_types none is hf-bias's scores)."""
-        return None
-
     def evaluated_as(self, base: str | Path, out: str | Path) -> tuple[Path, str | None, dict]:
-        """(model folder, lm-eval model class, model_args): the base, through hf-selfdebias with these options."""
-        options = self.opts.model_dump()
-        options["bias_types"] = options["bias_types"].replace(",", "+")  # model_args strings split at commas
-        return Path(base), MODEL_NAME, options
+        """(model folder, lm-eval model class, model_args): the base, through hf-selfdebias with these options (a
+        dict, so a list of bias types keeps its commas)."""
+        return Path(base), MODEL_NAME, self.opts.model_dump()
 
     def make(self, base: str | Path, out: str | Path, *, force: bool = False, progress: bool = True) -> Path:
         from debias_plugin.outputs import OutputFolder, manifest

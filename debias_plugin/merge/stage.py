@@ -9,7 +9,7 @@ from typing import ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from debias_plugin.options import InputPath, Options
+from debias_plugin.options import InputPath, MadeStage, Options
 
 
 LAMBDAS = ("lambda_", "lambda_2", "lambda_3", "lambda_4", "lambda_5", "lambda_6")  # one per source, sweep knobs
@@ -100,14 +100,11 @@ class NegateOptions(Options):
         return [self.lambda_ if name == "lambda_" else getattr(self, name) for name in LAMBDAS[:len(self.sources)]]
 
 
-class NegateStage:
+class NegateStage(MadeStage):
     """A bias-vector negation of the base through mergekit (debias_plugin.merge.negate)."""
 
     name: ClassVar[str] = "negate"
     Options: ClassVar[type[NegateOptions]] = NegateOptions
-
-    def __init__(self, options: NegateOptions):
-        self.opts = options
 
     @staticmethod
     def base_settings(fixed: dict) -> dict | None:

@@ -35,7 +35,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from debias_plugin.errors import DebiasError
-from debias_plugin.options import InputPathOrName, Options
+from debias_plugin.options import InputPathOrName, MadeStage, Options
 
 FINAL = "final"  # the hookpoint whose output is the LM head's input (the final norm)
 STEER_PT, STEER_SAFETENSORS = "steer.pt", "steer.safetensors"
@@ -363,20 +363,13 @@ def fold_into_head(model, eraser) -> None:
 
 
 # -- the stage ------------------------------------------------------------------------------------------------
-class DirectionStage:
+class DirectionStage(MadeStage):
     """Estimate a bias direction (mean difference, SentenceDebias PCA) or LEACE eraser per layer from paired
-    sentences; write it as lm-eval `steered` steering files (or, --fold, a model folder with LEACE in the head)."""
+    sentences; write it as lm-eval `steered` steering files (or, --fold, a model folder with LEACE in the head).
+    No setting reproduces the base in every case (clamp 0 removes the direction), so the sweep adds the base."""
 
     name: ClassVar[str] = "direction"
     Options: ClassVar[type[DirectionOptions]] = DirectionOptions
-
-    def __init__(self, options: DirectionOptions):
-        self.opts = options
-
-    @staticmethod
-    def base_settings(fixed: dict) -> dict | None:
-        """No setting reproduces the base in every case (clamp 0 removes the direction): the sweep adds it."""
-        return None
 
     def evaluated_as(self, base: str | Path, out: str | Path) -> tuple[Path, str | None, dict]:
         """(model folder, lm-eval model class or None for the default, model_args) that score this stage's output:
