@@ -31,7 +31,7 @@ ATTR = "sequential"  # trial user attribute prefix: "sequential.<step>" holds th
 RATIO_METHOD = "asymptotic normal-mixture CS of a ratio, without replacement"
 MIN_RATIO_COUNT = 10  # the normal approximation needs a few observations: no bound before that
 BOUNDED_METHOD = "predictable-mixture empirical-Bernstein CS, without replacement"
-_VERDICT_TEXT = {"holds": "within budget", "violated": "over budget", "dominated": "dominated",
+VERDICT_TEXT = {"holds": "within budget", "violated": "over budget", "dominated": "dominated",
                  "undecided": "undecided"}
 
 
@@ -235,7 +235,7 @@ def progress_line(point: str, name: str, estimate: float, interval: Interval, fr
                   verdict: Verdict) -> str:
     """`λ=0.25: perplexity +3.1 % [+2.6, +3.7] after 12 % of windows → over budget` (relative values as percent)."""
     return (f"{point}: {name} {100 * estimate:+.1f} % [{100 * interval.low:+.1f}, {100 * interval.high:+.1f}] "
-            f"after {100 * fraction:.0f} % of {documents} → {_VERDICT_TEXT[verdict]}")
+            f"after {100 * fraction:.0f} % of {documents} → {VERDICT_TEXT[verdict]}")
 
 
 # --- Optuna: the looks are a trial's intermediate values, the early stop is a pruner ----------------------------

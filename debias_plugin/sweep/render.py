@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from debias_plugin.errors import DebiasError
+from debias_plugin.gate.sequential import VERDICT_TEXT
 from debias_plugin.outputs import write_text_atomically
 from debias_plugin.sweep import metrics
 from debias_plugin.sweep.plan import Sweep, load_sweep
@@ -245,9 +246,6 @@ def markdown(sweep: Sweep, content: dict, run: dict, plots: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_VERDICTS = {"violated": "over budget", "dominated": "dominated"}
-
-
 def _stopped_interval(entry: dict) -> str:
     """A stopped point's deciding interval, as the progress lines print it."""
     low, high = entry["interval"]
@@ -325,7 +323,7 @@ def ruled_out(sweep: Sweep, content: dict) -> dict[str, str]:
                        and dominates(v, mine)), None)
         reasons[p["name"]] = f"dominated by `{winner['name']}`" if winner else "not on Optuna's front"
     for entry in content.get("stopped", []):  # sequential evaluation: a verdict and its interval, never a value
-        reasons[entry["name"]] = (f"stopped early: {_VERDICTS.get(entry['verdict'], entry['verdict'])} on "
+        reasons[entry["name"]] = (f"stopped early: {VERDICT_TEXT[entry['verdict']]} on "
                                   f"`{entry['metric']}` ({_stopped_interval(entry)}) at look {entry['look'] + 1}")
     return reasons
 
