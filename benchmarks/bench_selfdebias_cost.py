@@ -15,26 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_kind
+
 REPO = Path(__file__).resolve().parents[1]
 SIDES = ("hf-bias", "hf-selfdebias")
 HEADLINE = ("pct_stereotype,none", "ss,none", "word_perplexity,none")
-
-
-def cpu_kind() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        return f"{fields['Model name'].strip()}, {fields['CPU(s)'].strip()} CPUs"
-    except (OSError, subprocess.CalledProcessError, KeyError):
-        return platform.processor() or platform.machine()
 
 
 def tiny_model(folder: Path) -> str:

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_kind
+
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("DEBIAS_DATA_DIR", str(REPO.parent / "shared" / "data"))
 sys.path.insert(0, str(REPO / "tests"))  # tiny_models: the fixtures the tests use
@@ -174,15 +176,6 @@ def sequential_vs_full(sweep_file: Path | None, work: Path, lambdas: str, limit:
             "progress": runs["sequential"]["progress"], "screening": screening,
             "stopped": sequential.get("stopped"), "cpu": cpu_kind()}, indent=1) + "\n")
     return 0 if chosen["full"] == chosen["sequential"] and all(same.values()) else 1
-
-
-def cpu_kind() -> str:
-    """lscpu's model name and whether AVX-512 is there (timings are comparable on one CPU kind only)."""
-    import subprocess
-
-    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")), "?")
-    return f"{name}, {'AVX-512' if 'avx512f' in text else 'no AVX-512'}, {os.cpu_count()} CPUs"
 
 
 def main() -> None:
