@@ -17,12 +17,16 @@ def _debias(*args, **kwargs):
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, **kwargs)
 
 
+def _after_cli(args: list[str], then: str):
+    """A fresh interpreter runs the CLI with args (its SystemExit caught), then the code `then`."""
+    code = (f"import logging, sys; from debias_plugin.cli import main\n"
+            f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n{then}")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
 def test_help_lists_commands_without_heavy_imports():
-    code = ("import sys; from debias_plugin.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'lm_eval', 'mergekit', 'peft') if m in sys.modules]\n"
-            "print('HEAVY', heavy)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = _after_cli(["--help"], "heavy = [m for m in ('torch', 'transformers', 'lm_eval', 'mergekit', 'peft') "
+                                    "if m in sys.modules]\nprint('HEAVY', heavy)")
     assert result.returncode == 0, result.stderr
     assert "eval" in result.stdout and "default-model" in result.stdout
     assert "HEAVY []" in result.stdout
@@ -42,11 +46,8 @@ def test_user_error_is_one_paragraph_without_traceback(tmp_path):
 def test_progress_lines_print_once_after_a_library_logs_through_the_root_logger():
     """A library's root-level logging.warning() (mergekit's merges call them) would install logging's default
     handler on the root, and every line of ours would print twice; other libraries' warnings still show."""
-    code = ("import logging; from debias_plugin.cli import main\n"
-            "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
-            "logging.warning('a library warning'); logging.info('a library note')\n"
-            "logging.getLogger('debias_plugin.sweep').info('λ=0.5: a progress line')")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = _after_cli(["--version"], "logging.warning('a library warning'); logging.info('a library note')\n"
+                                       "logging.getLogger('debias_plugin.sweep').info('λ=0.5: a progress line')")
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("a progress line") == 1, result.stderr
     assert result.stderr.count("a library warning") == 1 and "a library note" not in result.stderr
